@@ -1,0 +1,192 @@
+"""The ``trackb`` command line: thin commands over ``trackb_core``'s stages.
+
+Each stage command parses its options into the stage's typed config (a YAML file via
+``--config``, then options on top), opens the ``--out`` store and calls the stage's
+``run(config, out)``. Errors arrive as :class:`~trackb_core.errors.TrackbError` and
+leave as one line on stderr and the error's exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from trackb_core import __version__
+from trackb_core.config import (
+    StageConfig,
+    build_config,
+    config_options,
+    load_yaml,
+    merge,
+    options_to_overrides,
+    parse_dotted_overrides,
+)
+from trackb_core.errors import TrackbError
+
+EPILOG_URIS = (
+    "URIs are local paths, file:// or s3://bucket/prefix (endpoint from "
+    "TRACKB_S3_ENDPOINT_URL, credentials from the standard AWS chain). An input URI may "
+    "name the upstream stage's output folder or the file in it."
+)
+
+
+def fail(exc: TrackbError) -> None:
+    """Print ``exc`` as one line and exit with its code."""
+    click.echo(f"trackb: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def reports_errors(func):
+    """Turn TrackbError into one line + exit code; Ctrl-C into exit 130 with no trace."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except TrackbError as exc:
+            fail(exc)
+        except KeyboardInterrupt:
+            click.echo("trackb: interrupted; the stage left no manifest, so it is not done",
+                       err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    """How one stage appears on the command line."""
+
+    name: str  # the command
+    module: str  # trackb_core.<module>
+    config_class: str
+    runner: str = "run"  # the function in module
+    positional: tuple[str, ...] = ()  # config fields taken as arguments
+
+
+STAGE_COMMANDS = (
+    StageCommand("extract", "extract", "ExtractConfig"),
+    StageCommand("generate", "generate", "GenerateConfig"),
+    StageCommand("build-dataset", "dataset", "DatasetConfig"),
+    StageCommand("train", "train", "TrainConfig"),
+    StageCommand("eval", "evaluate", "EvalConfig"),
+    StageCommand("score", "evaluate", "ScoreConfig", runner="score"),
+    StageCommand("compare", "compare", "CompareConfig", positional=("baseline", "post")),
+    StageCommand("tiny-model", "tinymodel", "TinyModelConfig"),
+)
+
+
+def load_stage_config(cls: type[StageConfig], config_file: str | None,
+                      overrides: dict[str, Any]) -> StageConfig:
+    """YAML file (optional) + overrides -> validated config. Raises ConfigError."""
+    values = load_yaml(config_file) if config_file else {}
+    source = f"config {config_file}" if config_file else "options"
+    return build_config(cls, merge(values, overrides), source=source)
+
+
+def _help_text(cls: type[StageConfig]) -> str:
+    doc = (cls.__doc__ or "").strip()
+    return doc + "\n\n" + EPILOG_URIS
+
+
+def make_stage_command(spec: StageCommand) -> click.Command:
+    module = importlib.import_module(f"trackb_core.{spec.module}")
+    cls: type[StageConfig] = getattr(module, spec.config_class)
+
+    @click.pass_context
+    @reports_errors
+    def command(ctx: click.Context, config_file: str | None, out: str, **kwargs: Any) -> None:
+        from trackb_core.stage import say
+        from trackb_core.store import open_store
+
+        config = load_stage_config(cls, config_file, options_to_overrides(cls, kwargs))
+        store = open_store(out)
+        runner = getattr(module, spec.runner)
+        manifest = runner(config, store)
+        say(spec.name, f"done in {manifest['timings']['total_seconds']:.1f}s -> {store.uri}")
+
+    command = config_options(cls, skip=spec.positional)(command)
+    for field in reversed(spec.positional):
+        command = click.argument(field, metavar=field.upper() + "_URI")(command)
+    command = click.option("--out", required=True, metavar="URI",
+                           help="Output folder of this stage (local path or s3://).")(command)
+    command = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                           default=None, metavar="FILE",
+                           help="YAML file of this stage's options; "
+                                "command-line options override it.")(command)
+    first_line = (cls.__doc__ or spec.name).strip().splitlines()[0]
+    return click.command(spec.name, help=_help_text(cls), short_help=first_line,
+                         context_settings={"max_content_width": 100})(command)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="trackb")
+def main() -> None:
+    """trackb: turn a Python corpus into a code-task instruction dataset, LoRA-fine-tune a
+    small code LLM on it, and measure honestly how much it gained.
+
+    \b
+    Stages (each writes its files and, last, manifest.json into --out):
+      extract        corpus -> functions.jsonl, tasks.jsonl
+      generate       tasks -> responses.jsonl (reference or OpenAI-compatible teacher)
+      build-dataset  responses -> train.jsonl, test.jsonl, README.md (dataset card)
+      train          dataset + base model -> adapter/ (LoRA), metrics.json, loss_curve.png
+      eval           dataset + model [+ adapter] -> predictions.jsonl, eval.json
+      score          dataset + predictions made elsewhere -> eval.json
+      compare        two eval.json -> report.md, compare.json, report.png
+      tiny-model     corpus -> a tiny pretrained model for CPU runs
+      run-all        all of the above under <store>/runs/<run_id>/, skipping finished stages
+
+    Run `trackb COMMAND --help` for a command's inputs, outputs and defaults.
+    """
+
+
+for _spec in STAGE_COMMANDS:
+    main.add_command(make_stage_command(_spec))
+
+
+@main.command("run-all", context_settings={"max_content_width": 100})
+@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False),
+              metavar="FILE", help="Pipeline YAML (see jobs/configs/demo.yaml).")
+@click.option("--run-id", default=None,
+              help="Run id (lowercase letters, digits, '-'). Reusing one resumes that run: "
+                   "stages whose manifest matches are skipped.  [default: from the config, "
+                   "else the current UTC time]")
+@click.option("--store", default=None, metavar="URI",
+              help="Store root; the run goes to <store>/runs/<run_id>/.  "
+                   "[default: from the config, else '.']")
+@click.option("--backend", type=click.Choice(["local"]), default=None,
+              help="Where stages run: local (this machine, one after another).  [default: local]")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set train.epochs=1 (repeatable).")
+@reports_errors
+def run_all(config_file: str, run_id: str | None, store: str | None, backend: str | None,
+            sets: tuple[str, ...]) -> None:
+    """Run the whole pipeline: extract -> generate -> build-dataset -> [tiny-model] ->
+    train -> eval (baseline) -> eval (post-SFT) -> compare.
+
+    Every stage writes under <store>/runs/<run_id>/<stage>/. On an existing run id, a
+    stage whose manifest exists with the same config and input hashes is reported as
+    cached and skipped; the first stage that differs runs again, and so does everything
+    downstream of a changed output. The report ends up in
+    <store>/runs/<run_id>/compare/report.md.
+    """
+    from trackb_core.pipeline import PipelineConfig, run_pipeline
+
+    values = load_yaml(config_file)
+    overrides = parse_dotted_overrides(sets)
+    for key, value in (("run_id", run_id), ("store", store), ("backend", backend)):
+        if value is not None:
+            overrides[key] = value
+    config = build_config(PipelineConfig, merge(values, overrides), source=f"config {config_file}")
+    report = run_pipeline(config)
+    click.echo(f"report: {report}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

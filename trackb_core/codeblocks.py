@@ -1,0 +1,48 @@
+"""Finding and checking the code in a model's answer.
+
+:func:`seed_code_blocks` reproduces the seed scorer's extraction *exactly*, quirks
+included (see ``shared/docs/seed-metrics.md``): the dataset's baseline filters and the
+seed-compatible metrics must agree with the published numbers' definition.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+# The fence tag must be absent or exactly "python", and a newline must follow it.
+SEED_FENCE = re.compile(r"```(?:python)?\s*\n(.*?)```", re.DOTALL)
+SEED_CODE_MARKERS = ("def ", "class ", "import ", "return ", "assert ")
+
+
+def seed_code_blocks(response: str) -> list[str]:
+    """The code blocks the seed scorer sees in ``response`` (only the first is checked).
+
+    Fenced blocks win; with none, a response mentioning code keywords is one block.
+    """
+    fenced = SEED_FENCE.findall(response)
+    if fenced:
+        return [b.strip() for b in fenced if b.strip()]
+    if any(marker in response for marker in SEED_CODE_MARKERS):
+        return [response.strip()]
+    return []
+
+
+def compiles(code: str) -> bool:
+    """True if ``compile(code, "<eval>", "exec")`` raises no SyntaxError (seed's check)."""
+    try:
+        compile(code, "<eval>", "exec")
+    except SyntaxError:
+        return False
+    except (ValueError, OverflowError, RecursionError, MemoryError):
+        # null bytes, huge literals, deep nesting: not valid code for our purposes
+        return False
+    return True
+
+
+def parses(code: str) -> ast.Module | None:
+    """The module AST of ``code``, or None if it does not parse."""
+    try:
+        return ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None

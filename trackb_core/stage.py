@@ -1,0 +1,293 @@
+"""The stage contract: what every stage reads, writes and records.
+
+A stage writes its outputs into its output folder (a :class:`~trackb_core.store.Store`)
+and then, **last**, ``manifest.json``: the inputs with their sha256, the resolved
+config, the trackb version, counts, output hashes and timings. A folder without a
+manifest is not done; starting a stage removes any old manifest first, so a killed or
+failed run never looks finished.
+
+Usage inside a stage's ``run(config, out)``::
+
+    with stage_run("extract", config, out) as run:
+        rows = run.read_jsonl("tasks")          # the input field named "tasks"
+        ...
+        run.write_jsonl("responses.jsonl", rows)
+        run.counts["responses"] = len(rows)
+    return run.manifest
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from trackb_core import __version__
+from trackb_core.config import StageConfig, declared_inputs
+from trackb_core.errors import InputError, MissingInputError
+from trackb_core.store import LocalStore, Store, open_store, split_uri
+
+MANIFEST = "manifest.json"
+FILE_SUFFIXES = (".jsonl", ".json", ".md", ".txt", ".parquet", ".png", ".yaml")
+
+
+def say(stage: str, message: str) -> None:
+    """One progress line on stderr, prefixed by the stage (logs stay greppable)."""
+    print(f"[{stage}] {message}", file=sys.stderr, flush=True)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def resolve_file(uri: str, filename: str) -> tuple[Store, str]:
+    """``(store, key)`` for an input URI that names a file or the folder holding it."""
+    head, tail = split_uri(uri)
+    if tail.endswith(FILE_SUFFIXES):
+        return open_store(head), tail
+    return open_store(uri), filename
+
+
+def tree_sha256(store: Store) -> str:
+    """A hash over every file (path and content) stored under ``store``."""
+    digest = hashlib.sha256()
+    for key in store.list():
+        if key == MANIFEST:
+            continue
+        digest.update(key.encode() + b"\0" + sha256_bytes(store.get_bytes(key)).encode())
+    return digest.hexdigest()
+
+
+def hash_input(uri: str, kind: str, filename: str = "") -> dict[str, Any]:
+    """``{"uri", "sha256", ...}`` for one input. Raises MissingInputError if absent."""
+    if kind == "file":
+        store, key = resolve_file(uri, filename)
+        return {"uri": uri, "file": key, "sha256": sha256_bytes(store.get_bytes(key))}
+    if kind == "corpus":
+        from trackb_core.corpus import resolve_corpus
+
+        corpus = resolve_corpus(uri)
+        return {"uri": uri, "sha256": corpus.sha256, **corpus.metadata}
+    if kind in ("dir", "model"):
+        store = _dir_store(uri)
+        if store is not None and store.list():
+            return {"uri": uri, "sha256": tree_sha256(store)}
+        if kind == "model" and "://" not in uri and not Path(uri).exists():
+            # A hub model id: named, not hashed; the id (and HF's revision) pins it.
+            return {"uri": uri, "sha256": sha256_bytes(uri.encode()), "hub_id": True}
+        raise MissingInputError(f"no such folder or it is empty: {uri}")
+    raise ValueError(f"unknown input kind {kind!r}")
+
+
+def _dir_store(uri: str) -> Store | None:
+    if "://" in uri or Path(uri).exists():
+        return open_store(uri)
+    return None
+
+
+def local_dir(uri: str, cache_root: Path | None = None) -> Path:
+    """A local folder holding the artifact at ``uri``, downloading it if remote.
+
+    Raises MissingInputError if nothing is stored there.
+    """
+    store = open_store(uri)
+    if isinstance(store, LocalStore):
+        if not store.root.is_dir():
+            raise MissingInputError(f"no such folder: {store.root}")
+        return store.root
+    cache_root = cache_root or Path(os.environ.get("TRACKB_CACHE", "~/.cache/trackb")).expanduser()
+    target = cache_root / "artifacts" / sha256_bytes(uri.encode())[:16]
+    fingerprint = tree_sha256(store)
+    stamp = target / ".trackb-tree-sha256"
+    if stamp.is_file() and stamp.read_text() == fingerprint:
+        return target
+    store.get_dir("", target)
+    stamp.write_text(fingerprint)
+    return target
+
+
+def fingerprint(config: StageConfig, inputs: dict[str, dict[str, Any]]) -> str:
+    """What decides whether a stage's earlier result can be reused: config + input hashes.
+
+    URIs are left out on purpose: the same bytes under another store are the same input.
+    """
+    payload = {
+        "config": _config_without_inputs(config),
+        "inputs": {name: info["sha256"] for name, info in sorted(inputs.items())},
+    }
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())
+
+
+def _config_without_inputs(config: StageConfig) -> dict[str, Any]:
+    data = config.model_dump(mode="json")
+    for name, *_ in declared_inputs(config):
+        data.pop(name, None)
+    return data
+
+
+def hash_inputs(config: StageConfig) -> dict[str, dict[str, Any]]:
+    """Hash every input the config names. Raises MissingInputError naming the option."""
+    hashed = {}
+    for name, uri, kind, filename in declared_inputs(config):
+        try:
+            hashed[name] = hash_input(uri, kind, filename)
+        except MissingInputError as exc:
+            raise MissingInputError(f"--{name.replace('_', '-')}: {exc}") from exc
+    return hashed
+
+
+def cached_manifest(config: StageConfig, out: Store) -> dict[str, Any] | None:
+    """The existing manifest if ``out`` already holds this exact stage result, else None.
+
+    Matching means: same fingerprint (config and input hashes) and every output the
+    manifest lists still exists with its recorded size.
+    """
+    try:
+        manifest = json.loads(out.get_bytes(MANIFEST))
+    except (MissingInputError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    try:
+        wanted = fingerprint(config, hash_inputs(config))
+    except MissingInputError:
+        return None
+    if manifest.get("fingerprint") != wanted:
+        return None
+    present = set(out.list())
+    for key in manifest.get("outputs", {}):
+        if key not in present:
+            return None
+    return manifest
+
+
+class StageRun:
+    """Records one stage run and writes its outputs; see the module docstring."""
+
+    def __init__(self, name: str, config: StageConfig, out: Store):
+        self.name = name
+        self.config = config
+        self.out = out
+        self.inputs: dict[str, dict[str, Any]] = {}
+        self.outputs: dict[str, dict[str, Any]] = {}
+        self.counts: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self.manifest: dict[str, Any] = {}
+        self._started = time.time()
+
+    # -- inputs ---------------------------------------------------------------------
+    def input_uri(self, field: str) -> str:
+        return str(getattr(self.config, field))
+
+    def read_bytes(self, field: str) -> bytes:
+        """The bytes of the file input ``field`` (folder URIs resolve to its filename)."""
+        info = type(self.config).model_fields[field].json_schema_extra or {}
+        store, key = resolve_file(self.input_uri(field), str(info.get("filename", "")))
+        try:
+            return store.get_bytes(key)
+        except MissingInputError as exc:
+            raise MissingInputError(f"--{field.replace('_', '-')}: {exc}") from exc
+
+    def read_jsonl(self, field: str) -> list[dict[str, Any]]:
+        """Rows of a JSONL input. Raises InputError on a line that is not a JSON object."""
+        return parse_jsonl(self.read_bytes(field), self.input_uri(field))
+
+    def local_dir(self, field: str) -> Path:
+        return local_dir(self.input_uri(field))
+
+    # -- outputs --------------------------------------------------------------------
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self.out.put_bytes(key, data)
+        self.outputs[key] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def write_json(self, key: str, obj: Any) -> None:
+        self.write_text(key, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+    def write_jsonl(self, key: str, rows: Iterable[dict[str, Any]]) -> int:
+        lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in rows]
+        self.write_text(key, "".join(line + "\n" for line in lines))
+        return len(lines)
+
+    def write_dir(self, key: str, local: Path) -> None:
+        """Upload a local folder (a model, an adapter) under ``key/``."""
+        for path in sorted(Path(local).rglob("*")):
+            if path.is_file():
+                rel = f"{key}/{path.relative_to(local).as_posix()}"
+                self.out.put_file(rel, path)
+                self.outputs[rel] = {"sha256": _file_sha256(path), "bytes": path.stat().st_size}
+
+    @contextmanager
+    def timed(self, label: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[label] = round(time.perf_counter() - start, 3)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_jsonl(data: bytes, where: str) -> list[dict[str, Any]]:
+    """Rows of a JSONL document. Raises InputError naming the first bad line."""
+    rows = []
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{where} is not UTF-8 text") from exc
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: line {number} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+@contextmanager
+def stage_run(name: str, config: StageConfig, out: Store) -> Iterator[StageRun]:
+    """Run one stage into ``out``; writes ``manifest.json`` last, only on success.
+
+    Raises StoreError at once if ``out`` is not writable and MissingInputError if an
+    input is absent, before any work is done.
+    """
+    out.check_writable()
+    out.delete(MANIFEST)  # from here on the folder is "not done" until we finish
+    run = StageRun(name, config, out)
+    run.inputs = hash_inputs(config)
+    started = datetime.now(UTC)
+    yield run
+    seconds = round(time.time() - run._started, 3)
+    run.manifest = {
+        "stage": name,
+        "trackb_version": __version__,
+        "python": sys.version.split()[0],
+        "config": config.model_dump(mode="json"),
+        "inputs": run.inputs,
+        "outputs": run.outputs,
+        "counts": run.counts,
+        "timings": {**run.timings, "total_seconds": seconds},
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "fingerprint": fingerprint(config, run.inputs),
+        **run.extra,
+    }
+    out.put_text(MANIFEST, json.dumps(run.manifest, indent=2, sort_keys=True) + "\n")
