@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -90,8 +91,7 @@ def load_stage_config(cls: type[StageConfig], config_file: str | None,
 
 
 def _help_text(cls: type[StageConfig]) -> str:
-    doc = (cls.__doc__ or "").strip()
-    return doc + "\n\n" + EPILOG_URIS
+    return inspect.cleandoc(cls.__doc__ or "") + "\n\n" + EPILOG_URIS
 
 
 def make_stage_command(spec: StageCommand) -> click.Command:
@@ -119,7 +119,7 @@ def make_stage_command(spec: StageCommand) -> click.Command:
                            default=None, metavar="FILE",
                            help="YAML file of this stage's options; "
                                 "command-line options override it.")(command)
-    first_line = (cls.__doc__ or spec.name).strip().splitlines()[0]
+    first_line = inspect.cleandoc(cls.__doc__ or spec.name).splitlines()[0]
     return click.command(spec.name, help=_help_text(cls), short_help=first_line,
                          context_settings={"max_content_width": 100})(command)
 

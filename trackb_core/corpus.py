@@ -1,0 +1,246 @@
+"""Where a corpus comes from: a local folder, or a PyPI release fetched with pip.
+
+:func:`resolve_corpus` turns a corpus spec into a local folder to walk, a sha256 that
+pins its content, and JSON-able metadata for the manifest. It is called whenever a
+stage hashes its inputs, so a PyPI corpus is fetched once into
+``$TRACKB_CACHE/corpus/NAME-VERSION/`` and reused from there without calling pip.
+
+A cached corpus is complete only when its ``trackb-corpus.json`` marker exists: the
+archive is unpacked into a temporary folder which is renamed into place, and the
+marker is written last, so an interrupted fetch is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from trackb_core.errors import (
+    ConfigError,
+    InputError,
+    MissingInputError,
+    StoreError,
+    UnavailableError,
+)
+
+PYPI_PREFIX = "pypi:"
+MARKER = "trackb-corpus.json"
+# PEP 508 distribution names and a liberal version (anything pip could accept as ==X).
+_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
+# pip's wording when it could not reach an index at all (as opposed to "no such name").
+_NETWORK_HINTS = (
+    "NewConnectionError",
+    "Failed to establish a new connection",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "Max retries exceeded",
+    "Connection refused",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "Network is unreachable",
+    "SSLError",
+    "ProxyError",
+)
+PIP_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class ResolvedCorpus:
+    """A corpus ready to walk: its folder, a content hash and manifest metadata."""
+
+    path: Path
+    sha256: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_root() -> Path:
+    """``$TRACKB_CACHE`` (default ``~/.cache/trackb``)."""
+    return Path(os.environ.get("TRACKB_CACHE") or "~/.cache/trackb").expanduser()
+
+
+def resolve_corpus(src: str) -> ResolvedCorpus:
+    """Resolve a corpus spec: a directory or ``pypi:NAME==VERSION``.
+
+    Raises ConfigError for a malformed ``pypi:`` spec, MissingInputError for a missing
+    folder or a release PyPI does not have, InputError for a folder with no ``.py``
+    files or an archive that cannot be unpacked, UnavailableError when pip cannot
+    reach the index, StoreError when the cache folder cannot be written.
+    """
+    src = str(src).strip()
+    if src.startswith(PYPI_PREFIX):
+        name, version = parse_pypi_spec(src)
+        return _resolve_pypi(name, version)
+    return _resolve_dir(Path(src).expanduser())
+
+
+def parse_pypi_spec(src: str) -> tuple[str, str]:
+    """``("verl", "0.9.1")`` for ``"pypi:verl==0.9.1"``. Raises ConfigError if malformed."""
+    spec = src[len(PYPI_PREFIX):].strip()
+    name, sep, version = spec.partition("==")
+    name, version = name.strip(), version.strip()
+    if not sep or not version:
+        raise ConfigError(f"corpus {src!r} must pin a version: pypi:NAME==VERSION "
+                          "(e.g. pypi:verl==0.9.1)")
+    if not _NAME.match(name):
+        raise ConfigError(f"corpus {src!r}: {name!r} is not a valid distribution name")
+    if not _VERSION.match(version):
+        raise ConfigError(f"corpus {src!r}: {version!r} is not a valid version")
+    return name, version
+
+
+def python_files(root: Path) -> list[Path]:
+    """Every ``.py`` file under ``root``, in sorted relative-path order."""
+    return sorted(
+        (p for p in root.rglob("*.py") if p.is_file()),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+
+
+def _resolve_dir(root: Path) -> ResolvedCorpus:
+    if not root.is_dir():
+        raise MissingInputError(f"corpus folder not found: {root}")
+    files = python_files(root)
+    if not files:
+        raise InputError(f"corpus {root} holds no .py files")
+    digest = hashlib.sha256()
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        digest.update(rel.encode("utf-8") + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode() + b"\n")
+    return ResolvedCorpus(path=root, sha256=digest.hexdigest(),
+                          metadata={"name": root.name, "path": str(root),
+                                    "python_files": len(files)})
+
+
+def _resolve_pypi(name: str, version: str) -> ResolvedCorpus:
+    target = cache_root() / "corpus" / f"{name}-{version}"
+    marker = target / MARKER
+    if marker.is_file():
+        try:
+            meta = json.loads(marker.read_text(encoding="utf-8"))
+            return ResolvedCorpus(path=target, sha256=meta["sha256"], metadata=meta)
+        except (OSError, ValueError, KeyError, TypeError):
+            marker.unlink(missing_ok=True)  # a damaged marker: fetch again below
+    try:
+        _fetch_into(target, name, version)
+    except OSError as exc:
+        raise StoreError(f"cannot write the corpus cache {target}: {exc}") from exc
+    meta = json.loads((target / MARKER).read_text(encoding="utf-8"))
+    return ResolvedCorpus(path=target, sha256=meta["sha256"], metadata=meta)
+
+
+def _fetch_into(target: Path, name: str, version: str) -> None:
+    """Download, unpack and mark ``name==version`` at ``target``, all or nothing."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-{version}-", dir=target.parent) as tmp:
+        tmp_path = Path(tmp)
+        archive = _pip_download(name, version, tmp_path / "download")
+        meta = {"name": name, "version": version, "filename": archive.name,
+                "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}
+        staging = tmp_path / "unpacked"
+        staging.mkdir()
+        _unpack(archive, staging)
+        # The marker is the last file written, and the folder only appears under its
+        # final name once complete, so a reader never sees a half-unpacked corpus.
+        (staging / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n",
+                                      encoding="utf-8")
+        if target.exists() and not (target / MARKER).is_file():
+            shutil.rmtree(target)  # left by an interrupted fetch
+        if (target / MARKER).is_file():
+            return  # another process finished the same fetch meanwhile
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / MARKER).is_file():  # not a lost race: a real failure
+                raise
+
+
+def _pip_download(name: str, version: str, dest: Path) -> Path:
+    """Download ``name==version`` (no deps) into ``dest``; the wheel if there is one."""
+    dest.mkdir(parents=True, exist_ok=True)
+    requirement = f"{name}=={version}"
+    base = [sys.executable, "-m", "pip", "download", "--no-deps",
+            "--disable-pip-version-check", requirement, "-d", str(dest)]
+    # pip itself prefers a wheel over the sdist when the release has both.
+    result = _run_pip(base)
+    if result.returncode != 0:
+        line = _pip_error_line(result.stderr)
+        if _network_failure(result.stderr):
+            raise UnavailableError(f"pypi: cannot reach the package index for {requirement} "
+                                   f"(pip: {line})")
+        if "No matching distribution" in result.stderr or "Could not find a version" in \
+                result.stderr:
+            raise MissingInputError(f"pypi: no distribution {requirement} (pip: {line})")
+        raise InputError(f"pypi: pip download {requirement} failed (pip: {line})")
+    files = sorted(p for p in dest.iterdir() if p.is_file())
+    wheels = [p for p in files if p.suffix == ".whl"]
+    sdists = [p for p in files if p.name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".zip"))]
+    if wheels:
+        return wheels[0]
+    if sdists:
+        return sdists[0]
+    raise InputError(f"pypi: pip download {requirement} gave no wheel or sdist "
+                     f"({', '.join(p.name for p in files) or 'no files'})")
+
+
+def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S,
+                              check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise UnavailableError(f"pypi: pip download timed out after {PIP_TIMEOUT_S} s") from exc
+
+
+def _network_failure(stderr: str) -> bool:
+    return any(hint in stderr for hint in _NETWORK_HINTS)
+
+
+def _pip_error_line(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("ERROR:")]
+    # pip prints "Could not find a version ..." then "No matching distribution ...":
+    # the last ERROR line is the verdict.
+    chosen = errors[-1] if errors else (lines[-1] if lines else "no output")
+    return chosen.removeprefix("ERROR:").strip()
+
+
+def _unpack(archive: Path, target: Path) -> None:
+    """Unpack a wheel/zip or tarball into ``target``, refusing paths that escape it.
+
+    Raises InputError for a corrupt archive or a member that would land outside.
+    """
+    try:
+        if archive.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    _check_member(info.filename, archive)
+                zf.extractall(target)
+        else:
+            with tarfile.open(archive) as tf:
+                members = []
+                for member in tf.getmembers():
+                    _check_member(member.name, archive)
+                    # Links and device files have no place in a source corpus.
+                    if member.isfile() or member.isdir():
+                        members.append(member)
+                tf.extractall(target, members=members, filter="data")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        raise InputError(f"pypi: cannot unpack {archive.name}: {exc}") from exc
+
+
+def _check_member(name: str, archive: Path) -> None:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+        raise InputError(f"pypi: {archive.name} holds an unsafe path {name!r}")
