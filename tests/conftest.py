@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sysconfig
+import uuid
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,57 @@ def tiny_model_dir(tmp_path_factory, stdlib_corpus) -> Path:
     config = TinyModelConfig(corpus=str(stdlib_corpus), pretrain_seconds=3.0)
     build_tiny_model(config, out)
     return out
+
+
+# -- S3: moto's real server over HTTP -------------------------------------------------
+REGION = "us-east-1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A moto S3 server on a free local port, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_endpoint, monkeypatch, tmp_path):
+    """Point trackb's S3 client at moto with fake credentials and no user AWS config."""
+    monkeypatch.setenv("TRACKB_S3_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    # A developer's ~/.aws must not leak into the test.
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    return moto_endpoint
+
+
+@pytest.fixture
+def bucket(s3_env) -> str:
+    """A fresh, empty bucket on the moto server."""
+    import boto3
+
+    name = f"trackb-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_env, region_name=REGION).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local port with no server: connecting to it is refused at once."""
+    return free_port()

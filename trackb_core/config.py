@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticUndefined, to_jsonable_python
 
 from trackb_core.errors import ConfigError
 
@@ -111,11 +112,20 @@ def parse_dotted_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]
         if "=" not in pair:
             raise ConfigError(f"override {pair!r} must look like key=value (e.g. train.epochs=1)")
         key, raw = pair.split("=", 1)
-        node = result
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {pair!r} has an empty key part (e.g. train.epochs=1)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML") from exc
+        node = result
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {pair!r} conflicts with {part}={child!r} given earlier")
+            node = child
+        node[parts[-1]] = value
     return result
 
 
@@ -158,7 +168,9 @@ def config_options(cls: type[StageConfig], skip: tuple[str, ...] = ()):
                 continue
             flag = "--" + name.replace("_", "-")
             click_type, is_flag = _click_type(info.annotation)
-            default = info.default
+            default = info.get_default(call_default_factory=True)
+            if default is PydanticUndefined:
+                default = "(required)"
             shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else default
             help_text = (info.description or "").rstrip(".") + f".  [default: {shown}]"
             if is_flag:
@@ -195,7 +207,7 @@ def describe_defaults(cls: type[StageConfig]) -> str:
     lines = [f"# {(cls.__doc__ or cls.__name__).strip().splitlines()[0]}"]
     for name, info in cls.model_fields.items():
         lines.append(f"# {info.description}")
-        default = info.default
+        default = to_jsonable_python(info.get_default(call_default_factory=True))
         import yaml
 
         lines.append(yaml.safe_dump({name: default}, sort_keys=False).strip())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -108,6 +109,8 @@ def local_dir(uri: str, cache_root: Path | None = None) -> Path:
     stamp = target / ".trackb-tree-sha256"
     if stamp.is_file() and stamp.read_text() == fingerprint:
         return target
+    # Start clean: files deleted remotely must not linger from an older download.
+    shutil.rmtree(target, ignore_errors=True)
     store.get_dir("", target)
     stamp.write_text(fingerprint)
     return target
@@ -159,9 +162,11 @@ def cached_manifest(config: StageConfig, out: Store) -> dict[str, Any] | None:
         return None
     if manifest.get("fingerprint") != wanted:
         return None
-    present = set(out.list())
-    for key in manifest.get("outputs", {}):
-        if key not in present:
+    for key, info in manifest.get("outputs", {}).items():
+        try:
+            if out.size(key) != info.get("bytes"):
+                return None
+        except MissingInputError:
             return None
     return manifest
 
@@ -249,7 +254,9 @@ def parse_jsonl(data: bytes, where: str) -> list[dict[str, Any]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"{where} is not UTF-8 text") from exc
-    for number, line in enumerate(text.splitlines(), 1):
+    # Split on "\n" only: str.splitlines() also breaks at U+2028, U+2029 and U+0085,
+    # which json.dumps(ensure_ascii=False) writes raw inside strings.
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -19,21 +19,40 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
-from trackb_core.errors import MissingInputError, StoreError, UnavailableError
+from trackb_core.errors import (
+    ConfigError,
+    MissingInputError,
+    StoreError,
+    TrackbError,
+    UnavailableError,
+)
 
 # Objects above this size go up in parts; S3's minimum part size is 5 MiB.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNK = 16 * 1024 * 1024
 # Local writes go to a temporary name first; listings never show these.
 TMP_SUFFIX = ".trackb-tmp"
+PROBE_PREFIX = ".trackb-write-probe"
 
 
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def _check_key(key: str) -> str:
+    """``key`` without outer slashes. Raises ConfigError if it climbs out with ``..``."""
+    key = str(key).strip("/")
+    if ".." in key.split("/"):
+        # Keys are joined onto a root; ".." would let a run id write outside it.
+        raise ConfigError(f"store key {key!r} must not contain '..'")
+    return key
 
 
 class Store(ABC):
@@ -54,16 +73,26 @@ class Store(ABC):
         """True if ``key`` is an object (not a folder)."""
 
     @abstractmethod
+    def size(self, key: str) -> int:
+        """The size of ``key`` in bytes. Raises MissingInputError if absent."""
+
+    @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
-        """Every key under ``prefix`` (recursive), sorted, relative to this store."""
+        """Every key under ``prefix`` (recursive), sorted, relative to this store.
+
+        ``prefix`` matches a key exactly or as a folder: ``"a/b"`` never matches ``"a/bc"``.
+        """
 
     @abstractmethod
     def delete(self, prefix: str) -> None:
-        """Delete ``prefix`` itself and everything under it. Missing is not an error."""
+        """Delete ``prefix`` itself and everything under it. Missing is not an error.
+
+        Raises StoreError if something could not be deleted.
+        """
 
     @abstractmethod
     def put_file(self, key: str, path: Path) -> None:
-        """Upload a local file to ``key`` (multipart when large)."""
+        """Upload a local file to ``key`` (multipart when large). Raises StoreError."""
 
     @abstractmethod
     def get_file(self, key: str, path: Path) -> None:
@@ -71,15 +100,19 @@ class Store(ABC):
 
     @abstractmethod
     def child(self, subpath: str) -> Store:
-        """The same store narrowed to ``subpath``."""
+        """The same store narrowed to ``subpath``. Raises ConfigError on ``..``."""
 
-    @abstractmethod
     def check_writable(self) -> None:
         """Raise StoreError now, with the reason, if this store cannot be written."""
+        # A unique name: two stages may probe the same store at the same time.
+        probe = f"{PROBE_PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.put_bytes(probe, b"")
+        self.delete(probe)
 
     def is_dir(self, key: str) -> bool:
-        """True if anything is stored under ``key/``."""
-        return bool(self.list(key))
+        """True if anything is stored under ``key/`` (a lone object is not a folder)."""
+        key = key.strip("/")
+        return any(k != key for k in self.list(key))
 
     def put_text(self, key: str, text: str) -> None:
         self.put_bytes(key, text.encode("utf-8"))
@@ -88,7 +121,7 @@ class Store(ABC):
         return self.get_bytes(key).decode("utf-8")
 
     def put_dir(self, key: str, local_dir: Path) -> None:
-        """Upload every file below ``local_dir`` under ``key/``."""
+        """Upload every file below ``local_dir`` under ``key/``. Raises StoreError."""
         for path in sorted(Path(local_dir).rglob("*")):
             if path.is_file():
                 self.put_file(_join(key, path.relative_to(local_dir).as_posix()), path)
@@ -98,11 +131,12 @@ class Store(ABC):
 
         Raises MissingInputError if nothing is stored under ``key``.
         """
-        keys = self.list(key)
+        key = key.strip("/")
+        keys = [k for k in self.list(key) if k != key] if key else self.list()
         if not keys:
             raise MissingInputError(f"nothing stored under {self.child(key).uri}")
         for k in keys:
-            rel = k[len(key.strip("/")) :].lstrip("/") if key.strip("/") else k
+            rel = k[len(key) :].lstrip("/") if key else k
             target = Path(local_dir) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             self.get_file(k, target)
@@ -117,21 +151,12 @@ class LocalStore(Store):
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
-        key = key.strip("/")
-        path = (self.root / key) if key else self.root
-        return path
+        key = _check_key(key)
+        return (self.root / key) if key else self.root
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Write beside the target and rename: a reader never sees half a file.
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        # Write beside the target and rename: a reader never sees half a file.
+        _write_atomically(self._path(key), lambda fh: fh.write(data))
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -145,10 +170,16 @@ class LocalStore(Store):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        if not path.is_file():
+            raise MissingInputError(f"no such file: {path}")
+        return path.stat().st_size
+
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix)
         if base.is_file():
-            return [prefix.strip("/")]
+            return [] if base.name.endswith(TMP_SUFFIX) else [_check_key(prefix)]
         if not base.is_dir():
             return []
         return sorted(
@@ -160,42 +191,92 @@ class LocalStore(Store):
     def delete(self, prefix: str) -> None:
         path = self._path(prefix)
         try:
-            if path.is_dir():
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
-            elif path.exists():
+            elif path.exists() or path.is_symlink():
                 path.unlink()
         except OSError as exc:
             raise StoreError(f"cannot delete {path}: {exc.strerror or exc}") from exc
 
     def put_file(self, key: str, path: Path) -> None:
-        target = self._path(key)
+        source = Path(path)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
-            os.close(fd)
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
+            src = open(source, "rb")
         except OSError as exc:
-            raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
+            raise StoreError(f"cannot read {source}: {exc.strerror or exc}") from exc
+        with src:
+            _write_atomically(self._path(key), lambda fh: shutil.copyfileobj(src, fh))
 
     def get_file(self, key: str, path: Path) -> None:
         source = self._path(key)
         if not source.is_file():
             raise MissingInputError(f"no such file: {source}")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, path)
+        try:
+            data = open(source, "rb")
+        except OSError as exc:
+            raise StoreError(f"cannot read {source}: {exc.strerror or exc}") from exc
+        with data:
+            _write_atomically(Path(path), lambda fh: shutil.copyfileobj(data, fh))
 
     def child(self, subpath: str) -> LocalStore:
         return LocalStore(self._path(subpath))
 
-    def check_writable(self) -> None:
-        probe = ".trackb-write-probe"
-        self.put_bytes(probe, b"")
-        self.delete(probe)
-
     def local_path(self, key: str = "") -> Path:
-        """The filesystem path of ``key`` (local stores only)."""
+        """The filesystem path of ``key`` (local stores only). Raises ConfigError on ``..``."""
         return self._path(key)
+
+
+def _write_atomically(target: Path, fill) -> None:
+    """Write through a temporary file beside ``target``, then rename it into place.
+
+    ``fill(fh)`` writes the content. Raises StoreError; no temporary file survives a failure.
+    """
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent
+        )
+    except OSError as exc:
+        raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fill(fh)
+        # mkstemp makes 0600 files; artifacts should be as readable as any other
+        # file this user writes (pods and users that share a volume read them).
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere: set and restore (briefly process-wide, so only as the fallback).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# S3 error codes, grouped by what a user can do about them.
+_MISSING_CODES = ("NoSuchKey", "404", "NotFound")
+_CREDENTIAL_CODES = (
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
+    "InvalidToken", "ExpiredToken", "TokenRefreshRequired", "AllAccessDisabled",
+)
+_RETRYABLE_CODES = (
+    "500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+    "RequestTimeout", "RequestTimeTooSkewed",
+)
 
 
 class S3Store(Store):
@@ -203,7 +284,7 @@ class S3Store(Store):
 
     def __init__(self, bucket: str, prefix: str = "", client=None):
         self.bucket = bucket
-        self.prefix = prefix.strip("/")
+        self.prefix = _check_key(prefix)
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._client = client
 
@@ -214,32 +295,62 @@ class S3Store(Store):
         return self._client
 
     def _key(self, key: str) -> str:
-        return _join(self.prefix, key)
+        return _join(self.prefix, _check_key(key))
 
-    def _fail(self, exc: Exception, action: str, key: str) -> Exception:
-        """Translate a boto3 failure into a one-line trackb error."""
+    def _translate(self, exc: BaseException, action: str, key: str) -> TrackbError | None:
+        """A one-line trackb error for a boto3 failure; None for anything else (a bug)."""
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
         from botocore.exceptions import (
+            BotoCoreError,
             ClientError,
-            EndpointConnectionError,
+            HTTPClientError,
             NoCredentialsError,
+            PartialCredentialsError,
         )
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         where = f"s3://{self.bucket}/{self._key(key)}"
-        if isinstance(exc, NoCredentialsError):
-            return StoreError(f"cannot {action} {where}: no S3 credentials found "
+        if isinstance(exc, S3UploadFailedError):
+            # boto3's upload_file wraps the real ClientError; judge that one.
+            inner = exc.__cause__ or exc.__context__
+            if isinstance(inner, ClientError):
+                exc = inner
+            else:
+                return StoreError(f"cannot {action} {where}: {exc}")
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            return StoreError(f"cannot {action} {where}: no usable S3 credentials found "
                               "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
-        if isinstance(exc, EndpointConnectionError):
+        if isinstance(exc, BotoConnectionError | HTTPClientError | RetriesExceededError):
             return UnavailableError(f"cannot {action} {where}: S3 endpoint unreachable ({exc})")
         if isinstance(exc, ClientError):
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            if code in _MISSING_CODES:
                 return MissingInputError(f"no such object: {where}")
             if code == "NoSuchBucket":
                 return StoreError(f"cannot {action} {where}: bucket {self.bucket!r} does not exist")
-            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            if code in _CREDENTIAL_CODES:
                 return StoreError(f"cannot {action} {where}: credentials rejected ({code})")
-            return StoreError(f"cannot {action} {where}: {code or exc}")
-        return UnavailableError(f"cannot {action} {where}: {exc}")
+            if code in _RETRYABLE_CODES:
+                return UnavailableError(f"cannot {action} {where}: server error ({code})")
+            return StoreError(f"cannot {action} {where}: {code} {error.get('Message', '')}".strip())
+        if isinstance(exc, BotoCoreError):
+            return StoreError(f"cannot {action} {where}: {exc}")
+        if isinstance(exc, OSError):  # the local side of an upload or download
+            return StoreError(f"cannot {action} {where}: {exc.strerror or exc}")
+        return None
+
+    @contextmanager
+    def _errors(self, action: str, key: str) -> Iterator[None]:
+        try:
+            yield
+        except TrackbError:
+            raise
+        except Exception as exc:
+            error = self._translate(exc, action, key)
+            if error is None:
+                raise
+            raise error from exc
 
     def _transfer_config(self):
         from boto3.s3.transfer import TransferConfig
@@ -251,87 +362,104 @@ class S3Store(Store):
     def put_bytes(self, key: str, data: bytes) -> None:
         import io
 
-        try:
+        with self._errors("write", key):
             self.client.upload_fileobj(
                 io.BytesIO(data), self.bucket, self._key(key), Config=self._transfer_config()
             )
-        except Exception as exc:  # noqa: BLE001 - translated into a named error
-            raise self._fail(exc, "write", key) from exc
 
     def get_bytes(self, key: str) -> bytes:
-        try:
+        with self._errors("read", key):
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail(exc, "read", key) from exc
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self.size(key)
             return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise self._fail(exc, "read", key) from exc
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail(exc, "read", key) from exc
+        except MissingInputError:
+            return False
+
+    def size(self, key: str) -> int:
+        with self._errors("read", key):
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return int(head["ContentLength"])
 
     def list(self, prefix: str = "") -> list[str]:
+        prefix = _check_key(prefix)
         full = self._key(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
         keys: list[str] = []
-        try:
+        with self._errors("list", prefix):
             paginator = self.client.get_paginator("list_objects_v2")
-            # An exact key, or a folder: never match "a/bc" when asked for "a/b".
-            for search in ([full, full + "/"] if full else [""]):
-                for page in paginator.paginate(Bucket=self.bucket, Prefix=search):
-                    for obj in page.get("Contents", []):
-                        k = obj["Key"]
-                        if search == full and full and k != full:
-                            continue
-                        keys.append(k)
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail(exc, "list", prefix) from exc
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted({k[strip:] for k in keys})
+            # One pass over everything starting with the name, keeping the exact key and
+            # the folder below it: "a/b" must never match "a/bc".
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full if prefix else root):
+                for obj in page.get("Contents", []):
+                    k = obj["Key"]
+                    if k.endswith("/"):
+                        continue  # a "folder marker" some consoles create; not a file
+                    if prefix and k != full and not k.startswith(full + "/"):
+                        continue
+                    keys.append(k[len(root) :])
+        return sorted(set(keys))
 
     def delete(self, prefix: str) -> None:
         keys = self.list(prefix)
-        try:
+        with self._errors("delete", prefix):
             for start in range(0, len(keys), 1000):
                 batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail(exc, "delete", prefix) from exc
+                response = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+                # DeleteObjects answers 200 even when single keys fail.
+                errors = response.get("Errors", [])
+                if errors:
+                    first = errors[0]
+                    raise StoreError(
+                        f"cannot delete s3://{self.bucket}/{first.get('Key')}: "
+                        f"{first.get('Code')} {first.get('Message', '')}".strip()
+                        + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+                    )
 
     def put_file(self, key: str, path: Path) -> None:
-        try:
+        with self._errors("write", key):
             self.client.upload_file(
                 str(path), self.bucket, self._key(key), Config=self._transfer_config()
             )
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail(exc, "write", key) from exc
 
     def get_file(self, key: str, path: Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with self._errors("read", key):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # download_file writes a temporary name and renames it: atomic like LocalStore.
             self.client.download_file(
                 self.bucket, self._key(key), str(path), Config=self._transfer_config()
             )
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail(exc, "read", key) from exc
 
     def child(self, subpath: str) -> S3Store:
         return S3Store(self.bucket, self._key(subpath), client=self._client)
 
-    def check_writable(self) -> None:
-        probe = ".trackb-write-probe"
-        self.put_bytes(probe, b"")
-        self.delete(probe)
+
+def _add_content_md5(request, **_kwargs) -> None:
+    """Give DeleteObjects the Content-MD5 header the S3 API says it requires.
+
+    boto3 >= 1.36 sends a CRC32 checksum instead, which MinIO and other S3 look-alikes
+    reject with "Missing required header for this request: Content-MD5".
+    """
+    import base64
+    import hashlib
+
+    body = request.body or b""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if isinstance(body, bytes) and "Content-MD5" not in request.headers:
+        digest = hashlib.md5(body, usedforsecurity=False).digest()
+        request.headers["Content-MD5"] = base64.b64encode(digest).decode("ascii")
 
 
-def make_s3_client():
-    """A boto3 S3 client with settings that work on MinIO and other S3 look-alikes."""
+def make_s3_client(max_attempts: int = 5):
+    """A boto3 S3 client with settings that work on MinIO and other S3 look-alikes.
+
+    ``max_attempts`` counts the first try: 1 means no retries.
+    """
     import boto3
     from botocore.config import Config
 
@@ -341,20 +469,21 @@ def make_s3_client():
         # boto3 >= 1.36 adds CRC checksums by default, which MinIO and others reject.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries={"max_attempts": max_attempts, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
     )
-    return boto3.client("s3", endpoint_url=endpoint, config=config)
+    client = boto3.client("s3", endpoint_url=endpoint, config=config)
+    client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
+    return client
 
 
 def open_store(uri: str) -> Store:
     """The store for ``uri``: ``s3://bucket/prefix``, ``file:///path`` or a plain path.
 
-    Raises ConfigError for an unsupported scheme.
+    Raises ConfigError for an unsupported scheme, an S3 URI without a bucket, a
+    ``file://`` URI naming another host, or a path with ``..`` in an S3 prefix.
     """
-    from trackb_core.errors import ConfigError
-
     uri = str(uri)
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
@@ -362,7 +491,10 @@ def open_store(uri: str) -> Store:
             raise ConfigError(f"S3 URI has no bucket: {uri!r}")
         return S3Store(parsed.netloc, parsed.path)
     if parsed.scheme == "file":
-        return LocalStore(parsed.path)
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(f"file URI {uri!r} names host {parsed.netloc!r}; "
+                              "use file:///absolute/path or a plain path")
+        return LocalStore(unquote(parsed.path))
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive
         raise ConfigError(f"unsupported store URI scheme {parsed.scheme!r} in {uri!r} "
                           "(use a path, file:// or s3://)")
@@ -375,4 +507,6 @@ def split_uri(uri: str) -> tuple[str, str]:
     head, _, tail = uri.rpartition("/")
     if uri.startswith("s3://") and head.count("/") < 2:
         head = head + "/"
+    if not head and uri.startswith("/"):
+        head = "/"  # "/c.jsonl" lives in the filesystem root, not the working dir
     return (head or ".", tail)
