@@ -32,7 +32,8 @@ class EchoConfig(StageConfig):
     """
 
     rows: str = input_field("", description="Rows to echo.", kind="file", filename="rows.jsonl")
-    weights: str | None = input_field(None, description="An optional folder.", kind="dir")
+    weights: str | None = input_field(None, description="An optional folder.", kind="dir",
+                                      required=False)
     suffix: str = Field("!", description="Appended to every text.")
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from trackb_core.dataset import DatasetConfig
+from trackb_core.generate import GenerateConfig
 
 from trackb_core import dataset, extract, generate
-from trackb_core.dataset import DatasetConfig
 from trackb_core.extract import ExtractConfig
-from trackb_core.generate import GenerateConfig
 from trackb_core.store import LocalStore
 
 pytestmark = pytest.mark.integration

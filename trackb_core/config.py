@@ -32,15 +32,27 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-def input_field(default: Any = None, *, description: str, kind: str, filename: str = "") -> Any:
+def input_field(default: Any = None, *, description: str, kind: str, filename: str = "",
+                required: bool = True) -> Any:
     """A field naming an upstream artifact.
 
     ``kind`` is one of :data:`INPUT_KINDS`. For ``file`` inputs, ``filename`` is the
-    file looked for when the URI names the upstream stage's folder.
+    file looked for when the URI names the upstream stage's folder. A ``required``
+    input left empty is a ConfigError when the stage starts.
     """
     assert kind in INPUT_KINDS, kind
     return Field(default, description=description,
-                 json_schema_extra={"input": kind, "filename": filename})
+                 json_schema_extra={"input": kind, "filename": filename, "required": required})
+
+
+def missing_inputs(config: StageConfig) -> list[str]:
+    """Names of required input fields that ``config`` leaves empty."""
+    missing = []
+    for name, info in type(config).model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get("required") and getattr(config, name) in (None, ""):
+            missing.append(name)
+    return missing
 
 
 def declared_inputs(config: StageConfig) -> list[tuple[str, str, str, str]]:
@@ -169,10 +181,12 @@ def config_options(cls: type[StageConfig], skip: tuple[str, ...] = ()):
             flag = "--" + name.replace("_", "-")
             click_type, is_flag = _click_type(info.annotation)
             default = info.get_default(call_default_factory=True)
-            if default is PydanticUndefined:
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if default is PydanticUndefined or (extra.get("required") and default in (None, "")):
                 default = "(required)"
             shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else default
-            help_text = (info.description or "").rstrip(".") + f".  [default: {shown}]"
+            help_text = (info.description or "").rstrip(".") + (
+                "  [required]" if shown == "(required)" else f".  [default: {shown}]")
             if is_flag:
                 func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None,
                                     help=help_text)(func)

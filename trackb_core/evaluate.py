@@ -60,7 +60,7 @@ class EvalConfig(StageConfig):
     adapter: str | None = input_field(
         None, kind="dir",
         description="LoRA adapter: the train stage's folder (holding adapter/) or the adapter "
-                    "folder itself; none evaluates the base model.")
+                    "folder itself; none evaluates the base model.", required=False)
     tag: str = Field("eval", description="Name of this evaluation in eval.json (e.g. baseline).")
     n_samples: int = Field(2, ge=0, description="Sampled answers per item besides the greedy one.")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature of the samples.")

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from trackb_core import __version__
-from trackb_core.config import StageConfig, declared_inputs
-from trackb_core.errors import InputError, MissingInputError
+from trackb_core.config import StageConfig, declared_inputs, missing_inputs
+from trackb_core.errors import ConfigError, InputError, MissingInputError
 from trackb_core.store import LocalStore, Store, open_store, split_uri
 
 MANIFEST = "manifest.json"
@@ -136,7 +136,15 @@ def _config_without_inputs(config: StageConfig) -> dict[str, Any]:
 
 
 def hash_inputs(config: StageConfig) -> dict[str, dict[str, Any]]:
-    """Hash every input the config names. Raises MissingInputError naming the option."""
+    """Hash every input the config names.
+
+    Raises ConfigError if a required input is not given, MissingInputError (naming
+    the option) if one does not exist.
+    """
+    missing = missing_inputs(config)
+    if missing:
+        names = ", ".join("--" + name.replace("_", "-") for name in missing)
+        raise ConfigError(f"missing required input {names}")
     hashed = {}
     for name, uri, kind, filename in declared_inputs(config):
         try:
@@ -158,7 +166,7 @@ def cached_manifest(config: StageConfig, out: Store) -> dict[str, Any] | None:
         return None
     try:
         wanted = fingerprint(config, hash_inputs(config))
-    except MissingInputError:
+    except (MissingInputError, ConfigError):
         return None
     if manifest.get("fingerprint") != wanted:
         return None
