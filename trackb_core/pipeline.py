@@ -74,7 +74,11 @@ def _wired(section: StageConfig, **inputs: Any) -> StageConfig:
         name for name, info in type(section).model_fields.items()
         if isinstance(info.json_schema_extra, dict) and "input" in info.json_schema_extra
     }
-    clash = sorted(section.model_fields_set & input_names & set(inputs))
+    fields = type(section).model_fields
+    clash = sorted(
+        name for name in section.model_fields_set & input_names & set(inputs)
+        if getattr(section, name) != fields[name].get_default(call_default_factory=True)
+    )
     if clash:
         raise ConfigError(f"{type(section).__name__}: {', '.join(clash)} is wired by the "
                           "pipeline; set the top-level 'corpus' or 'model' instead")
