@@ -169,3 +169,26 @@ def test_stages_on_s3_write_the_same_files_as_local(bucket, tmp_path, stdlib_cor
         remote = json.loads(store.get_bytes(f"{stage}/manifest.json"))
         here = json.loads((local / stage / "manifest.json").read_text())
         assert remote["fingerprint"] == here["fingerprint"]
+
+
+@pytest.mark.parametrize("case", ["syntax_error", "not_utf8", "unknown_pypi"])
+def test_bad_corpus_via_cli_is_one_line_nonzero_and_leaves_no_manifest(case, tmp_path,
+                                                                       monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    if case == "syntax_error":
+        (corpus / "bad.py").write_text("def f(:\n    pass\n")
+        source, code, words = str(corpus), EXIT_DATA, "syntax_error=1"
+    elif case == "not_utf8":
+        (corpus / "latin.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1"))
+        source, code, words = str(corpus), EXIT_DATA, "not_utf8=1"
+    else:
+        pytest.importorskip("pip")
+        monkeypatch.setenv("TRACKB_CACHE", str(tmp_path / "cache"))
+        source, code, words = "pypi:no-such-package-trackb-xyz==0.0.1", EXIT_NO_INPUT, \
+            "no distribution"
+    out = tmp_path / "out"
+    result = invoke("extract", "--corpus", source, "--out", str(out))
+    assert result.exit_code == code
+    assert words in one_line_error(result)
+    assert not (out / "manifest.json").exists()
