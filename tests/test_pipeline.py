@@ -85,7 +85,9 @@ def test_changed_config_reruns_the_first_stage_that_differs(finished_run, capsys
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(changed, runner=runner)
     assert asked == ["build-dataset"]
-    assert capsys.readouterr().err.count("cached:") == 2  # extract, generate
+    err = capsys.readouterr().err
+    assert err.count("cached:") == 2  # extract, generate
+    assert "[build-dataset] config or inputs changed since its last run: running again" in err
 
 
 def test_same_seed_and_corpus_give_byte_identical_data(finished_run, tmp_path):

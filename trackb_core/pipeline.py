@@ -22,7 +22,7 @@ from trackb_core.errors import ConfigError
 from trackb_core.evaluate import EvalConfig
 from trackb_core.extract import ExtractConfig
 from trackb_core.generate import GenerateConfig
-from trackb_core.stage import cached_manifest, say
+from trackb_core.stage import MANIFEST, cached_manifest, say
 from trackb_core.store import Store, open_store
 from trackb_core.tinymodel import TinyModelConfig
 from trackb_core.train import TrainConfig
@@ -137,7 +137,10 @@ def run_pipeline(config: PipelineConfig,
         if cached_manifest(stage_config, out) is not None:
             say(folder, "cached: manifest matches this config and these inputs; skipped")
             continue
-        say(folder, "running")
+        if out.exists(MANIFEST):
+            say(folder, "config or inputs changed since its last run: running again")
+        else:
+            say(folder, "running")
         manifest = runner(module, stage_config, out)
         say(folder, f"done in {manifest['timings']['total_seconds']:.1f}s")
     say("run-all", f"finished in {time.perf_counter() - started:.1f}s")
