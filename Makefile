@@ -34,10 +34,57 @@ test-fast: install ## Unit tests only (skips integration and slow)
 	$(PY) -m pytest -m "not integration and not slow"
 
 lint: install ## ruff over the code and tests
-	$(VENV)/bin/ruff check trackb_core jobs tests benchmarks
+	$(VENV)/bin/ruff check trackb_core jobs tests benchmarks scripts
 
 bench: install ## Benchmarks: print measured ratios against a baseline run in-process
 	$(PY) -m benchmarks
 
 clean: ## Remove the venv and local runs
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# ---- container images (images/*/Dockerfile; see images/README.md) ----------------------
+REGISTRY ?= ghcr.io/trackb
+IMAGES := cpu trainer vllm
+IMAGE_TAG ?= $(shell git describe --tags --always --dirty)
+IMAGE_REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+IMAGE_SOURCE ?= $(shell git config --get remote.origin.url)
+PLATFORM ?= linux/amd64
+# One buildx call per image; the registry cache (<image>:buildcache) is read by both
+# targets and written by `push` (an unpushed local build cannot write a registry cache).
+BUILDX = docker buildx build --platform $(PLATFORM) \
+	-f images/$(1)/Dockerfile \
+	--build-arg VERSION=$(IMAGE_TAG) --build-arg REVISION=$(IMAGE_REVISION) \
+	--build-arg SOURCE=$(IMAGE_SOURCE) \
+	--cache-from type=registry,ref=$(REGISTRY)/trackb-$(1):buildcache \
+	-t $(REGISTRY)/trackb-$(1):$(IMAGE_TAG)
+
+.PHONY: images push images-lint
+
+images: ## Build the cpu, trainer and vllm images into the local docker (tag: git describe)
+	$(foreach img,$(IMAGES),$(call BUILDX,$(img)) --load . &&) true
+
+push: ## Build and push the three images to $(REGISTRY), with a registry build cache
+	$(foreach img,$(IMAGES),$(call BUILDX,$(img)) \
+		--cache-to type=registry,ref=$(REGISTRY)/trackb-$(img):buildcache,mode=max \
+		--push . &&) true
+
+images-lint: install ## hadolint and shellcheck over images/ (as the tests and CI do)
+	$(VENV)/bin/hadolint --config images/.hadolint.yaml images/*/Dockerfile
+	$(VENV)/bin/shellcheck images/*/*.sh
+
+.PHONY: tools values-schema
+
+tools: install ## Fetch the real helm v4 and kubectl v1.35 into .cache/tools/bin (idempotent)
+	$(PY) scripts/fetch_helm.py
+
+values-schema: install ## Regenerate helm/trackb/values.schema.json and values.yaml's generated blocks
+	$(PY) scripts/gen_values_schema.py
+
+.PHONY: render checkov
+
+render: install ## Write k8s/rendered/ from the one Job-spec builder (demo + cluster-gpu configs)
+	$(TRACKB) render --config jobs/configs/demo.yaml --run-id demo --out k8s/rendered/demo
+	$(TRACKB) render --config jobs/configs/cluster-gpu.yaml --run-id cluster-gpu --out k8s/rendered/cluster-gpu
+
+checkov: ## Policy scan of k8s/ (checkov in its own venv under .cache/checkov-venv)
+	k8s/checkov.sh

@@ -160,8 +160,10 @@ for _spec in STAGE_COMMANDS:
 @click.option("--store", default=None, metavar="URI",
               help="Store root; the run goes to <store>/runs/<run_id>/.  "
                    "[default: from the config, else '.']")
-@click.option("--backend", type=click.Choice(["local"]), default=None,
-              help="Where stages run: local (this machine, one after another).  [default: local]")
+@click.option("--backend", type=click.Choice(["local", "k8s"]), default=None,
+              help="Where stages run: local (this machine, one after another) or k8s "
+                   "(Kubernetes Jobs; cluster from kubeconfig or the pod's service "
+                   "account).  [default: local]")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a config value, e.g. --set train.epochs=1 (repeatable).")
 @reports_errors
@@ -186,6 +188,86 @@ def run_all(config_file: str, run_id: str | None, store: str | None, backend: st
     config = build_config(PipelineConfig, merge(values, overrides), source=f"config {config_file}")
     report = run_pipeline(config)
     click.echo(f"report: {report}")
+
+
+@main.command("render", context_settings={"max_content_width": 100})
+@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False),
+              metavar="FILE", help="Pipeline YAML; its 'kubernetes' section holds the "
+                                   "cluster settings.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="Folder for the YAML files (one per stage, plus launcher.yaml).")
+@click.option("--run-id", default=None,
+              help="Run id the objects are named after.  [default: from the config, else "
+                   "the config file's name]")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set kubernetes.namespace=ml (repeatable).")
+@reports_errors
+def render_command(config_file: str, out: str, run_id: str | None,
+                   sets: tuple[str, ...]) -> None:
+    """Write every Kubernetes object of a run (ConfigMaps, Jobs, Services,
+    NetworkPolicies) as YAML files into DIR, from the same builder the k8s launcher
+    uses. Apply them with `kubectl apply -f DIR` after k8s/namespace.yaml and
+    k8s/rbac.yaml, or read them to review what a run will create.
+    """
+    from trackb_core.k8s.render import render
+
+    for path in render(config_file, out, run_id=run_id, overrides=parse_dotted_overrides(sets)):
+        click.echo(str(path))
+
+
+# -- a run on Kubernetes: status, logs, delete -----------------------------------------------
+def _k8s_options(func):
+    func = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                        help="Override a config value, e.g. --set kubernetes.namespace=ml "
+                             "(repeatable).")(func)
+    return click.option("--config", "config_file", required=True,
+                        type=click.Path(dir_okay=False), metavar="FILE",
+                        help="The run's pipeline YAML (its namespace and store).")(func)
+
+
+def _k8s_config(config_file: str, sets: tuple[str, ...]):
+    from trackb_core.pipeline import PipelineConfig
+
+    return build_config(PipelineConfig, merge(load_yaml(config_file), parse_dotted_overrides(sets)),
+                        source=f"config {config_file}")
+
+
+@main.command("status", context_settings={"max_content_width": 100})
+@click.argument("run_id")
+@_k8s_options
+@reports_errors
+def status_command(run_id: str, config_file: str, sets: tuple[str, ...]) -> None:
+    """Show each stage of RUN_ID on Kubernetes: done in the store or not, and its Job."""
+    from trackb_core.k8s.launcher import status
+
+    for row in status(_k8s_config(config_file, sets), run_id):
+        click.echo(f"{row['stage']:<14} {row['store']:<9} {row['job']}")
+
+
+@main.command("logs", context_settings={"max_content_width": 100})
+@click.argument("run_id")
+@click.argument("stage")
+@_k8s_options
+@reports_errors
+def logs_command(run_id: str, stage: str, config_file: str, sets: tuple[str, ...]) -> None:
+    """Print STAGE's logs of RUN_ID: from its pods, or the copy saved in the store
+    (runs/<run_id>/<stage>/_k8s/) once the pods are gone."""
+    from trackb_core.k8s.launcher import logs
+
+    click.echo(logs(_k8s_config(config_file, sets), run_id, stage))
+
+
+@main.command("delete", context_settings={"max_content_width": 100})
+@click.argument("run_id")
+@_k8s_options
+@reports_errors
+def delete_command(run_id: str, config_file: str, sets: tuple[str, ...]) -> None:
+    """Delete RUN_ID's Kubernetes objects (Jobs and their pods, ConfigMaps, Services,
+    NetworkPolicies). The store keeps its outputs, so a later run-all resumes."""
+    from trackb_core.k8s.launcher import delete
+
+    for name in delete(_k8s_config(config_file, sets), run_id):
+        click.echo(f"deleted {name}")
 
 
 if __name__ == "__main__":  # pragma: no cover

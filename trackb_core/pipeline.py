@@ -22,6 +22,7 @@ from trackb_core.errors import ConfigError
 from trackb_core.evaluate import EvalConfig
 from trackb_core.extract import ExtractConfig
 from trackb_core.generate import GenerateConfig
+from trackb_core.k8s.settings import KubernetesConfig
 from trackb_core.stage import MANIFEST, cached_manifest, say
 from trackb_core.store import Store, open_store
 from trackb_core.tinymodel import TinyModelConfig
@@ -38,8 +39,10 @@ class PipelineConfig(StageConfig):
     run_id: str | None = Field(None, description="Run id; the run lives in <store>/runs/<run_id>/. "
                                "Default: the current UTC time (YYYYMMDD-HHMMSS).")
     store: str = Field(".", description="Store root: a local path, file:// or s3://bucket/prefix.")
-    backend: Literal["local"] = Field("local", description="Where stages run: local = this "
-                                      "machine, one after another.")
+    backend: Literal["local", "k8s"] = Field(
+        "local", description="Where stages run: local = this machine, one after another; "
+        "k8s = Kubernetes Jobs (settings in 'kubernetes', cluster from kubeconfig or the "
+        "pod's service account).")
     corpus: str = Field("pypi:verl==0.9.1", description="The corpus: a folder of .py files or "
                         "pypi:NAME==VERSION.")
     model: str = Field(TINY, description="Base model to fine-tune and evaluate: a hub id, a "
@@ -55,6 +58,9 @@ class PipelineConfig(StageConfig):
     train: TrainConfig = Field(default_factory=TrainConfig, description="train options.")
     eval: EvalConfig = Field(default_factory=EvalConfig,
                              description="eval options, used for baseline and post-SFT alike.")
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig,
+                                         description="Cluster settings of the k8s backend "
+                                         "and of trackb render (one schema with the Helm chart).")
 
     @field_validator("run_id")
     @classmethod
@@ -121,6 +127,10 @@ def run_pipeline(config: PipelineConfig,
     import importlib
 
     run_id = config.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    if config.backend == "k8s":
+        from trackb_core.k8s.launcher import run_on_kubernetes
+
+        return run_on_kubernetes(config, run_id)
     root = open_store(config.store)
     run = root.child(f"runs/{run_id}")
     run.check_writable()

@@ -1,0 +1,620 @@
+"""The Job-spec builder, one concern per test, on the plain dicts it returns."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from trackb_core.config import build_config, load_yaml, merge, parse_dotted_overrides
+from trackb_core.errors import PERMANENT_EXIT_CODES, ConfigError
+from trackb_core.k8s import jobspec
+from trackb_core.k8s.jobspec import (
+    MAIN_CONTAINER,
+    RBAC_RULES,
+    build_all,
+    build_launcher_job,
+    build_rbac,
+    build_stage,
+    build_vllm_service,
+    dependencies,
+    stage_names,
+)
+from trackb_core.k8s.settings import KubernetesConfig, kubernetes_json_schema
+from trackb_core.pipeline import PipelineConfig, plan
+from trackb_core.store import open_store
+
+ROOT = Path(__file__).parents[2]
+DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
+GPU = ROOT / "jobs" / "configs" / "cluster-gpu.yaml"
+RUN = "r1"
+
+
+def config(path: Path = GPU, *sets: str) -> PipelineConfig:
+    values = merge(load_yaml(path), parse_dotted_overrides(list(sets)))
+    return build_config(PipelineConfig, values)
+
+
+def kind(objects: list[dict], name: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == name]
+
+
+def job(objects: list[dict]) -> dict:
+    (found,) = kind(objects, "Job")
+    return found
+
+
+def pod(objects: list[dict]) -> dict:
+    return job(objects)["spec"]["template"]["spec"]
+
+
+def containers(pod_spec: dict) -> list[dict]:
+    return [*pod_spec.get("initContainers", []), *pod_spec["containers"]]
+
+
+def main_container(objects: list[dict]) -> dict:
+    (found,) = [c for c in pod(objects)["containers"] if c["name"] == MAIN_CONTAINER]
+    return found
+
+
+def env(container: dict) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def every_object(cfg: PipelineConfig) -> list[dict]:
+    return [o for objects in build_all(cfg, RUN).values() for o in objects]
+
+
+def pod_specs(objects: list[dict]) -> list[dict]:
+    return [o["spec"]["template"]["spec"] for o in objects if o["kind"] in ("Job", "Deployment")]
+
+
+# -- settings --------------------------------------------------------------------------------
+def _models(cls: type[BaseModel], seen: set | None = None):
+    seen = seen if seen is not None else set()
+    if cls in seen:
+        return
+    seen.add(cls)
+    yield cls
+    for info in cls.model_fields.values():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _models(annotation, seen)
+
+
+def test_every_kubernetes_setting_is_described_and_strict():
+    models = list(_models(KubernetesConfig))
+    assert len(models) >= 12
+    for model in models:
+        assert model.model_config.get("extra") == "forbid", model
+        for name, info in model.model_fields.items():
+            assert info.description and len(info.description) > 5, f"{model.__name__}.{name}"
+
+
+def test_unknown_kubernetes_key_is_an_error():
+    with pytest.raises(ConfigError, match="kubernetes.vllm.modle"):
+        config(GPU, "kubernetes.vllm.modle=x")
+
+
+def test_permanent_exit_codes_default_to_trackbs():
+    assert KubernetesConfig().job.permanent_exit_codes == sorted(PERMANENT_EXIT_CODES)
+    with pytest.raises(ValidationError):
+        KubernetesConfig.model_validate({"job": {"permanent_exit_codes": [0]}})
+
+
+def test_t4_defaults():
+    k8s = KubernetesConfig()
+    assert k8s.scheduling.node_selector == {"nvidia.com/gpu.product": "Tesla-T4"}
+    assert k8s.scheduling.tolerations == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert k8s.vllm.dtype == "half" and k8s.vllm.serve == "sidecar"
+    assert k8s.resources.train.gpus == k8s.resources.eval.gpus == k8s.resources.vllm.gpus == 1
+
+
+def test_settings_are_validated():
+    for bad in ({"resources": {"train": {"memory_limit": "lots"}}},
+                {"scheduling": {"tolerations": [{"keey": "x"}]}},
+                {"s3": {"store": "/local/path"}},
+                {"namespace": "Not_A_Name"},
+                {"vllm": {"tensor_parallel_size": 2}}):  # resources.vllm.gpus stays 1
+        with pytest.raises(ValidationError):
+            KubernetesConfig.model_validate(bad)
+    ok = KubernetesConfig.model_validate(
+        {"vllm": {"tensor_parallel_size": 2}, "resources": {"vllm": {"gpus": 2}}})
+    assert ok.resources.vllm.cpu_limit == "4"  # the other defaults survive a partial section
+
+
+def test_partial_resource_override_keeps_component_defaults():
+    cfg = config(GPU, "kubernetes.resources.train.gpus=4")
+    train = cfg.kubernetes.resources.train
+    assert (train.gpus, train.memory_limit, train.shm_size) == (4, "14Gi", "2Gi")
+
+
+def test_json_schema_is_the_models():
+    schema = kubernetes_json_schema()
+    assert schema["type"] == "object" and schema["additionalProperties"] is False
+    assert set(schema["properties"]) == set(KubernetesConfig.model_fields)
+    assert "description" in schema["properties"]["namespace"]
+    assert PipelineConfig.model_fields["kubernetes"].annotation is KubernetesConfig
+
+
+def test_builder_imports_nothing_from_kubernetes():
+    for name in ("jobspec", "settings", "render", "__init__"):
+        tree = ast.parse((ROOT / "trackb_core" / "k8s" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] == "kubernetes" for a in node.names)
+            if isinstance(node, ast.ImportFrom):
+                assert (node.module or "").split(".")[0] != "kubernetes", name
+
+
+# -- stages and their arguments --------------------------------------------------------------
+def test_stage_lists_follow_the_model():
+    assert stage_names(config(DEMO)) == list(jobspec.STAGES)
+    assert "tiny-model" not in stage_names(config(GPU))
+    with pytest.raises(ConfigError, match="unknown stage"):
+        build_stage("tiny-model", config(GPU), RUN)
+    with pytest.raises(ConfigError, match="unknown stage"):
+        build_stage("nope", config(DEMO), RUN)
+
+
+def test_invalid_run_id_is_refused():
+    for bad in ("UPPER", "-x", "a" * 64, ""):
+        with pytest.raises(ConfigError, match="run id"):
+            build_stage("extract", config(DEMO), bad)
+        with pytest.raises(ConfigError, match="run id"):
+            build_launcher_job(config(DEMO), bad)
+
+
+@pytest.mark.parametrize("path", [DEMO, GPU], ids=lambda p: p.stem)
+def test_container_args_are_exactly_what_plan_wires(path, tmp_path):
+    """The stage's own CLI, given the Job's args and the ConfigMap, yields plan()'s config."""
+    from trackb_core.cli import load_stage_config, main
+    from trackb_core.config import options_to_overrides
+
+    cfg = config(path)
+    run = open_store("s3://trackb-artifacts").child(f"runs/{RUN}")
+    planned = {folder: c for folder, _m, c in plan(cfg, run)}
+    assert list(planned) == stage_names(cfg)
+    for stage, wanted in planned.items():
+        objects = build_stage(stage, cfg, RUN)
+        (config_map,) = kind(objects, "ConfigMap")
+        container = main_container(objects)
+        module = jobspec.JOB_MODULES[stage]
+        assert container["command"] == ["python", "-m", f"jobs.{module}"]
+        assert importlib.util.find_spec(f"jobs.{module}") is not None
+        file = tmp_path / f"{stage}.yaml"
+        file.write_text(config_map["data"]["config.yaml"])
+        args = [str(file) if a == "/etc/trackb/config.yaml" else a for a in container["args"]]
+        command_name = {"eval-baseline": "eval", "eval-post": "eval"}.get(stage, stage)
+        command = main.commands[command_name]
+        ctx = command.make_context(command_name, list(args))
+        assert ctx.params["out"] == f"s3://trackb-artifacts/runs/{RUN}/{stage}"
+        cls = type(wanted)
+        got = load_stage_config(cls, ctx.params["config_file"],
+                                options_to_overrides(cls, ctx.params))
+        if stage == "generate" and cfg.generate.teacher == "openai":
+            assert got.base_url == "http://127.0.0.1:8000/v1"  # the sidecar
+            got = got.model_copy(update={"base_url": wanted.base_url})
+        assert got == wanted, stage
+
+
+def test_the_store_is_the_clusters_s3_store():
+    cfg = config(DEMO)  # store: . (a laptop folder) -> kubernetes.s3.store
+    assert "--out" in main_container(build_stage("train", cfg, RUN))["args"]
+    args = main_container(build_stage("train", cfg, RUN))["args"]
+    assert args[args.index("--out") + 1] == f"s3://trackb-artifacts/runs/{RUN}/train"
+    other = config(DEMO, "store=s3://other/prefix")
+    args = main_container(build_stage("compare", other, RUN))["args"]
+    assert args[-3:] == ["s3://other/prefix/runs/r1/compare", "s3://other/prefix/runs/r1/eval-baseline",
+                         "s3://other/prefix/runs/r1/eval-post"]
+
+
+def test_dependencies_come_from_the_wiring():
+    deps = dependencies(config(DEMO), RUN)
+    assert deps["extract"] == [] and deps["generate"] == ["extract"]
+    assert deps["train"] == ["build-dataset", "tiny-model"]
+    assert "train" not in deps["eval-baseline"]  # train and eval-baseline run side by side
+    assert deps["eval-post"][-1] == "train"
+    assert deps["compare"] == ["eval-baseline", "eval-post"]
+
+
+# -- generate: the vLLM sidecar --------------------------------------------------------------
+def test_generate_runs_vllm_as_a_native_sidecar():
+    cfg = config(GPU)
+    spec = pod(build_stage("generate", cfg, RUN))
+    vllm, wait = spec["initContainers"]
+    assert vllm["name"] == "vllm" and vllm["restartPolicy"] == "Always"
+    assert spec["restartPolicy"] == "Never"
+    assert vllm["image"].endswith("/trackb-vllm:0.1.0")
+    assert "command" not in vllm and "args" not in vllm  # the image's entrypoint serves
+    settings = env(vllm)
+    assert settings["TRACKB_VLLM_MODEL"] == cfg.kubernetes.vllm.model
+    for name, value in (("DTYPE", "half"), ("MAX_MODEL_LEN", "8192"),
+                        ("GPU_MEMORY_UTILIZATION", "0.9"), ("TENSOR_PARALLEL_SIZE", "1"),
+                        ("HOST", "0.0.0.0"), ("LISTEN_PORT", "8000")):
+        assert settings[f"TRACKB_VLLM_{name}"] == value
+    extra = pod(build_stage("generate", config(GPU, "kubernetes.vllm.extra_args=[--max-lora-rank, '64']"),
+                            RUN))["initContainers"][0]
+    assert extra["args"] == ["--max-lora-rank", "64"]
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert vllm["resources"]["requests"]["nvidia.com/gpu"] == 1
+
+
+def test_vllm_probes_gate_on_models_with_a_long_startup_budget():
+    vllm = pod(build_stage("generate", config(GPU, "kubernetes.vllm.startup_seconds=2400"),
+                           RUN))["initContainers"][0]
+    startup = vllm["startupProbe"]
+    assert startup["httpGet"]["path"] == "/v1/models"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 2400
+    assert vllm["readinessProbe"]["httpGet"]["path"] == "/v1/models"
+    # A liveness probe only starts after the startup probe passed: no kill mid-download.
+    assert vllm["livenessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_vllm_gets_shm_hf_token_and_cache():
+    spec = pod(build_stage("generate", config(GPU), RUN))
+    vllm = spec["initContainers"][0]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in vllm["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert env(vllm)["HF_TOKEN"] == {"secretKeyRef": {"name": "trackb-hf", "key": "HF_TOKEN",
+                                                       "optional": True}}
+    assert env(vllm)["HF_HOME"].startswith("/cache") and mounts["/cache"] == "cache"
+    assert "emptyDir" in volumes["cache"]
+    with_pvc = pod(build_stage("generate", config(GPU, "kubernetes.cache.pvc=models"), RUN))
+    cache = {v["name"]: v for v in with_pvc["volumes"]}["cache"]
+    assert cache == {"name": "cache", "persistentVolumeClaim": {"claimName": "models"}}
+
+
+def test_vllm_pod_lands_on_gpu_nodes():
+    spec = pod(build_stage("generate", config(GPU), RUN))
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "Tesla-T4"}
+    assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_the_client_waits_for_models_then_calls_the_sidecar():
+    objects = build_stage("generate", config(GPU), RUN)
+    wait = pod(objects)["initContainers"][1]
+    assert wait["name"] == jobspec.WAIT_CONTAINER
+    assert env(wait)["TEACHER_MODELS_URL"] == "http://127.0.0.1:8000/v1/models"
+    assert "urlopen" in wait["command"][-1] and "sys.exit(75)" in wait["command"][-1]
+    compile(wait["command"][-1], "wait", "exec")
+    client_config = yaml.safe_load(kind(objects, "ConfigMap")[0]["data"]["config.yaml"])
+    assert client_config["base_url"] == "http://127.0.0.1:8000/v1"
+    assert "nvidia.com/gpu" not in main_container(objects)["resources"]["limits"]
+
+
+def test_deployment_mode_builds_a_server_the_client_calls():
+    cfg = config(GPU, "kubernetes.vllm.serve=deployment")
+    objects = build_stage("generate", cfg, RUN)
+    spec = pod(objects)
+    assert [c["name"] for c in spec["initContainers"]] == [jobspec.WAIT_CONTAINER]
+    server = build_vllm_service(cfg, RUN)
+    deployment, service = kind(server, "Deployment")[0], kind(server, "Service")[0]
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    host = f"{service['metadata']['name']}.{cfg.kubernetes.namespace}.svc"
+    url = yaml.safe_load(kind(objects, "ConfigMap")[0]["data"]["config.yaml"])["base_url"]
+    assert url == f"http://{host}:8000/v1"
+    vllm = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "restartPolicy" not in vllm and vllm["startupProbe"]["httpGet"]["path"] == "/v1/models"
+    policy = kind(server, "NetworkPolicy")[0]
+    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"][
+        "trackb/stage"] == "generate"
+    assert "vllm-server" in build_all(cfg, RUN)
+
+
+def test_reference_teacher_needs_no_server_and_no_gpu():
+    objects = build_stage("generate", config(DEMO), RUN)
+    spec = pod(objects)
+    assert "initContainers" not in spec and "nodeSelector" not in spec
+    assert "nvidia.com/gpu" not in str(objects)
+
+
+def test_cpu_profile_cannot_create_vllm():
+    with pytest.raises(ConfigError, match="CPU profile cannot run vLLM"):
+        build_stage("generate", config(DEMO, "generate.teacher=openai"), RUN)
+    external = config(DEMO, "generate.teacher=openai", "kubernetes.vllm.serve=external",
+                      "generate.base_url=http://teacher.example:8000/v1")
+    url = yaml.safe_load(kind(build_stage("generate", external, RUN), "ConfigMap")[0]["data"][
+        "config.yaml"])["base_url"]
+    assert url == "http://teacher.example:8000/v1"
+
+
+# -- train / eval ----------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", ["train", "eval-baseline", "eval-post"])
+def test_train_and_eval_are_scheduled_on_t4s_from_config(stage):
+    # (demo.yaml has no node_selector to merge into: the override replaces the default)
+    cfg = config(DEMO, "kubernetes.accelerator=gpu",
+                 "kubernetes.scheduling.node_selector={cloud.google.com/gke-accelerator: "
+                 "nvidia-tesla-t4}")
+    objects = build_stage(stage, cfg, RUN)
+    spec = pod(objects)
+    assert spec["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
+    assert spec["tolerations"] == cfg.kubernetes.scheduling.tolerations
+    main = main_container(objects)
+    assert main["image"].endswith("/trackb-trainer:0.1.0")
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
+    mounts = {m["mountPath"] for m in main["volumeMounts"]}
+    assert "/dev/shm" in mounts
+
+
+@pytest.mark.parametrize("stage", list(jobspec.STAGES))
+def test_job_policy(stage):
+    cfg = config(DEMO, "kubernetes.job.backoff_limit=3",
+                 "kubernetes.job.ttl_seconds_after_finished=600",
+                 "kubernetes.job.deadlines.train=7200")
+    spec = job(build_stage(stage, cfg, RUN))["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    assert spec["backoffLimit"] == 3
+    assert spec["ttlSecondsAfterFinished"] == 600
+    key = {"eval-baseline": "eval", "eval-post": "eval"}.get(stage, stage.replace("-", "_"))
+    assert spec["activeDeadlineSeconds"] == getattr(cfg.kubernetes.job.deadlines, key)
+    if stage == "train":
+        assert spec["activeDeadlineSeconds"] == 7200
+
+
+def test_pod_failure_policy():
+    rules = job(build_stage("train", config(GPU), RUN))["spec"]["podFailurePolicy"]["rules"]
+    fail = [r for r in rules if r["action"] == "FailJob"][0]["onExitCodes"]
+    assert fail == {"containerName": MAIN_CONTAINER, "operator": "In",
+                    "values": sorted(PERMANENT_EXIT_CODES)}
+    ignore = [r for r in rules if r["action"] == "Ignore"][0]
+    assert ignore["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+
+
+def test_every_container_falls_back_to_logs_for_its_termination_message():
+    deployment = config(GPU, "kubernetes.vllm.serve=deployment")
+    for objects in (every_object(config(DEMO)), every_object(config(GPU)),
+                    every_object(deployment) + build_vllm_service(deployment, RUN)):
+        for spec in pod_specs(objects):
+            for c in containers(spec):
+                assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_several_gpus_on_one_node_run_torchrun():
+    main = main_container(build_stage("train", config(GPU, "kubernetes.resources.train.gpus=4"),
+                                      RUN))
+    assert main["command"] == ["torchrun"]
+    assert main["args"][:3] == ["--standalone", "--nproc-per-node=4", "-m"]
+    assert main["args"][3] == "jobs.train"
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == 4
+    one = main_container(build_stage("train", config(GPU), RUN))
+    assert one["command"] == ["python", "-m", "jobs.train"]
+
+
+def test_several_nodes_make_an_indexed_job_with_a_headless_service():
+    cfg = config(GPU, "kubernetes.distributed.nodes=3", "kubernetes.resources.train.gpus=2")
+    objects = build_stage("train", cfg, RUN)
+    spec = job(objects)["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    (service,) = kind(objects, "Service")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    pod_spec = spec["template"]["spec"]
+    assert pod_spec["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    main = main_container(objects)
+    assert main["command"] == ["torchrun"]
+    master = f"--master-addr={job(objects)['metadata']['name']}-0.{service['metadata']['name']}"
+    assert {"--nnodes=3", "--nproc-per-node=2", "--node-rank=$(NODE_RANK)", master,
+            "--master-port=29500"} <= set(main["args"])
+    assert "job-completion-index" in env(main)["NODE_RANK"]["fieldRef"]["fieldPath"]
+    policy = kind(objects, "NetworkPolicy")[0]
+    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == \
+        service["spec"]["selector"]
+    # Eval is one process per pod: nodes apply to training only.
+    assert "completionMode" not in job(build_stage("eval-post", cfg, RUN))["spec"]
+
+
+def test_cpu_profile_uses_the_cpu_image_and_no_gpus():
+    objects = every_object(config(DEMO))
+    assert "nvidia.com/gpu" not in str(objects)
+    for spec in pod_specs(objects):
+        assert "tolerations" not in spec and "nodeSelector" not in spec
+        for c in containers(spec):
+            assert c["image"] == "ghcr.io/trackb/trackb-cpu:0.1.0"
+    forced = config(DEMO, "kubernetes.accelerator=gpu")
+    assert main_container(build_stage("train", forced, RUN))["image"].endswith("trainer:0.1.0")
+    assert main_container(build_stage("tiny-model", forced, RUN))["image"].endswith("cpu:0.1.0")
+
+
+def test_image_references():
+    cfg = config(DEMO, "kubernetes.images.registry=", "kubernetes.images.tag=dev",
+                 "kubernetes.images.cpu=reg.example/cpu@sha256:" + "a" * 64,
+                 "kubernetes.images.pull_policy=Always",
+                 "kubernetes.images.pull_secrets=[regcred]")
+    spec = pod(build_stage("extract", cfg, RUN))
+    assert spec["containers"][0]["image"] == "reg.example/cpu@sha256:" + "a" * 64
+    assert spec["containers"][0]["imagePullPolicy"] == "Always"
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    plain = config(DEMO, "kubernetes.images.registry=", "kubernetes.images.tag=dev")
+    assert pod(build_stage("extract", plain, RUN))["containers"][0]["image"] == "trackb-cpu:dev"
+
+
+# -- everything --------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", [DEMO, GPU], ids=lambda p: p.stem)
+def test_every_pod_and_container_is_locked_down(path):
+    cfg = config(path, "kubernetes.vllm.serve=deployment") if path == GPU else config(path)
+    objects = every_object(cfg) + (build_vllm_service(cfg, RUN) if path == GPU else [])
+    specs = pod_specs(objects)
+    assert len(specs) >= 8
+    for spec in specs:
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["securityContext"]["runAsUser"] > 0
+        mounts_tmp = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        assert "tmp" in mounts_tmp
+        for c in containers(spec):
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False
+            assert sc["privileged"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert sc["readOnlyRootFilesystem"] is True
+            if "volumeMounts" in c:
+                assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}
+            else:
+                assert c["name"] == jobspec.WAIT_CONTAINER  # writes nothing
+
+
+def test_read_only_root_filesystem_is_a_switch():
+    cfg = config(DEMO, "kubernetes.security.read_only_root_filesystem=false")
+    for spec in pod_specs(every_object(cfg)):
+        for c in containers(spec):
+            assert c["securityContext"]["readOnlyRootFilesystem"] is False
+
+
+def test_only_the_launcher_gets_an_api_token():
+    for stage, objects in build_all(config(GPU), RUN).items():
+        spec = pod(objects)
+        if stage == "launcher":
+            assert spec["automountServiceAccountToken"] is True
+            assert spec["serviceAccountName"] == "trackb-launcher"
+        else:
+            assert spec["automountServiceAccountToken"] is False
+            assert "serviceAccountName" not in spec
+    spec = pod(build_stage("train", config(GPU, "kubernetes.job_service_account=s3-writer"),
+                           RUN))
+    assert spec["serviceAccountName"] == "s3-writer" and not spec["automountServiceAccountToken"]
+
+
+def test_every_container_has_requests_and_limits():
+    for cfg in (config(DEMO), config(GPU)):
+        for spec in pod_specs(every_object(cfg)):
+            for c in containers(spec):
+                assert {"cpu", "memory"} <= set(c["resources"]["requests"]), c["name"]
+                assert {"cpu", "memory"} <= set(c["resources"]["limits"]), c["name"]
+    cfg = config(DEMO, "kubernetes.resources.extract.memory_limit=3Gi")
+    limits = main_container(build_stage("extract", cfg, RUN))["resources"]["limits"]
+    assert limits["memory"] == "3Gi"
+
+
+def test_every_object_carries_the_labels():
+    wanted = {"app.kubernetes.io/name", "app.kubernetes.io/instance",
+              "app.kubernetes.io/component", "app.kubernetes.io/part-of",
+              "app.kubernetes.io/version", "app.kubernetes.io/managed-by"}
+    for stage, objects in build_all(config(GPU), RUN).items():
+        for obj in objects:
+            labels = obj["metadata"]["labels"]
+            assert wanted <= set(labels)
+            assert labels["trackb/run-id"] == RUN and labels["trackb/stage"] == stage
+            assert labels["app.kubernetes.io/component"] == stage
+            assert obj["metadata"]["namespace"] == "trackb"
+        assert job(objects)["spec"]["template"]["metadata"]["labels"]["trackb/stage"] == stage
+
+
+def test_s3_credentials_only_through_secret_key_refs():
+    secretish = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN")
+    for spec in pod_specs(every_object(config(GPU))):
+        for c in containers(spec):
+            for item in c.get("env", []):
+                if item["name"] in secretish:
+                    assert "value" not in item and "secretKeyRef" in item["valueFrom"]
+    main = main_container(build_stage("extract", config(GPU), RUN))
+    assert env(main)["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {
+        "name": "trackb-s3", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert env(main)["TRACKB_S3_ENDPOINT_URL"] == "http://minio.minio.svc.cluster.local:9000"
+    irsa = main_container(build_stage("extract", config(GPU, "kubernetes.s3.credentials_secret="),
+                                      RUN))
+    assert "AWS_ACCESS_KEY_ID" not in env(irsa)
+
+
+@pytest.mark.parametrize("stage", ["eval-baseline", "eval-post"])
+def test_eval_egress_only_to_dns_and_the_object_store(stage):
+    objects = build_stage(stage, config(GPU), RUN)
+    (policy,) = kind(objects, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == {"trackb/run-id": RUN, "trackb/stage": stage}
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"} and "ingress" not in spec
+    dns, store = spec["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert store["to"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "minio"}}, "podSelector": {"matchLabels": {}}}]
+    assert store["ports"] == [{"protocol": "TCP", "port": 9000}]
+    assert env(main_container(objects))["HF_HUB_OFFLINE"] == "1"
+    external = config(GPU, "kubernetes.network.store_namespace=",
+                      "kubernetes.network.store_cidrs=[52.216.0.0/15]",
+                      "kubernetes.network.store_ports=[443]")
+    (policy,) = kind(build_stage(stage, external, RUN), "NetworkPolicy")
+    assert policy["spec"]["egress"][1]["to"] == [{"ipBlock": {"cidr": "52.216.0.0/15"}}]
+
+
+def test_other_stages_refuse_ingress_but_keep_egress():
+    (policy,) = kind(build_stage("extract", config(GPU), RUN), "NetworkPolicy")
+    assert "ingress" not in policy["spec"] and policy["spec"]["egress"] == [{}]
+    off = build_stage("eval-post", config(GPU, "kubernetes.network.enabled=false"), RUN)
+    assert not kind(off, "NetworkPolicy")
+    assert "HF_HUB_OFFLINE" not in env(main_container(off))
+
+
+def test_eval_network_settings_that_cannot_work_are_refused():
+    with pytest.raises(ConfigError, match="store_namespace or store_cidrs"):
+        build_stage("eval-post", config(GPU, "kubernetes.network.store_namespace="), RUN)
+    hub = config(GPU, "model=Qwen/Qwen2.5-Coder-1.5B")
+    with pytest.raises(ConfigError, match="cannot come from the hub"):
+        build_stage("eval-baseline", hub, RUN)
+    assert build_stage("eval-baseline", config(GPU, "model=Qwen/Qwen2.5-Coder-1.5B",
+                                                "kubernetes.cache.pvc=hf-cache"), RUN)
+
+
+def test_launcher_runs_run_all_on_the_k8s_backend():
+    cfg = config(DEMO)
+    objects = build_launcher_job(cfg, "demo")
+    main = main_container(objects)
+    assert main["command"] == ["python", "-m", "jobs.run_all"]
+    assert main["args"] == ["--config", "/etc/trackb/pipeline.yaml", "--run-id", "demo",
+                            "--backend", "k8s"]
+    text = kind(objects, "ConfigMap")[0]["data"]["pipeline.yaml"]
+    reloaded = build_config(PipelineConfig, yaml.safe_load(text))
+    assert reloaded == cfg.model_copy(update={"run_id": "demo",
+                                              "store": "s3://trackb-artifacts"})
+    assert "trackb-s3" in str(env(main)["AWS_ACCESS_KEY_ID"])
+
+
+def test_checkov_suppressions_appear_only_where_they_apply():
+    annotations = job(build_stage("extract", config(DEMO), RUN))["metadata"]["annotations"]
+    reasons = dict(v.split("=", 1) for v in annotations.values())
+    assert set(reasons) == {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_35"}
+    assert all(len(r) > 30 for r in reasons.values())
+    strict = config(DEMO, "kubernetes.images.pull_policy=Always",
+                    "kubernetes.s3.credentials_secret=")
+    annotations = job(build_stage("extract", strict, RUN))["metadata"]["annotations"]
+    assert [v.split("=")[0] for v in annotations.values()] == ["CKV_K8S_43"]
+    launcher = job(build_launcher_job(config(DEMO), RUN))["metadata"]["annotations"]
+    assert any(v.startswith("CKV_K8S_38=") for v in launcher.values())
+
+
+def test_long_run_ids_give_short_unique_names():
+    long_a, long_b = "a" * 60 + "-x1", "a" * 60 + "-x2"
+    names = set()
+    for run_id in (long_a, long_b):
+        for objects in build_all(config(DEMO), run_id).values():
+            for obj in objects:
+                assert len(obj["metadata"]["name"]) <= jobspec.NAME_MAX
+                names.add(obj["metadata"]["name"])
+                assert len(obj["metadata"]["labels"]["app.kubernetes.io/instance"]) <= 63
+    assert len(names) == 2 * sum(len(o) for o in build_all(config(DEMO), long_a).values())
+
+
+def test_rbac_is_least_privilege():
+    role = kind(build_rbac(KubernetesConfig()), "Role")[0]
+    assert role["rules"] == [dict(r) for r in RBAC_RULES]
+    for rule in role["rules"]:
+        assert "*" not in str(rule)
+        assert not {"update", "patch", "deletecollection", "escalate", "bind"} & set(rule["verbs"])
+    created = {o["kind"] for o in every_object(config(GPU, "kubernetes.distributed.nodes=2",
+                                                      "kubernetes.resources.train.gpus=2"))}
+    created |= {o["kind"] for o in build_vllm_service(config(GPU), RUN)}
+    resource = {"Job": "jobs", "ConfigMap": "configmaps", "Service": "services",
+                "Deployment": "deployments", "NetworkPolicy": "networkpolicies"}
+    for kind_name in created:
+        rule = [r for r in role["rules"] if resource[kind_name] in r["resources"]]
+        assert rule and "create" in rule[0]["verbs"] and "delete" in rule[0]["verbs"], kind_name

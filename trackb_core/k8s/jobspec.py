@@ -1,0 +1,741 @@
+"""The one Job-spec builder: ``(stage, config, run_id) -> [plain dict, ...]``.
+
+The launcher, ``trackb render`` and the checked-in ``k8s/rendered/`` all come from
+here. It is pure: no ``kubernetes`` import, no network, no clock, so every field is
+unit-tested and the rendered files are byte-for-byte reproducible.
+
+Each stage is a ConfigMap (the stage's config, exactly as
+:func:`trackb_core.pipeline.plan` wires it, as YAML) and a Job running
+``python -m jobs.<stage> --config /etc/trackb/config.yaml --out <store>/runs/<id>/<stage>``.
+Eval stages add a NetworkPolicy (they execute model-written code); multi-node training
+adds a headless Service. The one change to plan()'s configs: with a vLLM server that
+the builder creates, generate's ``base_url`` points at that server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+from trackb_core import __version__
+from trackb_core.config import StageConfig
+from trackb_core.errors import ConfigError
+from trackb_core.k8s.settings import KubernetesConfig, Resources
+from trackb_core.pipeline import RUN_ID, TINY, PipelineConfig, plan
+from trackb_core.store import open_store
+
+STAGES = ("extract", "generate", "build-dataset", "tiny-model", "train", "eval-baseline",
+          "eval-post", "compare")
+JOB_MODULES = {"extract": "extract", "generate": "generate", "build-dataset": "build_dataset",
+               "tiny-model": "tiny_model", "train": "train", "eval-baseline": "eval",
+               "eval-post": "eval", "compare": "compare"}
+# Stages whose config fields are given as arguments (click positionals), in order.
+POSITIONAL = {"compare": ("baseline", "post")}
+MAIN_CONTAINER = "stage"  # the container whose exit code and logs are the stage's
+VLLM_CONTAINER = "vllm"
+WAIT_CONTAINER = "wait-for-teacher"
+LAUNCHER = "launcher"
+CONFIG_DIR = "/etc/trackb"
+CONFIG_FILE = "config.yaml"
+CACHE_DIR = "/cache"
+NAME_MAX = 52  # Job names: pods append "-<index>-<5 chars>"; hostnames stay under 63.
+
+# Waits in the generate pod until the teacher lists its models; exit 75 (EX_TEMPFAIL)
+# is retryable, so the Job's backoffLimit decides what happens next.
+WAIT_SCRIPT = """\
+import os, sys, time, urllib.request
+url = os.environ["TEACHER_MODELS_URL"]
+deadline = time.monotonic() + int(os.environ["TEACHER_WAIT_SECONDS"])
+while True:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            if response.status == 200 and b'"data"' in response.read():
+                print(f"teacher ready: {url}", flush=True)
+                sys.exit(0)
+            error = f"HTTP {response.status}"
+    except Exception as exc:
+        error = str(exc)
+    if time.monotonic() > deadline:
+        print(f"teacher not ready at {url}: {error}", file=sys.stderr)
+        sys.exit(75)
+    time.sleep(5)
+"""
+
+
+# -- names, labels, profile ---------------------------------------------------------------
+def object_name(run_id: str, part: str) -> str:
+    """``trackb-<run_id>-<part>``, shortened with a hash to at most NAME_MAX characters."""
+    name = f"trackb-{run_id}-{part}"
+    if len(name) <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    head = name[: NAME_MAX - len(part) - 8].rstrip("-")
+    return f"{head}-{digest}-{part}"
+
+
+def labels(run_id: str, stage: str) -> dict[str, str]:
+    """Recommended labels plus trackb/run-id and trackb/stage."""
+    return {
+        "app.kubernetes.io/name": "trackb",
+        "app.kubernetes.io/instance": f"trackb-{run_id}"[:63].rstrip("-"),
+        "app.kubernetes.io/component": stage,
+        "app.kubernetes.io/part-of": "trackb",
+        "app.kubernetes.io/version": __version__,
+        "app.kubernetes.io/managed-by": "trackb",
+        "trackb/run-id": run_id,
+        "trackb/stage": stage,
+    }
+
+
+def selector(run_id: str, stage: str) -> dict[str, str]:
+    """The labels that pick out one stage's pods."""
+    return {"trackb/run-id": run_id, "trackb/stage": stage}
+
+
+def uses_gpu(config: PipelineConfig) -> bool:
+    """Whether the GPU profile applies (accelerator, or auto: not the tiny model)."""
+    mode = config.kubernetes.accelerator
+    return mode == "gpu" or (mode == "auto" and config.model != TINY)
+
+
+def cluster_store_uri(config: PipelineConfig) -> str:
+    """The store the pods use: the pipeline's ``store`` if s3://, else kubernetes.s3.store."""
+    store = str(config.store)
+    return store.rstrip("/") if store.startswith("s3://") else config.kubernetes.s3.store
+
+
+def run_uri(config: PipelineConfig, run_id: str) -> str:
+    """``<cluster store>/runs/<run_id>``."""
+    return open_store(cluster_store_uri(config)).child(f"runs/{run_id}").uri
+
+
+def serves_vllm(config: PipelineConfig) -> bool:
+    """Whether generate needs a vLLM server that trackb creates.
+
+    Raises ConfigError for an openai teacher in the CPU profile with a server to create.
+    """
+    if config.generate.teacher != "openai" or config.kubernetes.vllm.serve == "external":
+        return False
+    if not uses_gpu(config):
+        raise ConfigError("the CPU profile cannot run vLLM: set kubernetes.vllm.serve=external "
+                          "(generate.base_url names the server), kubernetes.accelerator=gpu, "
+                          "or generate.teacher=reference")
+    return True
+
+
+def teacher_url(config: PipelineConfig, run_id: str) -> str:
+    """The base URL the generate client calls."""
+    k8s = config.kubernetes
+    if not serves_vllm(config):
+        return config.generate.base_url
+    if k8s.vllm.serve == "sidecar":
+        # 127.0.0.1, not localhost: vLLM listens on IPv4 and localhost may resolve to ::1.
+        return f"http://127.0.0.1:{k8s.vllm.port}/v1"
+    service = object_name(run_id, "vllm")
+    return f"http://{service}.{k8s.namespace}.svc:{k8s.vllm.port}/v1"
+
+
+def _check_run_id(run_id: str) -> None:
+    if not RUN_ID.match(run_id or ""):
+        raise ConfigError(f"run id {run_id!r} must be 1-63 lowercase letters, digits or '-', "
+                          "starting and ending with a letter or digit")
+
+
+def stage_configs(config: PipelineConfig, run_id: str) -> dict[str, StageConfig]:
+    """Every stage's config as plan() wires it on the cluster store, in run order.
+
+    Raises ConfigError for an invalid run id or a section that sets a wired field.
+    """
+    _check_run_id(run_id)
+    run = open_store(cluster_store_uri(config)).child(f"runs/{run_id}")
+    configs = {folder: stage_config for folder, _module, stage_config in plan(config, run)}
+    if config.generate.teacher == "openai":
+        configs["generate"] = configs["generate"].model_copy(
+            update={"base_url": teacher_url(config, run_id)})
+    return configs
+
+
+def stage_uri(config: PipelineConfig, run_id: str, stage: str) -> str:
+    """Output URI of ``stage`` in the run."""
+    return f"{run_uri(config, run_id)}/{stage}"
+
+
+def dependencies(config: PipelineConfig, run_id: str) -> dict[str, list[str]]:
+    """For each stage, the stages whose outputs it reads (from plan()'s wiring)."""
+    configs = stage_configs(config, run_id)
+    outputs = {stage_uri(config, run_id, stage): stage for stage in configs}
+    found: dict[str, list[str]] = {}
+    for stage, stage_config in configs.items():
+        values = [str(v) for v in stage_config.model_dump().values() if isinstance(v, str)]
+        found[stage] = sorted({outputs[v] for v in values if v in outputs},
+                              key=list(configs).index)
+    return found
+
+
+# -- pieces -------------------------------------------------------------------------------
+def _resources(res: Resources, gpu: bool) -> dict[str, Any]:
+    requests = {"cpu": res.cpu_request, "memory": res.memory_request,
+                "ephemeral-storage": res.ephemeral_storage}
+    limits: dict[str, Any] = {"cpu": res.cpu_limit, "memory": res.memory_limit}
+    if gpu and res.gpus:
+        # Extended resources: requests must equal limits.
+        requests["nvidia.com/gpu"] = res.gpus
+        limits["nvidia.com/gpu"] = res.gpus
+    return {"requests": requests, "limits": limits}
+
+
+def _container_security(k8s: KubernetesConfig) -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": k8s.security.read_only_root_filesystem,
+        "runAsNonRoot": True,
+        "runAsUser": k8s.security.run_as_user,
+        "runAsGroup": k8s.security.run_as_group,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_security(k8s: KubernetesConfig) -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": k8s.security.run_as_user,
+        "runAsGroup": k8s.security.run_as_group,
+        "fsGroup": k8s.security.fs_group,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _s3_env(k8s: KubernetesConfig) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    if k8s.s3.endpoint_url:
+        env.append({"name": "TRACKB_S3_ENDPOINT_URL", "value": k8s.s3.endpoint_url})
+    env.append({"name": "AWS_DEFAULT_REGION", "value": k8s.s3.region})
+    if k8s.s3.credentials_secret:
+        # Only ever through secretKeyRef: no credential is written into a manifest.
+        for name, key in (("AWS_ACCESS_KEY_ID", k8s.s3.access_key_id_key),
+                          ("AWS_SECRET_ACCESS_KEY", k8s.s3.secret_access_key_key)):
+            env.append({"name": name, "valueFrom": {"secretKeyRef": {
+                "name": k8s.s3.credentials_secret, "key": key}}})
+    return env
+
+
+def _hf_env(k8s: KubernetesConfig) -> list[dict[str, Any]]:
+    hf = k8s.huggingface
+    if not hf.token_secret:
+        return []
+    ref: dict[str, Any] = {"name": hf.token_secret, "key": hf.token_key}
+    if hf.token_optional:
+        ref["optional"] = True
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}}]
+
+
+def _cache_env() -> list[dict[str, Any]]:
+    # The root filesystem is read-only: every tool's cache goes to /tmp or /cache.
+    return [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": f"{CACHE_DIR}/xdg"},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "TRACKB_CACHE", "value": f"{CACHE_DIR}/trackb"},
+        {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+    ]
+
+
+def _base_mounts(with_config: bool) -> list[dict[str, Any]]:
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": CACHE_DIR}]
+    if with_config:
+        mounts.append({"name": "config", "mountPath": CONFIG_DIR, "readOnly": True})
+    return mounts
+
+
+def _volumes(k8s: KubernetesConfig, tmp_size: str, config_map: str | None,
+             shm: str | None) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": tmp_size}}]
+    if k8s.cache.pvc:
+        volumes.append({"name": "cache", "persistentVolumeClaim": {"claimName": k8s.cache.pvc}})
+    else:
+        volumes.append({"name": "cache", "emptyDir": {"sizeLimit": k8s.cache.size_limit}})
+    if config_map:
+        volumes.append({"name": "config", "configMap": {"name": config_map}})
+    if shm:
+        # /dev/shm is 64 MB in a pod by default: too small for NCCL, vLLM and DataLoaders.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
+    return volumes
+
+
+def _metadata(k8s: KubernetesConfig, name: str, run_id: str, stage: str) -> dict[str, Any]:
+    return {"name": name, "namespace": k8s.namespace, "labels": labels(run_id, stage)}
+
+
+def _config_map(k8s: KubernetesConfig, name: str, run_id: str, stage: str, key: str,
+                text: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _metadata(k8s, name, run_id, stage), "data": {key: text}}
+
+
+def _dump_config(stage_config: StageConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(stage_config.model_dump(mode="json"), sort_keys=False)
+
+
+def _pod_failure_policy(k8s: KubernetesConfig) -> dict[str, Any]:
+    return {"rules": [
+        # trackb's permanent errors (bad config or input): retrying cannot help.
+        {"action": "FailJob", "onExitCodes": {"containerName": MAIN_CONTAINER,
+                                              "operator": "In",
+                                              "values": list(k8s.job.permanent_exit_codes)}},
+        # Eviction, preemption, node drain: not the stage's fault, not a retry spent.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
+                                                  "status": "True"}]},
+    ]}
+
+
+def _deadline(k8s: KubernetesConfig, stage: str) -> int:
+    key = {"eval-baseline": "eval", "eval-post": "eval"}.get(stage, stage.replace("-", "_"))
+    return int(getattr(k8s.job.deadlines, key))
+
+
+def _resources_for(k8s: KubernetesConfig, stage: str) -> Resources:
+    key = {"eval-baseline": "eval", "eval-post": "eval"}.get(stage, stage.replace("-", "_"))
+    return getattr(k8s.resources, key)
+
+
+def _pod_spec(k8s: KubernetesConfig, *, containers: list[dict[str, Any]],
+              volumes: list[dict[str, Any]], gpu: bool, restart: str = "Never",
+              init_containers: list[dict[str, Any]] | None = None,
+              service_account: str | None = None, mount_token: bool = False,
+              subdomain: str | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"restartPolicy": restart}
+    account = service_account if service_account is not None else k8s.job_service_account
+    if account:
+        spec["serviceAccountName"] = account
+    # Stage pods never talk to the Kubernetes API: no token to steal from them.
+    spec["automountServiceAccountToken"] = mount_token
+    spec["enableServiceLinks"] = False
+    if subdomain:
+        spec["subdomain"] = subdomain
+    spec["securityContext"] = _pod_security(k8s)
+    selector_ = k8s.scheduling.node_selector if gpu else k8s.scheduling.cpu_node_selector
+    if selector_:
+        spec["nodeSelector"] = dict(selector_)
+    if gpu and k8s.scheduling.tolerations:
+        spec["tolerations"] = [dict(t) for t in k8s.scheduling.tolerations]
+    if k8s.scheduling.priority_class_name:
+        spec["priorityClassName"] = k8s.scheduling.priority_class_name
+    if k8s.images.pull_secrets:
+        spec["imagePullSecrets"] = [{"name": s} for s in k8s.images.pull_secrets]
+    if init_containers:
+        spec["initContainers"] = init_containers
+    spec["containers"] = containers
+    spec["volumes"] = volumes
+    return spec
+
+
+def _job(k8s: KubernetesConfig, name: str, run_id: str, stage: str, pod: dict[str, Any],
+         deadline: int, *, indexed: int = 0) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if indexed:
+        spec.update({"completionMode": "Indexed", "completions": indexed,
+                     "parallelism": indexed})
+    spec.update({
+        "backoffLimit": k8s.job.backoff_limit,
+        "activeDeadlineSeconds": deadline,
+        "ttlSecondsAfterFinished": k8s.job.ttl_seconds_after_finished,
+        "podFailurePolicy": _pod_failure_policy(k8s),
+        "template": {"metadata": {"labels": labels(run_id, stage)}, "spec": pod},
+    })
+    metadata = _metadata(k8s, name, run_id, stage)
+    skips = _checkov_skips(k8s, pod)
+    if skips:
+        metadata["annotations"] = skips
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
+
+
+def _vllm_container(k8s: KubernetesConfig, *, sidecar: bool) -> dict[str, Any]:
+    vllm = k8s.vllm
+    port = vllm.port
+    container: dict[str, Any] = {
+        "name": VLLM_CONTAINER,
+        "image": k8s.images.ref(k8s.images.vllm),
+        "imagePullPolicy": k8s.images.pull_policy,
+    }
+    if sidecar:
+        # A native sidecar: lives exactly as long as the client; the Job completes
+        # when the client exits (Kubernetes >= 1.29).
+        container["restartPolicy"] = "Always"
+    if vllm.extra_args:
+        container["args"] = list(vllm.extra_args)  # appended to `vllm serve` by the image
+    container.update({
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        # The image's entrypoint (images/vllm/entrypoint.sh) builds `vllm serve` from
+        # these and checks them, exiting 64 (permanent) on a bad value.
+        "env": [{"name": "TRACKB_VLLM_MODEL", "value": vllm.model},
+                {"name": "TRACKB_VLLM_DTYPE", "value": vllm.dtype},
+                {"name": "TRACKB_VLLM_MAX_MODEL_LEN", "value": str(vllm.max_model_len)},
+                {"name": "TRACKB_VLLM_GPU_MEMORY_UTILIZATION",
+                 "value": str(vllm.gpu_memory_utilization)},
+                {"name": "TRACKB_VLLM_TENSOR_PARALLEL_SIZE",
+                 "value": str(vllm.tensor_parallel_size)},
+                {"name": "TRACKB_VLLM_HOST", "value": "0.0.0.0"},
+                {"name": "TRACKB_VLLM_LISTEN_PORT", "value": str(port)},
+                *_hf_env(k8s), *_cache_env(),
+                {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_DIR}/vllm"},
+                {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+                {"name": "DO_NOT_TRACK", "value": "1"}],
+        "resources": _resources(k8s.resources.vllm, gpu=True),
+        # /health answers before the model is loaded: gate on /v1/models instead, with a
+        # startup budget long enough for the download (no liveness kill mid-download).
+        "startupProbe": {"httpGet": {"path": "/v1/models", "port": port},
+                         "periodSeconds": 10, "timeoutSeconds": 5,
+                         "failureThreshold": max(1, math.ceil(vllm.startup_seconds / 10))},
+        "readinessProbe": {"httpGet": {"path": "/v1/models", "port": port},
+                           "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": port},
+                          "periodSeconds": 30, "timeoutSeconds": 10, "failureThreshold": 5},
+        "securityContext": _container_security(k8s),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [*_base_mounts(False)] + (
+            [{"name": "dshm", "mountPath": "/dev/shm"}] if k8s.resources.vllm.shm_size else []),
+    })
+    return container
+
+
+def _wait_container(k8s: KubernetesConfig, url: str) -> dict[str, Any]:
+    return {
+        "name": WAIT_CONTAINER,
+        "image": k8s.images.ref(k8s.images.cpu),
+        "imagePullPolicy": k8s.images.pull_policy,
+        "command": ["python", "-c", WAIT_SCRIPT],
+        "env": [{"name": "TEACHER_MODELS_URL", "value": url.rstrip("/") + "/models"},
+                {"name": "TEACHER_WAIT_SECONDS", "value": str(k8s.vllm.startup_seconds)}],
+        "resources": _resources(k8s.resources.generate, gpu=False),
+        "securityContext": _container_security(k8s),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _check_eval_network(config: PipelineConfig) -> None:
+    net = config.kubernetes.network
+    if not (net.store_namespace or net.store_cidrs):
+        raise ConfigError("kubernetes.network: set store_namespace or store_cidrs, or "
+                          "eval pods cannot reach the object store")
+    hub_model = (config.model != TINY and "://" not in config.model
+                 and not config.model.startswith("/"))
+    if hub_model and not config.kubernetes.cache.pvc:
+        raise ConfigError(f"eval pods may reach only the object store, so model "
+                          f"{config.model!r} cannot come from the hub: put it in the store "
+                          "(model: s3://...) or set kubernetes.cache.pvc to a warmed cache")
+
+
+def _network_policy(k8s: KubernetesConfig, run_id: str, stage: str, *, locked_egress: bool,
+                    ingress: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Ingress: only ``ingress`` rules (none: refuse all). Egress: DNS and the object
+    store when ``locked_egress``, else anything (extract needs PyPI, train the hub)."""
+    net = k8s.network
+    egress: list[dict[str, Any]] = [{}]
+    if locked_egress:
+        dns = {"to": [{"namespaceSelector": {"matchLabels": {
+                           "kubernetes.io/metadata.name": net.dns_namespace}},
+                       "podSelector": {"matchLabels": dict(net.dns_pod_labels)}}],
+               "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+        peers: list[dict[str, Any]] = []
+        if net.store_namespace:
+            peers.append({"namespaceSelector": {"matchLabels": {
+                              "kubernetes.io/metadata.name": net.store_namespace}},
+                          "podSelector": {"matchLabels": dict(net.store_pod_labels)}})
+        peers += [{"ipBlock": {"cidr": cidr}} for cidr in net.store_cidrs]
+        egress = [dns, {"to": peers,
+                        "ports": [{"protocol": "TCP", "port": p} for p in net.store_ports]}]
+    spec: dict[str, Any] = {"podSelector": {"matchLabels": selector(run_id, stage)},
+                            "policyTypes": ["Ingress", "Egress"]}
+    if ingress:
+        spec["ingress"] = ingress
+    spec["egress"] = egress
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _metadata(k8s, object_name(run_id, f"{stage}-net"), run_id, stage),
+            "spec": spec}
+
+
+# checkov findings that follow from a setting, each with the reason it is accepted.
+# They are added only when the setting is in effect.
+def _checkov_skips(k8s: KubernetesConfig, pod: dict[str, Any]) -> dict[str, str]:
+    containers = [*pod.get("initContainers", []), *pod["containers"]]
+    reasons = []
+    if any("@sha256:" not in c["image"] for c in containers):
+        reasons.append("CKV_K8S_43=images are pinned by release tag from make images; set "
+                       "kubernetes.images.* to name@sha256:... to pin digests")
+    if k8s.images.pull_policy != "Always":
+        reasons.append("CKV_K8S_15=release tags are immutable; IfNotPresent also runs "
+                       "images loaded into kind nodes (kubernetes.images.pull_policy)")
+    if any("secretKeyRef" in str(c.get("env", "")) for c in containers):
+        reasons.append("CKV_K8S_35=boto3 and huggingface_hub read credentials from the "
+                       "environment; they come only from secretKeyRef, never the manifest")
+    if pod.get("automountServiceAccountToken"):
+        reasons.append("CKV_K8S_38=the launcher creates and watches the run's Jobs through "
+                       "the API, with the least-privilege Role of k8s/rbac.yaml")
+    return {f"checkov.io/skip{i}": reason for i, reason in enumerate(reasons, 1)}
+
+
+def _stage_command(stage: str, stage_config: StageConfig, out: str, *, gpus: int,
+                   nodes: int, master: str, port: int) -> tuple[list[str], list[str]]:
+    module = f"jobs.{JOB_MODULES[stage]}"
+    args = ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--out", out]
+    args += [str(getattr(stage_config, name)) for name in POSITIONAL.get(stage, ())]
+    if stage == "train" and nodes > 1:
+        return (["torchrun"], [f"--nnodes={nodes}", f"--nproc-per-node={gpus}",
+                               "--node-rank=$(NODE_RANK)", f"--master-addr={master}",
+                               f"--master-port={port}", "-m", module, *args])
+    if stage == "train" and gpus > 1:
+        return (["torchrun"], ["--standalone", f"--nproc-per-node={gpus}", "-m", module, *args])
+    return (["python", "-m", module], args)
+
+
+# -- the builders -------------------------------------------------------------------------
+def stage_names(config: PipelineConfig) -> list[str]:
+    """The stages of ``config`` in run order (tiny-model only for model 'tiny')."""
+    return [s for s in STAGES if s != "tiny-model" or config.model == TINY]
+
+
+def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[str, Any]]:
+    """Every object one stage needs, in creation order: ConfigMap, [headless Service,]
+    [NetworkPolicy,] Job.
+
+    Raises ConfigError for an unknown stage (or tiny-model without model 'tiny'), an
+    invalid run id, or settings that cannot work on a cluster.
+    """
+    if stage not in stage_names(config):
+        raise ConfigError(f"unknown stage {stage!r} for this config; stages: "
+                          f"{', '.join(stage_names(config))}")
+    k8s = config.kubernetes
+    stage_config = stage_configs(config, run_id)[stage]
+    gpu_profile = uses_gpu(config)
+    on_gpu = gpu_profile and stage in ("train", "eval-baseline", "eval-post")
+    res = _resources_for(k8s, stage)
+    gpus = res.gpus if on_gpu else 0
+    nodes = k8s.distributed.nodes if (stage == "train" and on_gpu) else 1
+    name = object_name(run_id, stage)
+    cm_name = object_name(run_id, f"{stage}-config")
+    objects: list[dict[str, Any]] = [
+        _config_map(k8s, cm_name, run_id, stage, CONFIG_FILE, _dump_config(stage_config))]
+
+    headless = object_name(run_id, f"{stage}-nodes") if nodes > 1 else None
+    command, args = _stage_command(
+        stage, stage_config, stage_uri(config, run_id, stage), gpus=gpus, nodes=nodes,
+        master=f"{name}-0.{headless}", port=k8s.distributed.master_port)
+
+    env = [*_s3_env(k8s), *_cache_env()]
+    if on_gpu or stage == "tiny-model":
+        env += _hf_env(k8s)
+    locked = stage.startswith("eval") and k8s.network.enabled
+    if locked:
+        _check_eval_network(config)
+        # Egress is locked to the object store: never try the hub.
+        env += [{"name": "HF_HUB_OFFLINE", "value": "1"}]
+    if nodes > 1:
+        env.append({"name": "NODE_RANK", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})
+    shm = res.shm_size if on_gpu else None
+    mounts = _base_mounts(True) + ([{"name": "dshm", "mountPath": "/dev/shm"}] if shm else [])
+    main = {
+        "name": MAIN_CONTAINER,
+        "image": k8s.images.ref(k8s.images.trainer if on_gpu else k8s.images.cpu),
+        "imagePullPolicy": k8s.images.pull_policy,
+        "command": command,
+        "args": args,
+        "env": env,
+        "resources": _resources(res, gpu=on_gpu),
+        "securityContext": _container_security(k8s),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": mounts,
+    }
+    if nodes > 1:
+        main["ports"] = [{"name": "rendezvous", "containerPort": k8s.distributed.master_port,
+                          "protocol": "TCP"}]
+
+    init: list[dict[str, Any]] = []
+    pod_gpu = on_gpu
+    if stage == "generate" and config.generate.teacher == "openai":
+        url = teacher_url(config, run_id)
+        if serves_vllm(config) and k8s.vllm.serve == "sidecar":
+            init.append(_vllm_container(k8s, sidecar=True))
+            pod_gpu = True
+            shm = k8s.resources.vllm.shm_size
+        init.append(_wait_container(k8s, url))
+    volumes = _volumes(k8s, res.ephemeral_storage, cm_name, shm)
+
+    if headless:
+        objects.append({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(k8s, headless, run_id, stage),
+            "spec": {"clusterIP": "None", "selector": selector(run_id, stage),
+                     # Ranks must resolve each other before any of them is Ready.
+                     "publishNotReadyAddresses": True,
+                     "ports": [{"name": "rendezvous", "port": k8s.distributed.master_port,
+                                "targetPort": k8s.distributed.master_port,
+                                "protocol": "TCP"}]},
+        })
+    if k8s.network.enabled:
+        # Ranks of a multi-node training talk to each other (NCCL picks its ports).
+        peers = ([{"from": [{"podSelector": {"matchLabels": selector(run_id, stage)}}]}]
+                 if headless else None)
+        objects.append(_network_policy(k8s, run_id, stage, locked_egress=locked,
+                                       ingress=peers))
+    pod = _pod_spec(k8s, containers=[main], volumes=volumes, gpu=pod_gpu,
+                    init_containers=init, subdomain=headless)
+    objects.append(_job(k8s, name, run_id, stage, pod, _deadline(k8s, stage), indexed=nodes
+                        if nodes > 1 else 0))
+    return objects
+
+
+def build_vllm_service(config: PipelineConfig, run_id: str) -> list[dict[str, Any]]:
+    """The fallback teacher server: a Deployment and its Service (vllm.serve=deployment).
+
+    The launcher creates them before generate, waits until ready, and always deletes
+    them afterwards. Raises ConfigError for an invalid run id or the CPU profile.
+    """
+    _check_run_id(run_id)
+    if not uses_gpu(config):
+        raise ConfigError("the vLLM server needs the GPU profile (kubernetes.accelerator)")
+    k8s = config.kubernetes
+    name = object_name(run_id, "vllm")
+    stage = "vllm"
+    pod = _pod_spec(k8s, containers=[_vllm_container(k8s, sidecar=False)],
+                    volumes=_volumes(k8s, k8s.resources.vllm.ephemeral_storage, None,
+                                     k8s.resources.vllm.shm_size),
+                    gpu=True, restart="Always")
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _metadata(k8s, name, run_id, stage),
+        "spec": {
+            "replicas": 1,
+            # One GPU server at a time: never two pods holding GPUs during a rollout.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector(run_id, stage)},
+            "template": {"metadata": {"labels": labels(run_id, stage)}, "spec": pod},
+        },
+    }
+    skips = _checkov_skips(k8s, pod)
+    if skips:
+        deployment["metadata"]["annotations"] = skips
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _metadata(k8s, name, run_id, stage),
+        "spec": {"type": "ClusterIP", "selector": selector(run_id, stage),
+                 "ports": [{"name": "http", "port": k8s.vllm.port, "targetPort": "http",
+                            "protocol": "TCP"}]},
+    }
+    objects = [deployment, service]
+    if k8s.network.enabled:
+        # Only the run's generate pod may call the server.
+        objects.append(_network_policy(k8s, run_id, stage, locked_egress=False, ingress=[
+            {"from": [{"podSelector": {"matchLabels": selector(run_id, "generate")}}],
+             "ports": [{"protocol": "TCP", "port": k8s.vllm.port}]}]))
+    return objects
+
+
+def build_launcher_job(config: PipelineConfig, run_id: str) -> list[dict[str, Any]]:
+    """The in-cluster ``run-all --backend k8s``: a ConfigMap with the pipeline and a Job.
+
+    Raises ConfigError for an invalid run id.
+    """
+    import yaml
+
+    _check_run_id(run_id)
+    k8s = config.kubernetes
+    name = object_name(run_id, LAUNCHER)
+    cm_name = object_name(run_id, f"{LAUNCHER}-config")
+    pipeline = config.model_copy(update={"run_id": run_id, "store": cluster_store_uri(config)})
+    # Only what differs from the defaults: short to review, and it reloads to the same
+    # config (the launcher image carries the same trackb, hence the same defaults).
+    text = yaml.safe_dump(pipeline.model_dump(mode="json", exclude_defaults=True),
+                          sort_keys=False)
+    res = k8s.resources.launcher
+    main = {
+        "name": MAIN_CONTAINER,
+        "image": k8s.images.ref(k8s.images.cpu),
+        "imagePullPolicy": k8s.images.pull_policy,
+        "command": ["python", "-m", "jobs.run_all"],
+        "args": ["--config", f"{CONFIG_DIR}/pipeline.yaml", "--run-id", run_id,
+                 "--backend", "k8s"],
+        "env": [*_s3_env(k8s), *_cache_env()],
+        "resources": _resources(res, gpu=False),
+        "securityContext": _container_security(k8s),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": _base_mounts(True),
+    }
+    # The launcher is the one pod that talks to the API: it gets the Role's token.
+    pod = _pod_spec(k8s, containers=[main], gpu=False,
+                    volumes=_volumes(k8s, res.ephemeral_storage, cm_name, None),
+                    service_account=k8s.service_account, mount_token=True)
+    objects = [_config_map(k8s, cm_name, run_id, LAUNCHER, "pipeline.yaml", text)]
+    if k8s.network.enabled:
+        objects.append(_network_policy(k8s, run_id, LAUNCHER, locked_egress=False))
+    return [*objects, _job(k8s, name, run_id, LAUNCHER, pod, k8s.job.deadlines.launcher)]
+
+
+def build_all(config: PipelineConfig, run_id: str) -> dict[str, list[dict[str, Any]]]:
+    """Every object of a run, by file stem: each stage, the launcher and (deployment
+    mode) the vLLM server. Raises ConfigError like :func:`build_stage`."""
+    files = {stage: build_stage(stage, config, run_id) for stage in stage_names(config)}
+    files[LAUNCHER] = build_launcher_job(config, run_id)
+    if serves_vllm(config) and config.kubernetes.vllm.serve == "deployment":
+        files["vllm-server"] = build_vllm_service(config, run_id)
+    return files
+
+
+# -- the namespace and the launcher's RBAC (k8s/namespace.yaml, k8s/rbac.yaml, the chart) --
+# Exactly what the launcher calls; no wildcards. Jobs: create in order, watch, stop on
+# Ctrl-C, delete a run. Pods and pods/log: why a pod is stuck, its logs. The rest: the
+# objects build_stage() / build_vllm_service() return, created and cleaned up per run.
+RBAC_RULES: tuple[dict[str, Any], ...] = (
+    {"apiGroups": ["batch"], "resources": ["jobs"],
+     "verbs": ["create", "get", "list", "watch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services"],
+     "verbs": ["create", "get", "list", "delete"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"],
+     "verbs": ["create", "get", "list", "delete"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+     "verbs": ["create", "get", "list", "delete"]},
+)
+
+
+def _static_labels(component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "trackb", "app.kubernetes.io/component": component,
+            "app.kubernetes.io/part-of": "trackb", "app.kubernetes.io/managed-by": "kubectl"}
+
+
+def build_namespace(k8s: KubernetesConfig) -> list[dict[str, Any]]:
+    """The namespace, enforcing the restricted Pod Security Standard every pod meets."""
+    return [{"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": k8s.namespace,
+        "labels": {**_static_labels("namespace"),
+                   "pod-security.kubernetes.io/enforce": "restricted",
+                   "pod-security.kubernetes.io/warn": "restricted"}}}]
+
+
+def build_rbac(k8s: KubernetesConfig) -> list[dict[str, Any]]:
+    """ServiceAccount, Role (:data:`RBAC_RULES`) and RoleBinding of the launcher."""
+    meta = {"name": k8s.service_account, "namespace": k8s.namespace,
+            "labels": _static_labels(LAUNCHER)}
+    return [
+        # The token is mounted only into the launcher pod, which asks for it.
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta),
+         "automountServiceAccountToken": False},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta),
+         "rules": [dict(rule) for rule in RBAC_RULES]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": dict(meta),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                     "name": k8s.service_account},
+         "subjects": [{"kind": "ServiceAccount", "name": k8s.service_account,
+                       "namespace": k8s.namespace}]},
+    ]
