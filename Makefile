@@ -88,3 +88,17 @@ render: install ## Write k8s/rendered/ from the one Job-spec builder (demo + clu
 
 checkov: ## Policy scan of k8s/ (checkov in its own venv under .cache/checkov-venv)
 	k8s/checkov.sh
+
+# ---- Kubernetes -----------------------------------------------------------------------
+CLUSTER_CONFIG ?= jobs/configs/cluster-gpu.yaml
+.PHONY: launch-all e2e
+
+launch-all: install ## Run the pipeline as Kubernetes Jobs on the kubeconfig's cluster (resumable by RUN_ID)
+	$(TRACKB) run-all --config $(CLUSTER_CONFIG) --backend k8s --run-id $(RUN_ID)
+
+e2e: install ## CPU profile (cpu image, tiny model, reference teacher) on a real cluster if KUBECONFIG is set
+	@if [ -z "$$KUBECONFIG" ]; then \
+		echo "e2e: skipped: KUBECONFIG is not set (e.g. kind create cluster --config k8s/kind-config.yaml)"; \
+	else \
+		$(TRACKB) run-all --config jobs/configs/demo.yaml --backend k8s --run-id e2e; \
+	fi
