@@ -141,6 +141,14 @@ def main() -> None:
       compare        two eval.json -> report.md, compare.json, report.png
       tiny-model     corpus -> a tiny pretrained model for CPU runs
       run-all        all of the above under <store>/runs/<run_id>/, skipping finished stages
+                     (--backend local: this machine; --backend k8s: Kubernetes Jobs)
+
+    \b
+    On Kubernetes:
+      render         every object a run creates, as YAML (the launcher's own builder)
+      status         where a run stands: each stage done in the store or not, its Job
+      logs           one stage's logs (from its pods, or the copy kept in the store)
+      delete         remove a run's Kubernetes objects (the store keeps its outputs)
 
     Run `trackb COMMAND --help` for a command's inputs, outputs and defaults.
     """
