@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import json
 
+from trackb_core.k8s.client import RBAC_RULES
+
 from . import CHART, NAMESPACE, find, one, render, render_ci
 
-# What the launcher calls (issue 3): nothing more may be granted.
-EXPECTED = {
-    ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "pods/log"): {"get"},
-    ("", "services"): {"create", "get", "delete"},
-    ("apps", "deployments"): {"create", "get", "delete"},
-    ("networking.k8s.io", "networkpolicies"): {"create", "get", "delete"},
-    ("", "configmaps"): {"create", "get", "delete"},
-}
+# What the launcher calls: nothing more may be granted. The single source: every call the launcher makes (trackb_core/k8s/client.py).
+EXPECTED = {key: set(verbs) for key, verbs in RBAC_RULES.items()}
 
 
 def granted(role: dict) -> dict[tuple[str, str], set[str]]:

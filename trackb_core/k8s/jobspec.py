@@ -691,21 +691,20 @@ def build_all(config: PipelineConfig, run_id: str) -> dict[str, list[dict[str, A
 
 
 # -- the namespace and the launcher's RBAC (k8s/namespace.yaml, k8s/rbac.yaml, the chart) --
-# Exactly what the launcher calls; no wildcards. Jobs: create in order, watch, stop on
-# Ctrl-C, delete a run. Pods and pods/log: why a pod is stuck, its logs. The rest: the
-# objects build_stage() / build_vllm_service() return, created and cleaned up per run.
-RBAC_RULES: tuple[dict[str, Any], ...] = (
-    {"apiGroups": ["batch"], "resources": ["jobs"],
-     "verbs": ["create", "get", "list", "watch", "delete"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
-    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-    {"apiGroups": [""], "resources": ["configmaps", "services"],
-     "verbs": ["create", "get", "list", "delete"]},
-    {"apiGroups": ["apps"], "resources": ["deployments"],
-     "verbs": ["create", "get", "list", "delete"]},
-    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
-     "verbs": ["create", "get", "list", "delete"]},
-)
+def _role_rules() -> tuple[dict[str, Any], ...]:
+    """One rule per (API group, resource) the launcher calls, from client.RBAC_RULES.
+
+    client.py lists every call it makes; deriving the Role from that list keeps the
+    grant exactly what is used (no wildcards). client.py imports the SDK only inside
+    functions, so this import keeps the builder pure.
+    """
+    from trackb_core.k8s.client import RBAC_RULES as CALLS
+
+    return tuple({"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)}
+                 for (group, resource), verbs in sorted(CALLS.items()))
+
+
+RBAC_RULES: tuple[dict[str, Any], ...] = _role_rules()
 
 
 def _static_labels(component: str) -> dict[str, str]:
