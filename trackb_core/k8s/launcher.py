@@ -27,10 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import Field
-
-from trackb_core.config import StageConfig
 from trackb_core.errors import ConfigError, TrackbError
+from trackb_core.k8s.settings import LauncherConfig
 from trackb_core.stage import MANIFEST, cached_manifest, say
 from trackb_core.store import Store, open_store
 
@@ -41,21 +39,6 @@ IMAGE_PULL_WAITING = ("ErrImagePull", "ImagePullBackOff")
 PERMANENT_PULL_MESSAGES = ("not found", "manifest unknown", "unauthorized", "denied",
                            "repository does not exist")
 K8S_FOLDER = "_k8s"
-
-
-class LauncherConfig(StageConfig):
-    """How long the launcher waits for a stuck pod before it fails the run."""
-
-    poll_seconds: float = Field(2.0, gt=0, description="Longest wait for a Job event before "
-                                "the pods of running stages are inspected again.")
-    image_pull_seconds: float = Field(300.0, ge=0, description="Budget for a pod in "
-                                      "ErrImagePull / ImagePullBackOff (a slow or flaky "
-                                      "registry) before the stage fails.")
-    unschedulable_seconds: float = Field(900.0, ge=0, description="Budget for an "
-                                         "Unschedulable pod (room for a cluster autoscaler "
-                                         "to add a GPU node) before the stage fails.")
-    replace_seconds: float = Field(120.0, gt=0, description="Wait for a leftover object of "
-                                   "an earlier attempt to be deleted before recreating it.")
 
 
 class StageFailed(TrackbError):
@@ -111,7 +94,7 @@ def run_on_kubernetes(config, run_id: str, api=None,
     client = api or connect()
     store = open_store(jobspec.run_uri(config, run_id))
     store.check_writable()
-    run = _Run(config, run_id, client, budgets or LauncherConfig(), store,
+    run = _Run(config, run_id, client, budgets or config.kubernetes.budgets, store,
                config.kubernetes.namespace)
     configs = jobspec.stage_configs(config, run_id)
     needs = jobspec.dependencies(config, run_id)

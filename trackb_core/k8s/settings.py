@@ -323,6 +323,21 @@ class NetworkConfig(StageConfig):
     _n = field_validator("store_namespace", "dns_namespace")(_check_name)
 
 
+class LauncherConfig(StageConfig):
+    """How long the k8s launcher waits on a stuck pod before it fails the run."""
+
+    poll_seconds: float = Field(2.0, gt=0, description="Longest wait for a Job event before "
+                                "the pods of running stages are inspected again.")
+    image_pull_seconds: float = Field(300.0, ge=0, description="Budget for a pod in "
+                                      "ErrImagePull / ImagePullBackOff (a slow or flaky "
+                                      "registry) before the stage fails.")
+    unschedulable_seconds: float = Field(900.0, ge=0, description="Budget for an "
+                                         "Unschedulable pod (room for a cluster autoscaler "
+                                         "to add a GPU node) before the stage fails.")
+    replace_seconds: float = Field(120.0, gt=0, description="Wait for a leftover object of "
+                                   "an earlier attempt to be deleted before recreating it.")
+
+
 class KubernetesConfig(StageConfig):
     """How trackb's stages run on Kubernetes: images, scheduling, storage, vLLM, policy.
 
@@ -357,6 +372,8 @@ class KubernetesConfig(StageConfig):
                                            description="Multi-GPU and multi-node training.")
     network: NetworkConfig = Field(default_factory=NetworkConfig,
                                    description="NetworkPolicies (eval egress lock-down).")
+    budgets: LauncherConfig = Field(default_factory=LauncherConfig,
+                                    description="The launcher's waits for stuck pods.")
 
     _n = field_validator("namespace", "service_account", "job_service_account")(_check_name)
 
