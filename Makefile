@@ -8,6 +8,8 @@ CONFIG ?= jobs/configs/demo.yaml
 # Nothing may come from a model hub: the demo builds its own tiny model.
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+CHECKOV_VERSION ?= 3.3.30
+CHECKOV := .cache/checkov-venv/bin/checkov
 
 .PHONY: install demo test test-fast lint bench clean help
 
@@ -27,7 +29,7 @@ install: $(VENV)/.installed ## Create .venv with trackb and its pinned dependenc
 demo: install ## Run the whole pipeline on CPU (verl corpus, reference teacher, tiny model)
 	$(TRACKB) run-all --config $(CONFIG) --run-id $(RUN_ID)
 
-test: install ## Run the test suite (unit + integration; CPU only)
+test: install tools $(CHECKOV) ## Run the test suite (unit + integration; CPU only)
 	$(PY) -m pytest
 
 test-fast: install ## Unit tests only (skips integration and slow)
@@ -86,8 +88,13 @@ render: install ## Write k8s/rendered/ from the one Job-spec builder (demo + clu
 	$(TRACKB) render --config jobs/configs/demo.yaml --run-id demo --out k8s/rendered/demo
 	$(TRACKB) render --config jobs/configs/cluster-gpu.yaml --run-id cluster-gpu --out k8s/rendered/cluster-gpu
 
-checkov: ## Policy scan of k8s/ (checkov in its own venv under .cache/checkov-venv)
+checkov: $(CHECKOV) ## Policy scan of k8s/ (checkov in its own venv under .cache/checkov-venv)
 	k8s/checkov.sh
+
+# checkov's pins clash with trackb's, so it gets a venv of its own (the tests use it).
+$(CHECKOV):
+	$(PYTHON) -m venv .cache/checkov-venv
+	.cache/checkov-venv/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
 
 # ---- Kubernetes -----------------------------------------------------------------------
 CLUSTER_CONFIG ?= jobs/configs/cluster-gpu.yaml
