@@ -242,8 +242,8 @@ def test_generate_runs_vllm_as_a_native_sidecar():
     extra = pod(build_stage("generate", config(GPU, "kubernetes.vllm.extra_args=[--max-lora-rank, '64']"),
                             RUN))["initContainers"][0]
     assert extra["args"] == ["--max-lora-rank", "64"]
-    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert vllm["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert vllm["resources"]["requests"]["nvidia.com/gpu"] == "1"
 
 
 def test_vllm_probes_gate_on_models_with_a_long_startup_budget():
@@ -340,7 +340,7 @@ def test_train_and_eval_are_scheduled_on_t4s_from_config(stage):
     assert spec["tolerations"] == cfg.kubernetes.scheduling.tolerations
     main = main_container(objects)
     assert main["image"].endswith("/trackb-trainer:0.1.0")
-    assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
     mounts = {m["mountPath"] for m in main["volumeMounts"]}
     assert "/dev/shm" in mounts
 
@@ -384,7 +384,7 @@ def test_several_gpus_on_one_node_run_torchrun():
     assert main["command"] == ["torchrun"]
     assert main["args"][:3] == ["--standalone", "--nproc-per-node=4", "-m"]
     assert main["args"][3] == "jobs.train"
-    assert main["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == "4"
     one = main_container(build_stage("train", config(GPU), RUN))
     assert one["command"] == ["python", "-m", "jobs.train"]
 

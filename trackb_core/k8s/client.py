@@ -239,6 +239,9 @@ class KubeClient:
             response = method(*args, _preload_content=False, **kwargs)
         except self.ApiException:
             raise
+        except (ValueError, TypeError) as exc:
+            # The SDK checks bodies before sending: a bad manifest, not a network problem.
+            raise ConfigError(f"the Kubernetes client rejected a request: {exc}") from exc
         except Exception as exc:
             raise _unavailable(exc) from exc
         return json.loads(response.data or b"{}")

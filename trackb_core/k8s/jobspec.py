@@ -180,8 +180,8 @@ def _resources(res: Resources, gpu: bool) -> dict[str, Any]:
     limits: dict[str, Any] = {"cpu": res.cpu_limit, "memory": res.memory_limit}
     if gpu and res.gpus:
         # Extended resources: requests must equal limits.
-        requests["nvidia.com/gpu"] = res.gpus
-        limits["nvidia.com/gpu"] = res.gpus
+        requests["nvidia.com/gpu"] = str(res.gpus)
+        limits["nvidia.com/gpu"] = str(res.gpus)
     return {"requests": requests, "limits": limits}
 
 

@@ -121,6 +121,9 @@ def run_on_kubernetes(config, run_id: str, api=None,
                                       "stages that never run; check the stage wiring")
                 continue  # only cached stages this round: their dependents may be ready
             for stage, cause in _wait_for_finish(run):
+                if stage == "generate":
+                    # Deployment mode: the server holds a GPU that train and eval need.
+                    _cleanup_vllm(run)
                 _finish(run, stage, cause)
                 done.add(stage)
     except KeyboardInterrupt:
@@ -152,7 +155,7 @@ def _start(run: _Run, stage: str) -> None:
     job = next(o for o in created if o.get("kind") == "Job")
     run.active[stage] = _Active(stage, job["metadata"]["name"], objects,
                                 uid=job["metadata"].get("uid"))
-    say(stage, f"Job {job} created")
+    say(stage, f"Job {job['metadata']['name']} created")
 
 
 def _create_or_replace(run: _Run, obj: dict[str, Any]) -> dict[str, Any]:
@@ -187,12 +190,33 @@ def _start_vllm(run: _Run) -> None:
     deadline = time.monotonic() + budget
     while True:
         deployment = run.client.get("Deployment", run.namespace, name) or {}
-        if deployment.get("status", {}).get("readyReplicas", 0) >= 1:
+        if ((deployment.get("status") or {}).get("readyReplicas") or 0) >= 1:
             return
         if time.monotonic() > deadline:
-            raise StageFailed(f"generate: the vLLM Deployment {name} was not ready after "
-                              f"{budget}s")
+            raise StageFailed(_one_line(f"generate: the vLLM Deployment {name} was not ready "
+                                        f"after {budget}s: {_vllm_pod_state(run)}"))
         time.sleep(run.budgets.poll_seconds)
+
+
+def _vllm_pod_state(run: _Run) -> str:
+    """Why the server is not ready, as far as its pods tell."""
+    from trackb_core.k8s import jobspec
+
+    pods = run.client.list_pods(run.namespace, jobspec.selector(run.run_id, "vllm"))
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        status = pod.get("status") or {}
+        scheduled = next((c for c in status.get("conditions", [])
+                          if c.get("type") == "PodScheduled"), {})
+        if scheduled.get("status") == "False":
+            return f"pod {name} {scheduled.get('reason', '')}: {scheduled.get('message', '')}"
+        for container in _container_statuses(status):
+            waiting = container.get("state", {}).get("waiting") or {}
+            if waiting:
+                return (f"pod {name} container {container['name']}: "
+                        f"{waiting.get('reason', '')}: {waiting.get('message', '')}")
+        return f"pod {name} is {status.get('phase') or 'Pending'}, not ready (startup probe)"
+    return "no pod was created (check the Deployment's events and quota)"
 
 
 def _cleanup_vllm(run: _Run) -> None:
