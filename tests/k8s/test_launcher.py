@@ -10,11 +10,11 @@ instead of stalling the suite.
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
 import yaml
+from k8s_launch import launch_within
 
 from trackb_core.config import build_config
 from trackb_core.k8s.launcher import LauncherConfig, StageFailed, delete, logs, status
@@ -40,23 +40,8 @@ def pipeline(corpus, bucket: str, run_id: str) -> PipelineConfig:
 
 
 def launch(config, run_id, client, budgets=BUDGETS):
-    """``(report URI or exception, seconds)``; fails the test if the launcher hangs."""
-    from trackb_core.k8s.launcher import run_on_kubernetes
-
-    result: dict = {}
-
-    def target():
-        try:
-            result["value"] = run_on_kubernetes(config, run_id, api=client, budgets=budgets)
-        except BaseException as exc:  # noqa: B036 - handed to the test thread
-            result["value"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    started = time.perf_counter()
-    thread.start()
-    thread.join(LIMIT)
-    assert not thread.is_alive(), f"the launcher hung for more than {LIMIT}s"
-    return result["value"], time.perf_counter() - started
+    """``(report URI or exception, seconds)`` within this file's LIMIT."""
+    return launch_within(LIMIT, config, run_id, client, budgets)
 
 
 def run_store(bucket: str, run_id: str):

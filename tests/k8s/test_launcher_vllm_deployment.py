@@ -13,10 +13,10 @@ there is no vLLM here. Every launch runs in a thread with a hard limit.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
+from k8s_launch import launch_within
 
 from trackb_core.config import build_config
 from trackb_core.k8s import jobspec
@@ -63,23 +63,8 @@ def remaining(client, config, run_id: str) -> list[str]:
 
 
 def launch(config, run_id, client, budgets=BUDGETS):
-    """``(report URI or exception, seconds)``; fails the test if the launcher hangs."""
-    from trackb_core.k8s.launcher import run_on_kubernetes
-
-    result: dict = {}
-
-    def target():
-        try:
-            result["value"] = run_on_kubernetes(config, run_id, api=client, budgets=budgets)
-        except BaseException as exc:  # noqa: B036 - handed to the test thread
-            result["value"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    started = time.perf_counter()
-    thread.start()
-    thread.join(LIMIT)
-    assert not thread.is_alive(), f"the launcher hung for more than {LIMIT}s"
-    return result["value"], time.perf_counter() - started
+    """``(report URI or exception, seconds)`` within this file's LIMIT."""
+    return launch_within(LIMIT, config, run_id, client, budgets)
 
 
 class FakeDeploymentController:
