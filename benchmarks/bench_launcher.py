@@ -30,8 +30,10 @@ def main() -> None:
         print(f"bench_launcher: skipped: {exc.name} is not installed (pip install kmock "
               "kubernetes)")
         return
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    # As pytest does: the repo root and tests/k8s (its helper modules) are importable.
+    for path in (ROOT, ROOT / "tests" / "k8s"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
     from tests.k8s.conftest import Emulator
 
     work = Path(tempfile.mkdtemp(prefix="bench-launcher-"))

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from k8s_launch import BackgroundLoop
 
 from trackb_core.errors import TrackbError
 
@@ -113,7 +114,7 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class FakeJobController:
+class FakeJobController(BackgroundLoop):
     """Plays the Job controller and kubelet for every Job in ``namespace``.
 
     ``behaviour`` maps a stage to what its pod does: ``ok`` (default: run the stage),
@@ -142,33 +143,16 @@ class FakeJobController:
         self.kube.api_client.user_agent = CONTROLLER_AGENT
         self.completed: list[tuple[str, float]] = []
         self.started: list[str] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="fake-controller", daemon=True)
+        super().__init__("fake-controller")
 
-    def __enter__(self) -> FakeJobController:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    # -- the control loop ---------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                jobs, _ = self.kube.list_jobs(self.namespace, {"trackb/run-id": self.run_id})
-                self._collect_garbage({j["metadata"]["name"] for j in jobs})
-                for job in jobs:
-                    if "startTime" not in job.get("status", {}):
-                        self._patch_job(job["metadata"]["name"], {"startTime": _now()})
-                        threading.Thread(target=self._run_job, args=(job,), daemon=True).start()
-            except Exception as exc:  # report, never die silently: the test checks .errors
-                if not _gone(exc):
-                    self.errors.append(traceback.format_exc())
-            # Like a real controller, not instantaneous; also spares the emulator.
-            self._stop.wait(0.05)
+    # -- the control loop (every 50 ms: like a real controller, not instantaneous) --------
+    def step(self) -> None:
+        jobs, _ = self.kube.list_jobs(self.namespace, {"trackb/run-id": self.run_id})
+        self._collect_garbage({j["metadata"]["name"] for j in jobs})
+        for job in jobs:
+            if "startTime" not in job.get("status", {}):
+                self._patch_job(job["metadata"]["name"], {"startTime": _now()})
+                threading.Thread(target=self._run_job, args=(job,), daemon=True).start()
 
     def _collect_garbage(self, job_names: set[str]) -> None:
         # Background propagation: pods of a deleted Job go away.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 
 
 def launch_within(limit: float, config, run_id, client, budgets):
@@ -24,3 +25,35 @@ def launch_within(limit: float, config, run_id, client, budgets):
     thread.join(limit)
     assert not thread.is_alive(), f"the launcher hung for more than {limit}s"
     return result["value"], time.perf_counter() - started
+
+
+class BackgroundLoop:
+    """A fake Kubernetes controller: ``step()`` runs every ``interval`` seconds in a thread
+    between ``__enter__`` and ``__exit__``; errors are kept in ``errors``, never swallowed."""
+
+    interval = 0.05
+
+    def __init__(self, name: str):
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def step(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception as exc:  # report, never die silently: tests check .errors
+                if getattr(exc, "status", None) != 404:  # deleted between list and call
+                    self.errors.append(traceback.format_exc())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -12,11 +12,10 @@ there is no vLLM here. Every launch runs in a thread with a hard limit.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
-from k8s_launch import launch_within
+from k8s_launch import BackgroundLoop, launch_within
 
 from trackb_core.config import build_config
 from trackb_core.k8s import jobspec
@@ -67,7 +66,7 @@ def launch(config, run_id, client, budgets=BUDGETS):
     return launch_within(LIMIT, config, run_id, client, budgets)
 
 
-class FakeDeploymentController:
+class FakeDeploymentController(BackgroundLoop):
     """Marks the run's vLLM Deployment ready (readyReplicas 1) once it exists, unless
     ``ready`` is False (a server that never starts)."""
 
@@ -82,35 +81,17 @@ class FakeDeploymentController:
         self.name = jobspec.object_name(run_id, "vllm")
         self.ready = ready
         self.readied = 0  # how many times a new Deployment was marked ready
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="fake-deployments",
-                                        daemon=True)
+        super().__init__("fake-deployments")
 
-    def __enter__(self) -> FakeDeploymentController:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                deployment = self.kube.get("Deployment", NAMESPACE, self.name)
-                status = (deployment or {}).get("status") or {}
-                if deployment is not None and self.ready and not status.get("readyReplicas"):
-                    self.apps.patch_namespaced_deployment(
-                        self.name, NAMESPACE,
-                        {"status": {"replicas": 1, "readyReplicas": 1,
-                                    "availableReplicas": 1}},
-                        _preload_content=False)
-                    self.readied += 1
-            except Exception as exc:  # report, never die silently
-                if getattr(exc, "status", None) != 404:
-                    self.errors.append(repr(exc))
-            self._stop.wait(0.05)
+    def step(self) -> None:
+        deployment = self.kube.get("Deployment", NAMESPACE, self.name)
+        status = (deployment or {}).get("status") or {}
+        if deployment is not None and self.ready and not status.get("readyReplicas"):
+            self.apps.patch_namespaced_deployment(
+                self.name, NAMESPACE,
+                {"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1}},
+                _preload_content=False)
+            self.readied += 1
 
 
 class Recorder:
