@@ -23,13 +23,8 @@ import pytest
 
 from trackb_core import codeblocks
 from trackb_core.errors import ConfigError, UnavailableError
-from trackb_core.teacher import (
-    OpenAITeacher,
-    ReferenceTeacher,
-    _retry_after,
-    describe_mutation,
-    teacher_messages,
-)
+from trackb_core.openai_teacher import OpenAITeacher, _retry_after, teacher_messages
+from trackb_core.teacher import ReferenceTeacher, describe_mutation
 
 CATEGORIES = ("docstring", "explain", "bugfix", "complete", "unit_test")
 

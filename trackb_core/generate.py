@@ -17,9 +17,10 @@ from pydantic import Field
 
 from trackb_core.config import StageConfig, input_field
 from trackb_core.errors import InputError
+from trackb_core.openai_teacher import OpenAITeacher
 from trackb_core.stage import say, stage_run
 from trackb_core.store import Store
-from trackb_core.teacher import OpenAITeacher, ReferenceTeacher, Teacher
+from trackb_core.teacher import ReferenceTeacher, Teacher
 
 STAGE = "generate"
 REQUIRED_TASK_FIELDS = ("id", "category", "instruction")
