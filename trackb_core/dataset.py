@@ -10,7 +10,6 @@ stratified by category and independent of the input's row order.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import Counter, defaultdict
 from typing import Any
@@ -20,7 +19,7 @@ from pydantic import Field
 from trackb_core import codeblocks, prompts
 from trackb_core.config import StageConfig, declared_inputs, input_field
 from trackb_core.errors import InputError
-from trackb_core.stage import MANIFEST, resolve_file, say, stage_run
+from trackb_core.stage import say, stage_run, upstream_corpus
 from trackb_core.store import Store
 
 STAGE = "build-dataset"
@@ -207,7 +206,7 @@ def run(config: DatasetConfig, out: Store) -> dict:
         run.counts.update(counts)
         teachers = sorted({f"{r.get('teacher', '?')} ({r.get('teacher_model', '?')})"
                            for r in kept})
-        card = dataset_card(config, counts, _corpus_of(config), teachers)
+        card = dataset_card(config, counts, upstream_corpus(config.responses, "responses.jsonl"), teachers)
         run.write_text("README.md", card)
         say(STAGE, f"train {len(train)} rows, test {len(test)} rows; rejected "
                    f"{sum(rejected.values())}, duplicates {duplicates}")
@@ -225,31 +224,6 @@ def _check_rows(rows: list[dict[str, Any]], where: str) -> None:
 
 def _per_category(rows: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(Counter(r["category"] for r in rows).items()))
-
-
-def _corpus_of(config: DatasetConfig) -> dict[str, Any] | None:
-    """The corpus the responses come from, found by following upstream manifests.
-
-    responses -> generate's manifest -> its tasks input -> extract's manifest -> corpus.
-    Best effort: an unreadable chain means "unknown", never a failure.
-    """
-    uri, filename = config.responses, "responses.jsonl"
-    for _ in range(4):
-        try:
-            store, key = resolve_file(uri, filename)
-            folder = key.rpartition("/")[0]
-            manifest = json.loads(store.get_bytes(f"{folder}/{MANIFEST}" if folder else MANIFEST))
-        except Exception:  # noqa: BLE001 - provenance is optional
-            return None
-        inputs = manifest.get("inputs") or {}
-        if "corpus" in inputs:
-            return inputs["corpus"]
-        upstream = next((info for info in inputs.values()
-                         if isinstance(info, dict) and info.get("file")), None)
-        if upstream is None:
-            return None
-        uri, filename = upstream["uri"], upstream["file"]
-    return None
 
 
 def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str, Any] | None,

@@ -56,6 +56,32 @@ def resolve_file(uri: str, filename: str) -> tuple[Store, str]:
     return open_store(uri), filename
 
 
+def upstream_corpus(uri: str, filename: str) -> dict[str, Any] | None:
+    """The corpus a stage output descends from, found by following manifests upstream.
+
+    E.g. responses -> generate's manifest -> its tasks input -> extract's manifest ->
+    its ``corpus`` input (``{"uri", "kind", "sha256", ...}``). Best effort: an unreadable
+    chain returns None, never raises. Pass the result's ``uri`` to
+    :func:`trackb_core.corpus.resolve_corpus` for a local folder.
+    """
+    for _ in range(6):
+        try:
+            store, key = resolve_file(uri, filename)
+            folder = key.rpartition("/")[0]
+            manifest = json.loads(store.get_bytes(f"{folder}/{MANIFEST}" if folder else MANIFEST))
+        except Exception:  # noqa: BLE001 - provenance is optional
+            return None
+        inputs = manifest.get("inputs") or {}
+        if isinstance(inputs.get("corpus"), dict):
+            return inputs["corpus"]
+        upstream = next((info for info in inputs.values()
+                         if isinstance(info, dict) and info.get("file")), None)
+        if upstream is None:
+            return None
+        uri, filename = upstream["uri"], upstream["file"]
+    return None
+
+
 def tree_sha256(store: Store) -> str:
     """A hash over every file (path and content) stored under ``store``."""
     digest = hashlib.sha256()
