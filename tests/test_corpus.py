@@ -72,6 +72,32 @@ def test_dir_without_py_files_is_input_error(tmp_path):
 # -- pypi specs ---------------------------------------------------------------------------
 
 
+def test_symlink_loops_and_dangling_links_are_not_followed(tmp_path):
+    root = _tree(tmp_path / "c", {"a.py": "x = 1\n", "pkg/b.py": "y = 2\n"})
+    (root / "pkg" / "up").symlink_to("..", target_is_directory=True)  # a loop to the parent
+    (root / "pkg" / "deeper").symlink_to(root, target_is_directory=True)  # to the root
+    (root / "self.py").symlink_to("self.py")  # ELOOP
+    (root / "dangling.py").symlink_to("missing.py")
+    (root / "ab.py").symlink_to(root / "a.py")  # a link to a real file counts
+    files = corpus.python_files(root)
+    assert [p.relative_to(root).as_posix() for p in files] == ["a.py", "ab.py", "pkg/b.py"]
+    assert resolve_corpus(str(root)).metadata["python_files"] == 3
+
+
+def test_an_unreadable_file_does_not_stop_hashing(tmp_path, monkeypatch):
+    root = _tree(tmp_path / "c", {"a.py": "x = 1\n", "b.py": "y = 2\n"})
+    before = resolve_corpus(str(root)).sha256
+    real_open = Path.open
+
+    def failing_open(path, *args, **kwargs):
+        if path.name == "b.py":
+            raise PermissionError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", failing_open)
+    assert resolve_corpus(str(root)).sha256 != before  # hashed as unreadable, no crash
+
+
 def test_parse_pypi_spec():
     assert parse_pypi_spec("pypi:verl==0.9.1") == ("verl", "0.9.1")
     assert parse_pypi_spec("pypi: my_pkg.x == 1.0rc1 ") == ("my_pkg.x", "1.0rc1")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -182,7 +184,7 @@ def test_stage_writes_functions_tasks_and_manifest(stdlib_run, stdlib_corpus):
     assert set(manifest["outputs"]) == {"functions.jsonl", "tasks.jsonl"}
     counts = manifest["counts"]
     assert counts["files"] == 10
-    assert counts["files_skipped"] == {"not_utf8": 0, "syntax_error": 0, "too_large": 0}
+    assert counts["files_skipped"] == dict.fromkeys(extract.SKIP_REASONS, 0)
     assert counts["functions"] == len(functions) == counts["functions_extracted"] > 50
     assert counts["functions_with_docstring"] == sum(f["docstring"] is not None
                                                      for f in functions)
@@ -190,8 +192,14 @@ def test_stage_writes_functions_tasks_and_manifest(stdlib_run, stdlib_corpus):
     assert counts["tasks_per_category"] == {
         c: sum(t["category"] == c for t in tasks) for c in CATEGORIES}
     assert all(counts["tasks_per_category"][c] > 0 for c in CATEGORIES)
-    assert counts["tasks_skipped"].get("bugfix_no_site", 0) == \
+    assert counts["tasks_skipped"].get("bugfix_no_site", 0) + \
+        counts["tasks_skipped"].get("bugfix_kind_cap", 0) == \
         len(functions) - counts["tasks_per_category"]["bugfix"]
+    bugfix = [t for t in tasks if t["category"] == "bugfix"]
+    assert counts["mutation_kinds"] == {
+        k: sum(t["mutation"]["kind"] == k for t in bugfix) for k in counts["mutation_kinds"]}
+    assert sum(counts["mutation_kinds"].values()) == len(bugfix)
+    assert max(counts["mutation_kinds"].values()) <= 0.25 * len(bugfix)
     assert manifest["corpus"]["sha256"] == manifest["inputs"]["corpus"]["sha256"]
     assert manifest["corpus"]["name"] == stdlib_corpus.name
     assert {f["file"] for f in functions} >= {"json/decoder.py", "textwrap.py"}
@@ -289,10 +297,113 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
     (corpus / "huge.py").write_text("x = 1\n" * 200_000)  # 1.2 MB
     out, manifest = _run(tmp_path, corpus=str(corpus))
     assert manifest["counts"]["files"] == 5
-    assert manifest["counts"]["files_skipped"] == {"not_utf8": 1, "syntax_error": 2,
-                                                   "too_large": 1}
+    assert manifest["counts"]["files_skipped"] == {
+        "not_utf8": 1, "syntax_error": 2, "too_deep": 0, "too_large": 1, "unreadable": 0}
     assert manifest["counts"]["functions"] == 5
     assert {f["file"] for f in _jsonl(out, "functions.jsonl")} == {"pkg/good.py"}
+
+
+# Code that the parser accepts but that nests deeper than recursive walkers (the
+# old qualname walk, ast.unparse) survive, and code the parser itself refuses.
+DEEP_BUT_PARSES = textwrap.dedent("""\
+    def deep_body(a):
+        b = a
+        c = b
+        if c:
+            return a{subscripts} == 1
+        return None
+
+
+    def deep_default(a, b=x{subscripts}):
+        c = a
+        d = c
+        e = d
+        return e
+    """).format(subscripts="[0]" * 2000)
+ADVERSARIAL = {
+    "empty.py": "",
+    "only_comments.py": "# nothing here\n",
+    "syntax.py": "def f(:\n    pass\n",
+    "deep_recursion.py": "x = " + "+".join(["1"] * 100_000) + "\n",  # RecursionError
+    "deep_memory.py": "x = " + "-" * 100_000 + "1\n",  # MemoryError: parser stack overflow
+    "deep_parens.py": "x = " + "(" * 300 + "1" + ")" * 300 + "\n",  # SyntaxError
+    "deep_indent.py": "".join("    " * i + f"if x{i}:\n" for i in range(120)) + "    pass\n",
+    "deep_but_parses.py": DEEP_BUT_PARSES,
+    "shapes.py": textwrap.dedent("""\
+        import functools
+
+        square = lambda x: x * x  # a lambda is not a def
+
+
+        @functools.wraps(print)
+        @staticmethod
+        async def fetch(session, url, retries=3):
+            async with session.get(url) as response:
+                if response.status != 200 and retries > 0:
+                    return await fetch(session, url, retries - 1)
+                return await response.text()
+
+
+        def outer(values):
+            def inner(v):
+                total = 0
+                for item in v:
+                    total += item
+                return total is not None
+            key = lambda v: not v
+            return sorted(values, key=key)
+        """),
+}
+
+
+def _adversarial_corpus(root):
+    (root / "pkg").mkdir(parents=True)
+    for name, text in ADVERSARIAL.items():
+        (root / "pkg" / name).write_text(text)
+    (root / "latin.py").write_bytes(NOT_UTF8)
+    (root / "huge.py").write_text("x = 1\n" * 200_000)  # 1.2 MB, over the limit
+    (root / "pkg" / "loop").symlink_to("..", target_is_directory=True)  # dir -> parent
+    (root / "self.py").symlink_to("self.py")  # a link to itself
+    (root / "dangling.py").symlink_to("missing.py")
+    return root
+
+
+def test_adversarial_corpus_never_crashes_and_counts_each_reason(tmp_path):
+    corpus = _adversarial_corpus(tmp_path / "c")
+    out, manifest = _run(tmp_path, corpus=str(corpus))
+    counts = manifest["counts"]
+    # The symlinks lead nowhere walkable: neither followed (no loop) nor counted.
+    assert counts["files"] == len(ADVERSARIAL) + 2
+    assert counts["files_skipped"] == {"not_utf8": 1, "syntax_error": 3, "too_deep": 2,
+                                       "too_large": 1, "unreadable": 0}
+    assert counts["functions_skipped"] == {"too_deep": 1}  # deep_default's default value
+    functions = {f["qualname"]: f for f in _jsonl(out, "functions.jsonl")}
+    assert set(functions) == {"deep_body", "fetch", "outer", "outer.<locals>.inner"}
+    assert functions["fetch"]["is_async"]
+    assert functions["fetch"]["decorators"] == ["functools.wraps(print)", "staticmethod"]
+    assert functions["fetch"]["signature"] == "async def fetch(session, url, retries=3):"
+    tasks = _jsonl(out, "tasks.jsonl")
+    assert {t["function_id"] for t in tasks} == {f["id"] for f in functions.values()}
+    for task in (t for t in tasks if t["category"] == "bugfix"):
+        assert ast.parse(task["buggy_source"])
+
+
+def test_a_file_that_cannot_be_read_is_counted(tmp_path, monkeypatch):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "good.py").write_text(GOOD)
+    (corpus / "gone.py").write_text(GOOD)
+    real_read = Path.read_bytes
+
+    def read_bytes(path):
+        if path.name == "gone.py":
+            raise FileNotFoundError(path)  # deleted between listing and reading
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    _, manifest = _run(tmp_path, corpus=str(corpus))
+    assert manifest["counts"]["files_skipped"]["unreadable"] == 1
+    assert manifest["counts"]["functions"] == 5
 
 
 @pytest.mark.integration

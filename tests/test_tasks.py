@@ -1,4 +1,4 @@
-"""Task building: determinism, bug injection at the right token, each family's rows."""
+"""Task building: determinism, balanced one-site bugs, each family's rows and fields."""
 
 from __future__ import annotations
 
@@ -13,18 +13,18 @@ import pytest
 from trackb_core.codeblocks import seed_code_blocks
 from trackb_core.corpus import python_files
 from trackb_core.extract import extract_functions, functions_in_source
+from trackb_core.mutations import MAX_KIND_SHARE, ParsedFunction, mutation_sites
 from trackb_core.tasks import (
     CATEGORIES,
     build_tasks,
-    comparison_sites,
     complete_stub,
-    inject_bug,
     module_path,
     strip_docstring,
 )
 
 ROW_KEYS = {"id", "category", "instruction", "source_function", "source_file", "function_id",
-            "function_name"}
+            "function_name", "qualname", "signature", "params", "returns_value", "line",
+            "end_line", "decorators"}
 
 TRAP = textwrap.dedent('''\
     def check(value, items):
@@ -80,11 +80,16 @@ def test_category_order_in_config_does_not_matter(stdlib_functions):
 
 
 def test_seed_moves_bug_sites_but_each_seed_is_stable(stdlib_functions):
-    many = [f for f in stdlib_functions if len(comparison_sites(f["source"])) >= 3]
+    many = [f for f in stdlib_functions
+            if len(mutation_sites(ParsedFunction.parse(f["source"]))) >= 3]
     assert len(many) >= 5
-    picks = {s: [inject_bug(f["source"], s, f["id"])[1]["line"] for f in many] for s in (1, 2)}
-    assert picks[1] != picks[2]
-    assert picks[1] == [inject_bug(f["source"], 1, f["id"])[1]["line"] for f in many]
+
+    def picks(seed):
+        tasks, _ = build_tasks(many, ["bugfix"], seed)
+        return [(t["mutation"]["kind"], t["mutation"]["line"]) for t in tasks]
+
+    assert picks(1) != picks(2)
+    assert picks(1) == picks(1)
 
 
 def test_unknown_category_is_refused():
@@ -95,20 +100,19 @@ def test_unknown_category_is_refused():
 # -- bug injection ----------------------------------------------------------------------
 
 
-def test_flip_never_touches_strings_comments_or_docstrings():
+def test_bugs_never_touch_strings_comments_or_docstrings():
     fn = _one(TRAP)
-    sites = comparison_sites(fn["source"])
-    # `value in items` and `value != items[0]`; the f-string is one STRING token, and
-    # nothing in the docstring, the string or the comment is a site.
-    assert [s.before for s in sites] == ["in", "!="]
+    # `value in items`, `value != items[0]` and its return; nothing in the docstring,
+    # the string, the f-string or the comment is a site.
+    sites = mutation_sites(ParsedFunction.parse(fn["source"]))
+    assert sorted(s.kind for s in sites) == ["eq_flip", "in_to_not_in",
+                                            "return_value_removed"]
     for seed in range(12):
-        buggy, mutation = inject_bug(fn["source"], seed, fn["id"])
+        (task,), _ = build_tasks([fn], ["bugfix"], seed)
+        buggy, mutation = task["buggy_source"], task["mutation"]
         assert _non_code_tokens(buggy) == _non_code_tokens(fn["source"])
-        assert ast.parse(buggy)
         assert ast.dump(ast.parse(buggy)) != ast.dump(ast.parse(fn["source"]))
-        assert mutation["kind"] == "comparison_flip"
-        assert (mutation["op_before"], mutation["op_after"]) in {("in", "not in"),
-                                                                 ("!=", "==")}
+        assert set(mutation) == {"kind", "line", "before", "after"}
         lines, buggy_lines = fn["source"].split("\n"), buggy.split("\n")
         changed = [i for i, (a, b) in enumerate(zip(lines, buggy_lines, strict=True)) if a != b]
         assert changed == [mutation["line"] - 1]
@@ -116,65 +120,49 @@ def test_flip_never_touches_strings_comments_or_docstrings():
         assert buggy_lines[changed[0]] == mutation["after"]
 
 
-@pytest.mark.parametrize("expr, flipped", [
-    ("a == b", "a != b"), ("a != b", "a == b"),
-    ("a < b", "a >= b"), ("a >= b", "a < b"),
-    ("a > b", "a <= b"), ("a <= b", "a > b"),
-    ("a is None", "a is not None"), ("a is not None", "a is None"),
-    ("a in b", "a not in b"), ("a not in b", "a in b"),
-    ("(a)==(b)", "(a)!=(b)"),
-    ("a  is  not  b", "a  is  b"),
-])
-def test_each_operator_flips_to_its_opposite(expr, flipped):
-    source = f"def f(a, b):\n    return {expr}\n"
-    buggy, mutation = inject_bug(source, 0, "x")
-    assert buggy == f"def f(a, b):\n    return {flipped}\n"
-    assert mutation["before"] == f"    return {expr}"
-    assert mutation["after"] == f"    return {flipped}"
-    assert mutation["line"] == 2
-
-
-def test_chained_and_multiline_comparisons():
-    source = textwrap.dedent("""\
-        def f(a, b, c):
-            return (a <
-                    b   # a comment with >=
-                    == c)
-        """)
-    sites = comparison_sites(source)
-    assert [(s.before, s.line) for s in sites] == [("<", 2), ("==", 4)]
-    for seed in range(6):
-        buggy, mutation = inject_bug(source, seed, "id")
-        assert "# a comment with >=" in buggy
-        assert ast.dump(ast.parse(buggy)) != ast.dump(ast.parse(source))
-
-
-def test_unicode_before_the_operator_keeps_columns_right():
-    source = 'def f(a):\n    return "héllo wörld ✓" == a\n'
-    buggy, _ = inject_bug(source, 0, "u")
-    assert buggy == 'def f(a):\n    return "héllo wörld ✓" != a\n'
-
-
-def test_every_stdlib_mutant_parses_differs_and_spares_strings(stdlib_functions):
-    mutated = 0
-    for fn in stdlib_functions:
-        result = inject_bug(fn["source"], 42, fn["id"])
-        if result is None:
-            assert comparison_sites(fn["source"]) == []
-            continue
-        buggy, mutation = result
-        mutated += 1
-        assert ast.dump(ast.parse(buggy)) != ast.dump(ast.parse(fn["source"]))
-        assert _non_code_tokens(buggy) == _non_code_tokens(fn["source"])
+def test_every_stdlib_bugfix_row_is_a_one_line_one_site_mutant(stdlib_functions):
+    tasks, skipped = build_tasks(stdlib_functions, ["bugfix"], 42)
+    assert len(tasks) > 50
+    kinds = {t["mutation"]["kind"] for t in tasks}
+    assert len(kinds) >= 10, kinds
+    for task in tasks:
+        buggy, mutation = task["buggy_source"], task["mutation"]
+        assert ast.dump(ast.parse(buggy)) != ast.dump(ast.parse(task["source_function"]))
+        assert _non_code_tokens(buggy) == _non_code_tokens(task["source_function"])
         assert buggy.split("\n")[mutation["line"] - 1] == mutation["after"]
-    assert mutated > 20
+    counts = {k: sum(t["mutation"]["kind"] == k for t in tasks) for k in kinds}
+    assert max(counts.values()) <= MAX_KIND_SHARE * len(tasks), counts
+    assert len(tasks) + sum(skipped.values()) == len(stdlib_functions)
 
 
-def test_function_without_comparison_skips_bugfix():
-    fn = _one("def f(a):\n    return a + 1\n")
+def test_function_without_a_site_skips_bugfix():
+    fn = _one("def f(a):\n    print(a)\n")
     tasks, skipped = build_tasks([fn], ["bugfix", "explain"], 0)
     assert [t["category"] for t in tasks] == ["explain"]
     assert skipped == {"bugfix_no_site": 1}
+
+
+def test_parsed_functions_from_extract_give_the_same_tasks(stdlib_corpus):
+    # extract hands on the file's own nodes (positions shifted by the def's line and
+    # indentation); parsing each function alone must give byte-identical rows.
+    parsed: dict = {}
+    functions, _, _ = extract_functions(stdlib_corpus, python_files(stdlib_corpus), 5, 60,
+                                        1_000_000, parsed=parsed)
+    assert set(parsed) == {f["id"] for f in functions}
+    assert any(view.col_shift for view in parsed.values())  # methods were shifted
+    assert build_tasks(functions, list(CATEGORIES), 5, parsed=parsed) == \
+        build_tasks(functions, list(CATEGORIES), 5)
+
+
+def test_deep_or_broken_sources_are_counted_not_raised():
+    good = _one("def f(a):\n    return a == 1\n")
+    deep = dict(good, id="deep",
+                source="def g(a):\n    return " + "+".join(["a"] * 100_000) + "\n")
+    broken = dict(good, id="broken", source="def h(:\n    pass\n")
+    tasks, skipped = build_tasks([deep, good, broken], ["bugfix", "explain"], 0)
+    assert [t["function_id"] for t in tasks] == [good["id"], good["id"]]
+    assert skipped == {"bugfix_too_deep": 1, "explain_too_deep": 1,
+                       "bugfix_unparsable": 1, "explain_unparsable": 1}
 
 
 # -- docstring removal and stubs ---------------------------------------------------------
@@ -246,12 +234,36 @@ def test_every_row_carries_the_common_fields(family_tasks):
         assert task["source_file"] == "pkg/box.py"
         assert task["function_id"] == fn["id"]
         assert task["function_name"] == "put"
+        assert task["qualname"] == "Box.put"
+        assert task["signature"] == "def put(self, item, *, force=False):"
+        assert task["params"] == ["item", "force"]  # no self
+        assert task["returns_value"] is True
+        assert (task["line"], task["end_line"]) == (2, 11)
+        assert task["decorators"] == []
         # The code the instruction talks about is inside it, in a python fence.
         assert "```python\n" in task["instruction"]
         assert seed_code_blocks(task["instruction"])
         # Each says what to return: code families in a python block, explain as markdown.
         answer = "structured markdown" if category == "explain" else "```python block"
         assert answer in task["instruction"]
+
+
+def test_row_fields_for_decorated_generators_and_plain_functions():
+    rows = _functions(textwrap.dedent("""\
+        @cache
+        @other(1)
+        def gen(cls, n):
+            yield n
+
+        def nothing(a, *args, **kw):
+            print(a)
+        """))
+    (gen,), _ = build_tasks([rows[0]], ["explain"], 0)
+    (nothing,), _ = build_tasks([rows[1]], ["explain"], 0)
+    assert gen["decorators"] == ["cache", "other(1)"] and gen["line"] == 3
+    assert gen["params"] == ["cls", "n"]  # not a method: cls is a real parameter
+    assert gen["returns_value"] is True  # yields
+    assert nothing["params"] == ["a", "args", "kw"] and nothing["returns_value"] is False
 
 
 def test_docstring_row(family_tasks):
@@ -307,11 +319,16 @@ def test_complete_row(family_tasks):
 
 def test_unit_test_row(family_tasks):
     fn, tasks = family_tasks
-    instruction = tasks["unit_test"]["instruction"]
+    task = tasks["unit_test"]
+    instruction = task["instruction"]
     assert "from pkg.box import Box" in instruction
     assert "method of class `Box`" in instruction
     assert "`def test_...`" in instruction and "`assert`" in instruction
     assert seed_code_blocks(instruction)[0] == fn["source"].strip()
+    # The function's mutant rides along for checking tests, unseen by the model.
+    assert task["mutation"] == tasks["bugfix"]["mutation"]
+    assert task["buggy_source"] == tasks["bugfix"]["buggy_source"]
+    assert task["mutation"]["after"] not in instruction
 
 
 def test_nested_function_cannot_be_imported_for_unit_tests():

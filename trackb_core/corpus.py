@@ -101,7 +101,11 @@ def parse_pypi_spec(src: str) -> tuple[str, str]:
 
 
 def python_files(root: Path) -> list[Path]:
-    """Every ``.py`` file under ``root``, in sorted relative-path order."""
+    """Every ``.py`` file under ``root``, in sorted relative-path order.
+
+    Symlinked folders are not entered (``rglob`` does not follow them), so a link back
+    to a parent cannot loop; links to files count only if they lead to a file.
+    """
     return sorted(
         (p for p in root.rglob("*.py") if p.is_file()),
         key=lambda p: p.relative_to(root).as_posix(),
@@ -118,10 +122,20 @@ def _resolve_dir(root: Path) -> ResolvedCorpus:
     for path in files:
         rel = path.relative_to(root).as_posix()
         digest.update(rel.encode("utf-8") + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode() + b"\n")
+        digest.update(_file_sha256(path).encode() + b"\n")
     return ResolvedCorpus(path=root, sha256=digest.hexdigest(),
                           metadata={"name": root.name, "path": str(root),
                                     "python_files": len(files)})
+
+
+def _file_sha256(path: Path) -> str:
+    """The file's sha256, streamed (a huge file is never held in memory); a file that
+    cannot be read hashes as "unreadable" (extract skips and counts it)."""
+    try:
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return "unreadable"
 
 
 def _resolve_pypi(name: str, version: str) -> ResolvedCorpus:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import io
 import random
-import tokenize
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,12 @@ from pydantic import Field, field_validator, model_validator
 from trackb_core.config import StageConfig, input_field
 from trackb_core.corpus import python_files, resolve_corpus
 from trackb_core.errors import InputError
+from trackb_core.mutations import KINDS, ParsedFunction
 from trackb_core.stage import say, stage_run
 from trackb_core.store import Store
-from trackb_core.tasks import CATEGORIES, build_tasks
+from trackb_core.tasks import CATEGORIES, build_tasks, paused_gc
 
-SKIP_REASONS = ("not_utf8", "syntax_error", "too_large")
+SKIP_REASONS = ("not_utf8", "syntax_error", "too_deep", "too_large", "unreadable")
 
 
 class ExtractConfig(StageConfig):
@@ -87,10 +86,12 @@ def run(config: ExtractConfig, out: Store) -> dict[str, Any]:
         corpus = resolve_corpus(config.corpus)
         say("extract", f"corpus {config.corpus} -> {corpus.path}")
 
+        parsed: dict[str, ParsedFunction] = {}
         with run.timed("extract"):
             files = python_files(corpus.path)
             functions, files_skipped, functions_skipped = extract_functions(
-                corpus.path, files, config.min_lines, config.max_lines, config.max_file_bytes
+                corpus.path, files, config.min_lines, config.max_lines,
+                config.max_file_bytes, parsed=parsed,
             )
         if not functions:
             skips = ", ".join(f"{k}={v}" for k, v in files_skipped.items() if v) or "none"
@@ -106,7 +107,9 @@ def run(config: ExtractConfig, out: Store) -> dict[str, Any]:
                        f"keeping {len(functions)}")
 
         with run.timed("tasks"):
-            tasks, tasks_skipped = build_tasks(functions, config.categories, config.seed)
+            tasks, tasks_skipped = build_tasks(functions, config.categories, config.seed,
+                                               parsed=parsed)
+        parsed.clear()  # the file ASTs are no longer needed
         if not tasks:
             raise InputError(f"no tasks could be built from corpus {config.corpus} "
                              f"(skipped: {tasks_skipped})")
@@ -115,8 +118,11 @@ def run(config: ExtractConfig, out: Store) -> dict[str, Any]:
         run.write_jsonl("tasks.jsonl", tasks)
 
         per_category = {c: 0 for c in CATEGORIES if c in config.categories}
+        mutation_kinds = dict.fromkeys(KINDS, 0)
         for task in tasks:
             per_category[task["category"]] += 1
+            if task["category"] == "bugfix":
+                mutation_kinds[task["mutation"]["kind"]] += 1
         run.counts.update({
             "files": len(files),
             "files_skipped": files_skipped,
@@ -127,6 +133,7 @@ def run(config: ExtractConfig, out: Store) -> dict[str, Any]:
             "tasks": len(tasks),
             "tasks_per_category": per_category,
             "tasks_skipped": tasks_skipped,
+            "mutation_kinds": mutation_kinds,
         })
         meta = corpus.metadata
         run.extra["corpus"] = {
@@ -136,41 +143,68 @@ def run(config: ExtractConfig, out: Store) -> dict[str, Any]:
             "sha256": corpus.sha256,
         }
         say("extract", f"{len(tasks)} tasks {per_category}; skipped {tasks_skipped}")
+        if per_category.get("bugfix"):
+            top = max(mutation_kinds, key=mutation_kinds.__getitem__)
+            say("extract", f"bug kinds: {sum(n > 0 for n in mutation_kinds.values())} used, "
+                           f"largest {top} {mutation_kinds[top] / per_category['bugfix']:.0%}")
     return run.manifest
 
 
 def extract_functions(
-    root: Path, files: list[Path], min_lines: int, max_lines: int, max_file_bytes: int
+    root: Path, files: list[Path], min_lines: int, max_lines: int, max_file_bytes: int,
+    *, parsed: dict[str, ParsedFunction] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, int]]:
     """``(functions, files_skipped, functions_skipped)`` for ``files`` under ``root``.
 
-    Never raises for a bad file: it is skipped and counted under its reason.
+    Never raises for a bad file: it is skipped and counted under its reason (one of
+    :data:`SKIP_REASONS`). ``parsed``, if given, is filled with each kept function's
+    AST (function id -> :class:`~trackb_core.mutations.ParsedFunction`), so building
+    tasks need not parse every function again.
     """
     from tqdm import tqdm
 
     functions: list[dict[str, Any]] = []
     files_skipped = dict.fromkeys(SKIP_REASONS, 0)
     functions_skipped: dict[str, int] = {}
-    for path in tqdm(files, desc="extract", unit="file", disable=None):
-        rel = path.relative_to(root).as_posix()
-        data = path.read_bytes()
-        if len(data) > max_file_bytes:
-            files_skipped["too_large"] += 1
-            continue
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            files_skipped["not_utf8"] += 1
-            continue
-        try:
-            found, skipped = functions_in_source(text, rel, min_lines, max_lines)
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            files_skipped["syntax_error"] += 1
-            continue
-        functions.extend(found)
-        for reason, n in skipped.items():
-            functions_skipped[reason] = functions_skipped.get(reason, 0) + n
+    with paused_gc():
+        for path in tqdm(files, desc="extract", unit="file", disable=None):
+            rel = path.relative_to(root).as_posix()
+            text, reason = _read_text(path, max_file_bytes)
+            if reason is not None:
+                files_skipped[reason] += 1
+                continue
+            try:
+                found, skipped = _functions_with_nodes(text, rel, min_lines, max_lines)
+            except (SyntaxError, ValueError):
+                files_skipped["syntax_error"] += 1
+                continue
+            except (RecursionError, MemoryError):
+                files_skipped["too_deep"] += 1  # nested deeper than the parser can build
+                continue
+            for row, view in found:
+                functions.append(row)
+                if parsed is not None:
+                    parsed[row["id"]] = view
+            for reason, n in skipped.items():
+                functions_skipped[reason] = functions_skipped.get(reason, 0) + n
     return functions, files_skipped, functions_skipped
+
+
+def _read_text(path: Path, max_file_bytes: int) -> tuple[str, str | None]:
+    """``(text, None)``, or ``("", reason)`` with one of :data:`SKIP_REASONS`."""
+    try:
+        # Size first: a huge file is never read into memory.
+        if path.stat().st_size > max_file_bytes:
+            return "", "too_large"
+        data = path.read_bytes()
+    except OSError:
+        return "", "unreadable"  # vanished, a dangling link, no permission
+    if len(data) > max_file_bytes:  # grew since stat()
+        return "", "too_large"
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return "", "not_utf8"
 
 
 def functions_in_source(
@@ -178,69 +212,121 @@ def functions_in_source(
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The function rows of one file's text, in source order, and skips by reason.
 
-    Raises SyntaxError (or ValueError for null bytes) if ``text`` does not parse.
+    Raises SyntaxError (or ValueError for null bytes) if ``text`` does not parse, and
+    RecursionError or MemoryError if it nests deeper than the parser can build.
     """
+    found, skipped = _functions_with_nodes(text, rel, min_lines, max_lines)
+    return [row for row, _ in found], skipped
+
+
+def _functions_with_nodes(
+    text: str, rel: str, min_lines: int, max_lines: int
+) -> tuple[list[tuple[dict[str, Any], ParsedFunction]], dict[str, int]]:
     # ast numbers lines on \n, \r\n and \r alike; one convention keeps slices aligned.
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # invalid escape sequences in old code
         tree = ast.parse(text)
     lines = text.split("\n")
-    rows: list[dict[str, Any]] = []
+    found: list[tuple[dict[str, Any], ParsedFunction]] = []
     skipped: dict[str, int] = {}
     for node, qualname, is_method in _walk_functions(tree):
         n_lines = node.end_lineno - node.lineno + 1
         if not min_lines <= n_lines <= max_lines:
             continue
-        source = _function_source(lines, node)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ast.parse(source)
-            signature = function_signature(source)
-        except (SyntaxError, ValueError, tokenize.TokenError):
+            view = _function_view(lines, node)
+            row = _function_row(view, node, rel, qualname, is_method, n_lines)
+        except (SyntaxError, ValueError):
             skipped["unparsable_source"] = skipped.get("unparsable_source", 0) + 1
             continue
-        rows.append({
-            "id": hashlib.sha256(f"{rel}::{qualname}::{node.lineno}".encode()).hexdigest()[:12],
-            "name": node.name,
-            "qualname": qualname,
-            "file": rel,
-            "line": node.lineno,
-            "end_line": node.end_lineno,
-            "n_lines": n_lines,
-            "source": source,
-            "signature": signature,
-            "docstring": ast.get_docstring(node),
-            "args": _arguments(node.args),
-            "returns": _unparse(node.returns),
-            "is_async": isinstance(node, ast.AsyncFunctionDef),
-            "is_method": is_method,
-            "decorators": [ast.unparse(d) for d in node.decorator_list],
-        })
-    return rows, skipped
+        except (RecursionError, MemoryError):
+            # e.g. a default value nested too deeply for ast.unparse
+            skipped["too_deep"] = skipped.get("too_deep", 0) + 1
+            continue
+        found.append((row, view))
+    return found, skipped
+
+
+def _function_view(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef
+                   ) -> ParsedFunction:
+    """The function's source with the file's own node for it, positions shifted.
+
+    When every line of the def starts with its indentation, removing that indentation
+    moves every position by the same amount, so the file's node serves as is. Lines
+    further left (inside brackets or strings) move differently: then the source is
+    parsed on its own, which also proves it still parses. Raises SyntaxError or
+    ValueError if it does not.
+    """
+    body = lines[node.lineno - 1 : node.end_lineno]
+    first = body[0]
+    indent = first[: len(first) - len(first.lstrip())]
+    source = _function_source(lines, node)
+    if all(line.startswith(indent) or not line.strip() for line in body):
+        return ParsedFunction(source, node, line_shift=node.lineno - 1,
+                              col_shift=len(indent.encode("utf-8")))
+    return ParsedFunction.parse(source)
+
+
+def _function_row(view: ParsedFunction, node: ast.FunctionDef | ast.AsyncFunctionDef,
+                  rel: str, qualname: str, is_method: bool, n_lines: int) -> dict[str, Any]:
+    return {
+        "id": hashlib.sha256(f"{rel}::{qualname}::{node.lineno}".encode()).hexdigest()[:12],
+        "name": node.name,
+        "qualname": qualname,
+        "file": rel,
+        "line": node.lineno,
+        "end_line": node.end_lineno,
+        "n_lines": n_lines,
+        "source": view.source,
+        "signature": function_signature(view.source, view),
+        "docstring": ast.get_docstring(node),
+        "args": _arguments(node.args),
+        "returns": _unparse(node.returns),
+        "is_async": isinstance(node, ast.AsyncFunctionDef),
+        "is_method": is_method,
+        "decorators": [_unparse(d) for d in node.decorator_list],
+    }
+
+
+# Per node type, its statement lists: the only places a def can sit.
+_BODIES: dict[type, tuple[str, ...]] = {
+    kind: tuple(f for f in ("body", "orelse", "finalbody", "handlers", "cases")
+                if f in kind._fields)
+    for kind in (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.If,
+                 ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try,
+                 ast.TryStar, ast.ExceptHandler, ast.Match, ast.match_case)
+}
 
 
 def _walk_functions(tree: ast.Module):
     """``(node, qualname, is_method)`` for every function, in source order.
 
     Qualified names follow Python's ``__qualname__``: ``Class.method``,
-    ``outer.<locals>.inner``.
+    ``outer.<locals>.inner``. Iterative, and only statement lists are entered (a def
+    is a statement), so deeply nested expressions cost nothing here.
     """
-
-    def visit(node: ast.AST, prefix: str, in_class: bool):
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
-                qualname = f"{prefix}{child.name}"
-                yield child, qualname, in_class
-                yield from visit(child, f"{qualname}.<locals>.", False)
-            elif isinstance(child, ast.ClassDef):
-                yield from visit(child, f"{prefix}{child.name}.", True)
-            else:
-                # Functions inside if/try/with blocks keep the enclosing scope's prefix.
-                yield from visit(child, prefix, in_class and _is_block(child))
-
-    yield from visit(tree, "", False)
+    # (node, name, flag): a def carries its qualname and whether it is a method; any
+    # other node the prefix and in-class flag that its own children inherit.
+    stack: list[tuple[ast.AST, str, bool]] = [(tree, "", False)]
+    while stack:
+        node, name, flag = stack.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            yield node, name, flag
+            prefix, in_class = f"{name}.<locals>.", False
+        else:
+            prefix, in_class = name, flag
+        children = []
+        for field in _BODIES.get(type(node), ()):
+            for child in getattr(node, field):
+                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                    children.append((child, f"{prefix}{child.name}", in_class))
+                elif isinstance(child, ast.ClassDef):
+                    children.append((child, f"{prefix}{child.name}.", True))
+                else:
+                    # Functions inside if/try/with blocks keep the enclosing scope's prefix.
+                    children.append((child, prefix, in_class and _is_block(child)))
+        stack.extend(reversed(children))
 
 
 def _is_block(node: ast.AST) -> bool:
@@ -264,29 +350,43 @@ def _function_source(lines: list[str], node: ast.AST) -> str:
     return "\n".join(body) + "\n"
 
 
-def function_signature(source: str) -> str:
+def function_signature(source: str, view: ParsedFunction | None = None) -> str:
     """The ``def ...:`` header of ``source``, up to and including its colon.
 
-    Raises tokenize.TokenError if ``source`` does not tokenize.
+    Located on the AST: the header's colon is the first ``:`` outside a comment after
+    its last parameter, default or return annotation. ``view`` is ``source`` already
+    parsed. Raises ValueError if there is no def (SyntaxError if it does not parse).
     """
-    depth = 0
-    seen_def = False
+    view = view or ParsedFunction.parse(source)
+    node, args = view.node, view.node.args
+    parts = [*args.posonlyargs, *args.args, args.vararg, *args.kwonlyargs, args.kwarg,
+             *args.defaults, *args.kw_defaults, node.returns]
+    ends = [(n.end_lineno, n.end_col_offset) for n in parts if n is not None]
+    last_line, last_col = max(ends) if ends else (node.lineno, node.col_offset)
     lines = source.split("\n")
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.NAME and tok.string == "def" and depth == 0:
-            seen_def = True
-        elif tok.type == tokenize.OP and tok.string in "([{":
-            depth += 1
-        elif tok.type == tokenize.OP and tok.string in ")]}":
-            depth -= 1
-        elif seen_def and depth == 0 and tok.type == tokenize.OP and tok.string == ":":
-            row, col = tok.end
-            return "\n".join(lines[: row - 1] + [lines[row - 1][:col]])
+    row, col = view.line(last_line), view.col(last_col)
+    while row <= len(lines):
+        raw = lines[row - 1].encode("utf-8")
+        rest = raw[col:]
+        colon, comment = rest.find(b":"), rest.find(b"#")
+        if colon >= 0 and (comment < 0 or colon < comment):
+            return "\n".join(lines[: row - 1] + [raw[: col + colon + 1].decode("utf-8")])
+        row, col = row + 1, 0
     raise ValueError("no function header found")
 
 
 def _unparse(node: ast.AST | None) -> str | None:
-    return None if node is None else ast.unparse(node)
+    if node is None:
+        return None
+    # Most annotations and defaults are a name, a dotted name or a small constant:
+    # written out directly, exactly as ast.unparse would, at a fraction of its cost.
+    if type(node) is ast.Name:
+        return node.id
+    if type(node) is ast.Attribute and type(node.value) is ast.Name:
+        return f"{node.value.id}.{node.attr}"
+    if type(node) is ast.Constant and (node.value is None or type(node.value) in (bool, int)):
+        return repr(node.value)
+    return ast.unparse(node)
 
 
 def _arguments(args: ast.arguments) -> list[dict[str, Any]]:

@@ -2,55 +2,78 @@
 
 Every instruction is self-sufficient: it shows the code it talks about in a
 ```` ```python ```` block and says exactly what to return. Code is rewritten only at
-positions located with the AST and :mod:`tokenize`, never with text replaces: the
-seed's ``" == "`` -> ``" != "`` replaces hit strings, comments and docstrings (field
-notes §1).
+positions located with the AST, never with text replaces: the seed's ``" == "`` ->
+``" != "`` replaces hit strings, comments and docstrings (field notes §1). Bugs come
+from :mod:`trackb_core.mutations`, one site per function, balanced across the corpus.
 
 Rows: ``{"id": f"{function_id}-{category}", "category", "instruction",
-"source_function", "source_file", "function_id", "function_name"}``; bugfix rows add
-``"mutation"`` and ``"buggy_source"``.
+"source_function", "source_file", "function_id", "function_name", "qualname",
+"signature", "params", "returns_value", "line", "end_line", "decorators"}``; bugfix
+rows add ``"buggy_source"`` and ``"mutation"`` (``{"kind", "line", "before",
+"after"}``), and so do unit_test rows whose function has a mutant (so generated tests
+can be checked to catch it).
 """
 
 from __future__ import annotations
 
 import ast
-import io
-import random
-import tokenize
-from dataclasses import dataclass
+import gc
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
+
+from trackb_core.mutations import (  # noqa: F401  (inject_bug: the one-function API)
+    Assignment,
+    ParsedFunction,
+    Scan,
+    assign_mutations,
+    inject_bug,
+)
 
 CATEGORIES = ("docstring", "explain", "bugfix", "complete", "unit_test")
 
-# Each comparison operator and the one that negates its meaning.
-FLIPS: dict[type[ast.cmpop], tuple[str, str]] = {
-    ast.Eq: ("==", "!="),
-    ast.NotEq: ("!=", "=="),
-    ast.Lt: ("<", ">="),
-    ast.GtE: (">=", "<"),
-    ast.Gt: (">", "<="),
-    ast.LtE: ("<=", ">"),
-    ast.Is: ("is", "is not"),
-    ast.IsNot: ("is not", "is"),
-    ast.In: ("in", "not in"),
-    ast.NotIn: ("not in", "in"),
-}
-_OP_WORDS = {"is", "not", "in"}
-_OP_SYMBOLS = {"==", "!=", "<", ">", "<=", ">="}
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector for a loop that builds many acyclic objects.
+
+    Extract keeps every file's AST alive while it builds rows; each full collection
+    would walk those hundreds of thousands of nodes again, which made extract 2-3x
+    slower than parsing. ASTs and rows hold no reference cycles, so nothing is lost.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def build_tasks(
-    functions: list[dict[str, Any]], categories: list[str] | tuple[str, ...], seed: int
+    functions: list[dict[str, Any]], categories: list[str] | tuple[str, ...], seed: int,
+    *, parsed: Mapping[str, ParsedFunction] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """``(tasks, skipped_by_reason)`` for ``functions`` (rows of ``functions.jsonl``).
 
     Tasks come in function order, then in :data:`CATEGORIES` order. The same input and
-    seed always give the same tasks. Raises ValueError for an unknown category.
+    seed always give the same tasks. ``parsed`` (function id -> its parsed function,
+    as extract keeps them) saves parsing each source again; any function missing from
+    it is parsed here. A function whose source does not parse, or is nested too deeply
+    to walk, is skipped and counted per category (``{category}_unparsable`` /
+    ``{category}_too_deep``). Raises ValueError for an unknown category.
     """
     unknown = sorted(set(categories) - set(CATEGORIES))
     if unknown:
         raise ValueError(f"unknown task categories {unknown}; choose from {list(CATEGORIES)}")
     wanted = [c for c in CATEGORIES if c in set(categories)]
+    with paused_gc():
+        return _build_tasks(functions, wanted, seed, parsed or {})
+
+
+def _build_tasks(functions: list[dict[str, Any]], wanted: list[str], seed: int,
+                 parsed: Mapping[str, ParsedFunction]
+                 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     builders = {
         "docstring": _docstring_task,
         "explain": _explain_task,
@@ -58,29 +81,69 @@ def build_tasks(
         "complete": _complete_task,
         "unit_test": _unit_test_task,
     }
-    tasks: list[dict[str, Any]] = []
     skipped: dict[str, int] = {}
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    views: dict[str, ParsedFunction] = {}
+    unusable: dict[str, str] = {}
     for fn in functions:
+        view = parsed.get(fn["id"])
+        try:
+            views[fn["id"]] = view if view is not None else ParsedFunction.parse(fn["source"])
+        except (SyntaxError, ValueError):
+            unusable[fn["id"]] = "unparsable"
+        except (RecursionError, MemoryError):
+            unusable[fn["id"]] = "too_deep"
+    mutable = {fid: views[fid] for fid in views
+               if "```" not in views[fid].source}
+    assignment = assign_mutations(mutable, seed) if {"bugfix", "unit_test"} & set(wanted)         else Assignment({}, frozenset())
+
+    tasks: list[dict[str, Any]] = []
+    for fn in functions:
+        if fn["id"] in unusable:
+            for category in wanted:
+                skip(f"{category}_{unusable[fn['id']]}")
+            continue
+        view = views[fn["id"]]
+        try:
+            scan = view.scan
+        except (RecursionError, MemoryError):
+            for category in wanted:
+                skip(f"{category}_too_deep")
+            continue
         for category in wanted:
             if "```" in fn["source"]:
                 # The code would close its own fence and garble the instruction.
-                reason = f"{category}_fence_in_source"
-                skipped[reason] = skipped.get(reason, 0) + 1
+                skip(f"{category}_fence_in_source")
                 continue
-            built = builders[category](fn, seed)
+            try:
+                built = builders[category](fn, view, scan, assignment)
+            except (RecursionError, MemoryError):
+                built = f"{category}_too_deep"
             if isinstance(built, str):
-                skipped[built] = skipped.get(built, 0) + 1
+                skip(built)
                 continue
-            tasks.append({
-                "id": f"{fn['id']}-{category}",
-                "category": category,
-                "source_function": fn["source"],
-                "source_file": fn["file"],
-                "function_id": fn["id"],
-                "function_name": fn["name"],
-                **built,
-            })
+            tasks.append({"id": f"{fn['id']}-{category}", "category": category,
+                          **_common_fields(fn, scan), **built})
     return tasks, dict(sorted(skipped.items()))
+
+
+def _common_fields(fn: dict[str, Any], scan: Scan) -> dict[str, Any]:
+    return {
+        "source_function": fn["source"],
+        "source_file": fn["file"],
+        "function_id": fn["id"],
+        "function_name": fn["name"],
+        "qualname": fn["qualname"],
+        "signature": fn["signature"],
+        "params": _documented_params(fn),
+        "returns_value": scan.returns_value,
+        "line": fn["line"],
+        "end_line": fn["end_line"],
+        "decorators": list(fn.get("decorators", [])),
+    }
 
 
 # -- the five families -------------------------------------------------------------------
@@ -90,17 +153,17 @@ def _fenced(code: str) -> str:
     return f"```python\n{code.rstrip()}\n```"
 
 
-def _docstring_task(fn: dict[str, Any], seed: int) -> dict[str, Any] | str:
-    stripped = strip_docstring(fn["source"])
+def _docstring_task(fn: dict[str, Any], view: ParsedFunction, scan: Scan,
+                    assignment: Assignment) -> dict[str, Any] | str:
+    stripped = strip_docstring(fn["source"], view)
     if stripped is None:
         return "docstring_unstrippable"
-    node = function_node(fn["source"])
     sections = []
     if _documented_params(fn):
         sections.append("an `Args:` section describing each parameter")
-    if _returns_value(node):
+    if scan.returns_value:
         sections.append("a `Returns:` section describing the return value")
-    if _raises(node):
+    if scan.raises:
         sections.append("a `Raises:` section listing the exceptions it raises")
     if sections:
         body = ", then " + _join_words(sections)
@@ -116,7 +179,8 @@ def _docstring_task(fn: dict[str, Any], seed: int) -> dict[str, Any] | str:
     return {"instruction": instruction}
 
 
-def _explain_task(fn: dict[str, Any], seed: int) -> dict[str, Any]:
+def _explain_task(fn: dict[str, Any], view: ParsedFunction, scan: Scan,
+                  assignment: Assignment) -> dict[str, Any]:
     instruction = (
         f"Explain the Python function `{fn['name']}` below.\n\n"
         f"{_fenced(fn['source'])}\n\n"
@@ -128,10 +192,13 @@ def _explain_task(fn: dict[str, Any], seed: int) -> dict[str, Any]:
     return {"instruction": instruction}
 
 
-def _bugfix_task(fn: dict[str, Any], seed: int) -> dict[str, Any] | str:
-    mutant = inject_bug(fn["source"], seed, fn["id"])
+def _bugfix_task(fn: dict[str, Any], view: ParsedFunction, scan: Scan,
+                 assignment: Assignment) -> dict[str, Any] | str:
+    mutant = assignment.mutants.get(fn["id"])
     if mutant is None:
         return "bugfix_no_site"
+    if fn["id"] in assignment.over_cap:
+        return "bugfix_kind_cap"  # its only kinds are already a quarter of all bugs
     buggy_source, mutation = mutant
     instruction = (
         f"The Python function `{fn['name']}` below contains exactly one bug.\n\n"
@@ -139,11 +206,13 @@ def _bugfix_task(fn: dict[str, Any], seed: int) -> dict[str, Any] | str:
         "Find the bug and explain in one or two sentences what is wrong and why. Then "
         "give the whole corrected function in one ```python block."
     )
-    return {"instruction": instruction, "buggy_source": buggy_source, "mutation": mutation}
+    return {"instruction": instruction, "buggy_source": buggy_source,
+            "mutation": dict(mutation)}
 
 
-def _complete_task(fn: dict[str, Any], seed: int) -> dict[str, Any]:
-    stub = complete_stub(fn["source"], fn["signature"])
+def _complete_task(fn: dict[str, Any], view: ParsedFunction, scan: Scan,
+                   assignment: Assignment) -> dict[str, Any]:
+    stub = complete_stub(fn["source"], fn["signature"], view)
     given = "signature and docstring are" if fn.get("docstring") is not None \
         else "signature is"
     instruction = (
@@ -157,7 +226,8 @@ def _complete_task(fn: dict[str, Any], seed: int) -> dict[str, Any]:
     return {"instruction": instruction}
 
 
-def _unit_test_task(fn: dict[str, Any], seed: int) -> dict[str, Any] | str:
+def _unit_test_task(fn: dict[str, Any], view: ParsedFunction, scan: Scan,
+                    assignment: Assignment) -> dict[str, Any] | str:
     qualname = fn["qualname"]
     if "<locals>" in qualname:
         return "unit_test_not_importable"  # a nested function has no import path
@@ -172,36 +242,41 @@ def _unit_test_task(fn: dict[str, Any], seed: int) -> dict[str, Any] | str:
         "`def test_...` that use plain `assert` statements and cover normal use and "
         "edge cases. Return the tests in one ```python block."
     )
-    return {"instruction": instruction}
+    row: dict[str, Any] = {"instruction": instruction}
+    mutant = assignment.mutants.get(fn["id"])
+    if mutant is not None:
+        # Not shown to the model: lets a checker ask whether the tests catch this bug.
+        row["buggy_source"], row["mutation"] = mutant[0], dict(mutant[1])
+    return row
 
 
 # -- source rewriting ---------------------------------------------------------------------
 
 
 def function_node(source: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
-    """The function defined by ``source`` (one def). Raises ValueError if there is none."""
-    tree = ast.parse(source)
-    if not tree.body or not isinstance(tree.body[0], ast.FunctionDef | ast.AsyncFunctionDef):
-        raise ValueError("source does not start with a function definition")
-    return tree.body[0]
+    """The function defined by ``source`` (one def). Raises ValueError if there is none,
+    SyntaxError if ``source`` does not parse."""
+    return ParsedFunction.parse(source).node
 
 
 class _Offsets:
-    """Absolute character offsets in ``source`` for AST (byte) and tokenize positions."""
+    """Absolute character offsets in a function's source for its AST positions."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, view: ParsedFunction):
+        self.view = view
         self.lines = source.split("\n")
         self.starts = [0]
         for line in self.lines[:-1]:
             self.starts.append(self.starts[-1] + len(line) + 1)
 
     def from_ast(self, lineno: int, byte_col: int) -> int:
-        line = self.lines[lineno - 1]
-        chars = len(line.encode("utf-8")[:byte_col].decode("utf-8", errors="ignore"))
-        return self.starts[lineno - 1] + chars
-
-    def from_token(self, row: int, col: int) -> int:
-        return self.starts[row - 1] + col
+        """The character offset of a (line, byte column) position of the view's tree."""
+        row = self.view.line(lineno)
+        line = self.lines[row - 1]
+        col = self.view.col(byte_col)
+        chars = col if line.isascii() else len(
+            line.encode("utf-8")[:col].decode("utf-8", errors="ignore"))
+        return self.starts[row - 1] + chars
 
 
 def _docstring_expr(node: ast.AST) -> ast.Expr | None:
@@ -212,131 +287,50 @@ def _docstring_expr(node: ast.AST) -> ast.Expr | None:
     return None
 
 
-def strip_docstring(source: str) -> str | None:
+def strip_docstring(source: str, view: ParsedFunction | None = None) -> str | None:
     """``source`` without its docstring statement; everything else byte-for-byte.
 
     A body left empty gets ``pass``. Returns ``source`` unchanged if there is no
-    docstring, and None if the result would not parse (not seen in practice).
+    docstring, and None if another string statement would become the docstring.
+    ``view`` is ``source`` already parsed (parsed here if not given).
     """
-    node = function_node(source)
+    view = view or ParsedFunction.parse(source)
+    node = view.node
     doc = _docstring_expr(node)
     if doc is None:
         return source
-    off = _Offsets(source)
+    off = _Offsets(source, view)
     start = off.from_ast(doc.lineno, doc.col_offset)
     end = off.from_ast(doc.end_lineno, doc.end_col_offset)
-    first = off.starts[doc.lineno - 1]
-    last_line_end = off.starts[doc.end_lineno - 1] + len(off.lines[doc.end_lineno - 1])
+    first_row, last_row = view.line(doc.lineno), view.line(doc.end_lineno)
+    first = off.starts[first_row - 1]
+    last_line_end = off.starts[last_row - 1] + len(off.lines[last_row - 1])
     tail = source[end:last_line_end]
     owns_lines = not source[first:start].strip() and (
         not tail.strip() or tail.strip().startswith("#"))
     if owns_lines:
+        if len(node.body) > 1 and _docstring_expr(ast.Module(body=node.body[1:])):
+            return None  # the next string statement would read as the docstring
+        # Whole lines holding only the docstring go: what is left parses as before.
         indent = source[first:start]
         keep = [] if len(node.body) > 1 else [indent + "pass"]
-        lines = off.lines[: doc.lineno - 1] + keep + off.lines[doc.end_lineno:]
-        result = "\n".join(lines)
-    else:
-        # `def f(): "doc"; x = 1` -- the docstring shares its line; `pass` keeps it valid.
-        result = source[:start] + "pass" + source[end:]
+        return "\n".join(off.lines[: first_row - 1] + keep + off.lines[last_row:])
+    # `def f(): "doc"; x = 1` -- the docstring shares its line; `pass` keeps it valid.
+    result = source[:start] + "pass" + source[end:]
     try:
-        if _docstring_expr(function_node(result)) is not None:
-            return None
+        ParsedFunction.parse(result)
     except (SyntaxError, ValueError):
         return None
     return result
 
 
-def complete_stub(source: str, signature: str) -> str:
+def complete_stub(source: str, signature: str, view: ParsedFunction | None = None) -> str:
     """The signature plus the docstring (if any) of ``source``: what ``complete`` shows."""
-    doc = _docstring_expr(function_node(source))
+    view = view or ParsedFunction.parse(source)
+    doc = _docstring_expr(view.node)
     if doc is None:
         return signature
-    off = _Offsets(source)
-    return source[: off.from_ast(doc.end_lineno, doc.end_col_offset)]
-
-
-@dataclass(frozen=True)
-class CompareSite:
-    """One comparison operator in a function's source, located to the character."""
-
-    start: int  # absolute character offsets of the operator token(s)
-    end: int
-    line: int  # 1-based line in the source
-    before: str  # the operator as written ("not in" may span spaces)
-    after: str
-
-
-def comparison_sites(source: str) -> list[CompareSite]:
-    """Every comparison operator in ``source`` that has a flipped counterpart.
-
-    Located with the AST (which operands it sits between) and rewritten at the token
-    the tokenizer finds between them, so strings and comments are never touched.
-    """
-    tree = ast.parse(source)
-    off = _Offsets(source)
-    tokens = [
-        t for t in tokenize.generate_tokens(io.StringIO(source).readline)
-        if (t.type == tokenize.OP and t.string in _OP_SYMBOLS)
-        or (t.type == tokenize.NAME and t.string in _OP_WORDS)
-    ]
-    token_spans = [(off.from_token(*t.start), off.from_token(*t.end), t) for t in tokens]
-    sites = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Compare):
-            continue
-        operands = [node.left, *node.comparators]
-        for i, op in enumerate(node.ops):
-            if type(op) not in FLIPS:
-                continue
-            left, right = operands[i], operands[i + 1]
-            lo = off.from_ast(left.end_lineno, left.end_col_offset)
-            hi = off.from_ast(right.lineno, right.col_offset)
-            found = [(s, e, t) for s, e, t in token_spans if s >= lo and e <= hi]
-            if not found:
-                continue
-            before, after = FLIPS[type(op)]
-            written = " ".join(t.string for _, _, t in found)
-            rows = {t.start[0] for _, _, t in found}
-            if written != before or len(rows) != 1:
-                continue  # not the shape expected (e.g. `is` and `not` on two lines)
-            sites.append(CompareSite(found[0][0], found[-1][1], found[0][2].start[0],
-                                     before, after))
-    return sorted(sites, key=lambda s: s.start)
-
-
-def inject_bug(source: str, seed: int, function_id: str) -> tuple[str, dict[str, Any]] | None:
-    """``(buggy_source, mutation)`` with one comparison flipped, or None if no site.
-
-    The site is drawn from ``seed`` and ``function_id`` (stable across runs and
-    machines); the mutant always parses and its AST differs from the original's.
-    """
-    sites = comparison_sites(source)
-    if not sites:
-        return None
-    rng = random.Random(f"{seed}:{function_id}:bugfix")
-    order = list(range(len(sites)))
-    rng.shuffle(order)
-    original = ast.dump(ast.parse(source))
-    lines = source.split("\n")
-    for index in order:
-        site = sites[index]
-        mutant = source[: site.start] + site.after + source[site.end:]
-        try:
-            changed = ast.dump(ast.parse(mutant)) != original
-        except SyntaxError:
-            continue
-        if not changed:
-            continue
-        mutation = {
-            "kind": "comparison_flip",
-            "line": site.line,
-            "before": lines[site.line - 1],
-            "after": mutant.split("\n")[site.line - 1],
-            "op_before": site.before,
-            "op_after": site.after,
-        }
-        return mutant, mutation
-    return None
+    return source[: _Offsets(source, view).from_ast(doc.end_lineno, doc.end_col_offset)]
 
 
 # -- facts the instructions depend on ----------------------------------------------------
@@ -348,29 +342,6 @@ def module_path(source_file: str) -> str:
     if parts[-1] == "__init__" and len(parts) > 1:
         parts = parts[:-1]
     return ".".join(parts)
-
-
-def _own_nodes(node: ast.AST):
-    """Nodes of a function body, not descending into nested functions or classes."""
-    stack = list(ast.iter_child_nodes(node))
-    while stack:
-        child = stack.pop()
-        yield child
-        if not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
-                          | ast.Lambda):
-            stack.extend(ast.iter_child_nodes(child))
-
-
-def _returns_value(node: ast.AST) -> bool:
-    return any(
-        (isinstance(n, ast.Return) and n.value is not None)
-        or isinstance(n, ast.Yield | ast.YieldFrom)
-        for n in _own_nodes(node)
-    )
-
-
-def _raises(node: ast.AST) -> bool:
-    return any(isinstance(n, ast.Raise) for n in _own_nodes(node))
 
 
 def _documented_params(fn: dict[str, Any]) -> list[str]:

@@ -145,6 +145,18 @@ def _reference_complete(task, source, func) -> tuple[str | None, str | None]:
 _TOKEN = re.compile(r"[A-Za-z_]\w*|\d+(?:\.\d+)?|==|!=|<=|>=|\*\*|//|->|\S")
 _COMPARISONS = {"==", "!=", "<", "<=", ">", ">=", "is", "is not", "in", "not in"}
 _BOUNDARY_PAIRS = {frozenset({"<", "<="}), frozenset({">", ">="})}
+# trackb_core.mutations kinds whose operators are fixed: (correct, buggy). A token diff
+# of `is not` -> `is` would only see a `not` go missing.
+_KIND_OPERATORS = {
+    "is_not_to_is": ("is not", "is"),
+    "not_in_to_in": ("not in", "in"),
+    "lte_to_lt": ("<=", "<"),
+    "gte_to_gt": (">=", ">"),
+    "is_to_is_not": ("is", "is not"),
+    "in_to_not_in": ("in", "not in"),
+    "lt_to_lte": ("<", "<="),
+    "gt_to_gte": (">", ">="),
+}
 
 
 def _reference_bugfix(task, source, func) -> tuple[str | None, str | None]:
@@ -164,14 +176,17 @@ def describe_mutation(mutation: dict[str, Any], source: str, buggy_source: str |
     good_line = _line(source, line_no) or before
     bad_line = _line(buggy_source or "", line_no) or after
     # before/after may be whole lines or just the changed fragment: narrow lines down
-    if mutation.get("op_before") and mutation.get("op_after"):
+    kind = str(mutation.get("kind", ""))
+    if kind in _KIND_OPERATORS:
+        good, bad = _KIND_OPERATORS[kind]
+    elif mutation.get("op_before") and mutation.get("op_after"):
         good, bad = str(mutation["op_before"]).strip(), str(mutation["op_after"]).strip()
     elif before.strip() and before.strip() != good_line.strip():
         good, bad = before.strip(), after.strip()
     else:
         good, bad = _changed_fragment(good_line, bad_line)
     where = f"Line {line_no}" if line_no else "The changed line"
-    what, why = _explain_change(good, bad, good_line, bad_line)
+    what, why = _explain_change(good, bad, good_line, bad_line, kind)
     head = f"The bug is on line {line_no}: `{short(bad_line)}`." if line_no else (
         f"The bug is in `{short(bad_line)}`.")
     return f"{head}\n{where} {what}: {why} The fix restores `{short(good_line)}`."
@@ -193,10 +208,16 @@ def _changed_fragment(good_line: str, bad_line: str) -> tuple[str, str]:
     return " ".join(a[i1:i2]), " ".join(b[j1:j2])
 
 
-def _explain_change(good: str, bad: str, good_line: str, bad_line: str) -> tuple[str, str]:
+def _explain_change(good: str, bad: str, good_line: str, bad_line: str,
+                    kind: str = "") -> tuple[str, str]:
     if bad_line.lstrip().startswith("#") and good_line.lstrip().startswith("return"):
         return ("has its `return` statement commented out",
                 "the function falls through and returns `None` instead of the computed value.")
+    returned = good_line.strip().removeprefix("return").strip()
+    if kind == "return_value_removed" or (
+            bad_line.strip() == "return" and good_line.strip().startswith("return ")):
+        return (f"returns nothing where it should return `{short(returned, 60)}`",
+                "a bare `return` gives the caller `None` instead of the computed value.")
     if good in _COMPARISONS and bad in _COMPARISONS:
         if frozenset({good, bad}) in _BOUNDARY_PAIRS:
             return (f"compares with `{bad}` where the logic needs `{good}`",
@@ -213,9 +234,14 @@ def _explain_change(good: str, bad: str, good_line: str, bad_line: str) -> tuple
     good_tokens, bad_tokens = good.split(), bad.split()
     if "not" in good_tokens and [t for t in good_tokens if t != "not"] == bad_tokens:
         return ("drops a `not`", "the condition is inverted, so the wrong branch runs.")
-    if re.search(r"[+-]\s*1\b", f"{good} {bad}"):
-        return (f"reads `{bad}` where the logic needs `{good}`",
-                "the value is off by one, so an index, count or bound is shifted.")
+    if kind == "off_by_one" or re.search(r"[+-]\s*1\b", f"{good} {bad}"):
+        if not bad:
+            what = f"drops the `{good}`"
+        elif not good:
+            what = f"adds a `{bad}`"
+        else:
+            what = f"reads `{bad}` where the logic needs `{good}`"
+        return what, "the value is off by one, so an index, count or bound is shifted."
     return (f"reads `{bad}` where the correct code is `{good}`",
             "this changes what the function computes, so its result is wrong.")
 
