@@ -1,0 +1,373 @@
+"""The per-category checks, pinned on crafted responses."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from trackb_core import checks
+
+ORIGINAL = '''def clamp(value, low, high):
+    """Clamp value into [low, high]."""
+    if value < low:
+        return low
+    if value > high:
+        return high
+    return value
+'''
+BUGGY = ORIGINAL.replace("if value < low:", "if value >= low:")
+MUTATION = {"kind": "eq_flip", "line": 3, "before": "    if value < low:",
+            "after": "    if value >= low:"}
+ITEM = {
+    "id": "m:clamp-bugfix", "category": "bugfix", "source_function": ORIGINAL,
+    "buggy_source": BUGGY, "mutation": MUTATION, "function_name": "clamp",
+    "qualname": "clamp", "signature": "def clamp(value, low, high):",
+    "params": ["value", "low", "high"], "returns_value": True,
+}
+
+
+def fenced(code: str, prose: str = "The comparison was wrong; fixed below.") -> str:
+    return f"{prose}\n\n```python\n{textwrap.dedent(code).strip()}\n```\n"
+
+
+# -- bugfix -------------------------------------------------------------------------------
+
+
+def test_correct_fix_with_other_formatting_and_comments_is_exact():
+    reformatted = ORIGINAL.replace('"""Clamp value into [low, high]."""',
+                                   "# clamps").replace("return value", "return (value)  # ok")
+    verdict = checks.bugfix_verdict(fenced(reformatted), ITEM)
+    assert verdict == {"parses": True, "exact_fix": True, "site_fix": True}
+
+
+def test_fix_inside_its_class_is_found():
+    method = "class Holder:\n" + textwrap.indent(ORIGINAL, "    ")
+    assert checks.bugfix_verdict(fenced(method), ITEM)["exact_fix"]
+
+
+def test_partial_fix_restores_the_site_with_other_edits():
+    edited = ORIGINAL.replace("return value", "return int(value)")
+    verdict = checks.bugfix_verdict(fenced(edited), ITEM)
+    assert verdict == {"parses": True, "exact_fix": False, "site_fix": True}
+
+
+def test_wrong_fix_leaves_the_site_broken():
+    wrong = BUGGY.replace("value > high", "value >= high")
+    assert checks.bugfix_verdict(fenced(wrong), ITEM) == {
+        "parses": True, "exact_fix": False, "site_fix": False}
+
+
+def test_echoing_the_buggy_code_is_no_fix():
+    verdict = checks.bugfix_verdict(fenced(BUGGY), ITEM)
+    assert not verdict["exact_fix"] and not verdict["site_fix"]
+
+
+@pytest.mark.parametrize("response", [
+    "", "There is a bug in the comparison.",
+    "```python\ndef clamp(value, low, high):\n    if value < low:\n```",  # truncated
+])
+def test_empty_prose_only_and_truncated_answers_do_not_parse(response):
+    assert checks.bugfix_verdict(response, ITEM) == {
+        "parses": False, "exact_fix": False, "site_fix": False}
+
+
+def test_removed_return_value_site():
+    original = "def first(items):\n    for item in items:\n        return item\n    return None\n"
+    buggy = original.replace("return item", "return")
+    edited = original.replace("for item in items", "for item in list(items)")
+    assert checks.restores_site(edited, original, buggy, {})
+    assert not checks.restores_site(buggy.replace("in items", "in list(items)"), original,
+                                    buggy, {})
+
+
+def test_site_falls_back_to_the_mutation_lines_when_the_mutant_does_not_parse():
+    mutation = {"before": "    if value < low:", "after": "    if value >= low:"}
+    edited = ORIGINAL.replace("return value", "return int(value)")
+    assert checks.restores_site(edited, ORIGINAL, "not python (", mutation)
+    assert not checks.restores_site(BUGGY, ORIGINAL, "not python (", mutation)
+
+
+# -- complete -----------------------------------------------------------------------------
+
+
+def test_complete_exact_answer():
+    verdict = checks.complete_verdict(fenced(ORIGINAL), ITEM)
+    assert verdict == {"parses": True, "keeps_signature": True, "not_echo": True,
+                       "exact_match": True, "edit_similarity": 1.0}
+
+
+def test_complete_echoing_the_stub_is_an_echo():
+    stub = 'def clamp(value, low, high):\n    """Clamp value into [low, high]."""\n    ...\n'
+    verdict = checks.complete_verdict(fenced(stub), ITEM)
+    assert verdict["parses"] and verdict["keeps_signature"]
+    assert not verdict["not_echo"] and not verdict["exact_match"]
+    raising = "def clamp(value, low, high):\n    raise NotImplementedError\n"
+    assert not checks.complete_verdict(fenced(raising), ITEM)["not_echo"]
+
+
+def test_complete_with_changed_arguments_does_not_keep_the_signature():
+    changed = "def clamp(value, low=0, high=1):\n    return max(low, min(value, high))\n"
+    verdict = checks.complete_verdict(fenced(changed), ITEM)
+    assert verdict["parses"] and verdict["not_echo"] and not verdict["keeps_signature"]
+    assert 0.0 < verdict["edit_similarity"] < 1.0
+
+
+def test_complete_different_but_valid_body_scores_partial_similarity():
+    other = "def clamp(value, low, high):\n    return max(low, min(value, high))\n"
+    verdict = checks.complete_verdict(fenced(other), ITEM)
+    assert verdict["keeps_signature"] and verdict["not_echo"] and not verdict["exact_match"]
+    close = ORIGINAL.replace("return value", "return value + 0")
+    assert checks.complete_verdict(fenced(close), ITEM)["edit_similarity"] \
+        > verdict["edit_similarity"]
+
+
+def test_complete_empty_output():
+    verdict = checks.complete_verdict("", ITEM)
+    assert verdict == {"parses": False, "keeps_signature": False, "not_echo": False,
+                       "exact_match": False, "edit_similarity": 0.0}
+
+
+# -- docstring ----------------------------------------------------------------------------
+
+FULL_DOCSTRING = '''"""Clamp a value into a closed range.
+
+Args:
+    value (float): The number to clamp.
+    low: Lower bound.
+    high (float): Upper bound; must not be below
+        low: the caller checks it.
+
+Returns:
+    float: ``value`` limited to ``[low, high]``.
+"""'''
+
+
+def test_complete_google_docstring_is_ok():
+    verdict = checks.docstring_verdict(fenced(FULL_DOCSTRING), ITEM)
+    assert verdict == {"google_style": True, "args_coverage": 1.0, "has_returns": True,
+                       "ok": True}
+
+
+def test_missing_args_entry_lowers_coverage():
+    missing = FULL_DOCSTRING.replace("    low: Lower bound.\n", "")
+    verdict = checks.docstring_verdict(fenced(missing), ITEM)
+    assert verdict["google_style"] and not verdict["ok"]
+    assert verdict["args_coverage"] == pytest.approx(2 / 3)  # continuation lines don't count
+
+
+def test_missing_returns_and_missing_args_section():
+    no_returns = FULL_DOCSTRING.split("Returns:")[0] + '"""'
+    assert not checks.docstring_verdict(fenced(no_returns), ITEM)["has_returns"]
+    summary_only = '"""Clamp a value into a closed range."""'
+    verdict = checks.docstring_verdict(fenced(summary_only), ITEM)
+    assert not verdict["google_style"] and verdict["args_coverage"] == 0.0
+
+
+def test_docstring_for_a_function_without_params_or_return():
+    item = {"source_function": "def reset(self):\n    self.count = 0\n", "params": [],
+            "returns_value": False}
+    verdict = checks.docstring_verdict('"""Reset the counter to zero."""', item)
+    assert verdict["ok"]
+
+
+def test_docstring_inside_a_function_definition_and_derived_params():
+    item = {"source_function": "def area(self, width, *args, **kwargs):\n"
+                               "    return width\n"}
+    answer = fenced('def area(self, width, *args, **kwargs):\n    """Area.\n\n    Args:\n'
+                    '        width: W.\n        *args: More.\n        **kwargs: Options.\n\n'
+                    '    Yields:\n        W.\n    """\n    return width\n')
+    assert checks.docstring_verdict(answer, item)["ok"]
+
+
+# -- explain ------------------------------------------------------------------------------
+
+
+def test_explain_naming_every_parameter_and_the_return():
+    text = ("**Purpose** Limits a number.\n**Parameters** `value`, `low` and `high`.\n"
+            "**Returns**\n\nThe clamped number.")
+    assert checks.explain_verdict(text, ITEM) == {"param_coverage": 1.0,
+                                                  "mentions_return": True, "ok": True}
+
+
+def test_explain_missing_a_parameter_and_saying_it_returns_nothing():
+    text = "Takes value and low. Returns nothing."
+    verdict = checks.explain_verdict(text, ITEM)
+    assert verdict["param_coverage"] == pytest.approx(2 / 3)
+    assert not verdict["mentions_return"] and not verdict["ok"]
+    # a parameter name inside a longer word does not count
+    assert checks.explain_verdict("lowest values", ITEM)["param_coverage"] == 0.0
+
+
+def test_explain_of_a_function_that_returns_nothing_needs_no_return_text():
+    item = {"params": ["path"], "returns_value": False, "source_function": "def f(path): pass"}
+    assert checks.explain_verdict("Deletes the file at path.", item)["ok"]
+
+
+# -- placeholders -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "TODO: write this", "from your_module import clamp", "from path.to.module import f",
+    "```python\ndef f(x):\n    ...\n```", "    # rest of the code here", "<insert code>",
+])
+def test_placeholders_are_found(text):
+    assert checks.has_placeholder(text)
+
+
+def test_real_code_has_no_placeholder():
+    assert not checks.has_placeholder(fenced(ORIGINAL))
+    assert not checks.has_placeholder(fenced("def f(x):\n    return x[...]\n"))
+
+
+# -- unit_test ----------------------------------------------------------------------------
+
+MODULE = '''"""A small module."""
+from shop.util.helpers import double
+
+
+def clamp(value, low, high):
+    """Clamp value into [low, high]."""
+    if value < low:
+        return low
+    if value > high:
+        return high
+    return value
+
+
+class Basket:
+    def total(self, n):
+        return double(n) + 1
+'''
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A tiny corpus: a package whose __init__ imports a missing heavy library."""
+    root = tmp_path / "corpus"
+    (root / "shop" / "util").mkdir(parents=True)
+    (root / "shop" / "__init__.py").write_text("import torch_nonexistent\n")
+    (root / "shop" / "util" / "__init__.py").write_text("")
+    (root / "shop" / "util" / "maths.py").write_text(MODULE)
+    (root / "shop" / "util" / "helpers.py").write_text("def double(n):\n    return 2 * n\n")
+    (root / "shop" / "heavy.py").write_text(
+        "import torch_nonexistent\n\n\ndef ident(x):\n    return x\n")
+    return root
+
+
+def unit_item(**extra) -> dict:
+    source = ORIGINAL.rstrip("\n")
+    item = {"category": "unit_test", "source_function": source, "source_file":
+            "shop/util/maths.py", "qualname": "clamp", "function_name": "clamp",
+            "line": 5, "end_line": 11}
+    item.update(extra)
+    return item
+
+
+KILLING_TESTS = fenced("""
+    import pytest
+    from shop.util.maths import clamp
+
+    def test_inside():
+        assert clamp(5, 0, 10) == 5
+
+    @pytest.mark.parametrize("value, expected", [(-3, 0), (12, 10)])
+    def test_edges(value, expected):
+        assert clamp(value, 0, 10) == expected
+""")
+
+
+def test_passing_tests_that_kill_the_mutant(corpus):
+    verdict = checks.unit_test_verdict(KILLING_TESTS, unit_item(buggy_source=BUGGY.rstrip()),
+                                       corpus, timeout=5)
+    assert verdict["status"] == "passed" and verdict["tests"] == 3
+    assert verdict["passes_original"] is True and verdict["kills_mutant"] is True
+
+
+def test_tests_that_miss_the_mutant(corpus):
+    weak = fenced("""
+        from shop.util.maths import clamp
+
+        def test_at_the_lower_bound():
+            assert clamp(0, 0, 10) == 0  # the mutant returns low here too
+    """)
+    verdict = checks.unit_test_verdict(weak, unit_item(buggy_source=BUGGY.rstrip()), corpus,
+                                       timeout=5)
+    assert verdict["status"] == "passed" and verdict["kills_mutant"] is False
+
+
+def test_tests_failing_on_the_original(corpus):
+    wrong = fenced("""
+        from shop.util.maths import clamp
+
+        def test_wrong():
+            assert clamp(50, 0, 10) == 50
+    """)
+    verdict = checks.unit_test_verdict(wrong, unit_item(), corpus, timeout=5)
+    assert verdict["status"] == "failed" and verdict["passes_original"] is False
+    assert verdict["tests"] == 1
+
+
+def test_a_method_using_a_sibling_module_runs_without_mutant(corpus):
+    item = {"source_function": "def total(self, n):\n    return double(n) + 1",
+            "source_file": "shop/util/maths.py", "qualname": "Basket.total",
+            "function_name": "total", "line": 15, "end_line": 16}
+    tests = fenced("""
+        from shop.util.maths import Basket
+
+        class TestBasket:
+            def test_total(self, tmp_path):
+                assert tmp_path.is_dir()
+                assert Basket().total(2) == 5
+    """)
+    verdict = checks.unit_test_verdict(tests, item, corpus, timeout=5)
+    assert verdict["status"] == "passed" and verdict["kills_mutant"] is None
+    mutated = checks.unit_test_verdict(
+        tests, {**item, "buggy_source": "def total(self, n):\n    return double(n)"}, corpus,
+        timeout=5)
+    assert mutated["kills_mutant"] is True
+
+
+def test_heavy_import_is_not_executable(corpus):
+    item = {"source_function": "def ident(x):\n    return x", "source_file": "shop/heavy.py",
+            "qualname": "ident", "function_name": "ident", "line": 4, "end_line": 5}
+    tests = fenced("from shop.heavy import ident\n\ndef test_ident():\n    assert ident(1) == 1")
+    verdict = checks.unit_test_verdict(tests, item, corpus, timeout=5)
+    assert verdict["status"] == "not_executable" and verdict["passes_original"] is None
+    assert "torch_nonexistent" in verdict["reason"]
+
+
+def test_tests_needing_a_missing_library_are_not_executable(corpus):
+    tests = fenced("import numpy_nonexistent\nfrom shop.util.maths import clamp\n\n"
+                   "def test_x():\n    assert clamp(1, 0, 2) == 1")
+    assert checks.unit_test_verdict(tests, unit_item(), corpus, timeout=5)["status"] \
+        == "not_executable"
+
+
+def test_tests_importing_a_wrong_name_are_an_error(corpus):
+    tests = fenced("from shop.util.maths import nothing\n\ndef test_x():\n    assert nothing()")
+    verdict = checks.unit_test_verdict(tests, unit_item(), corpus, timeout=5)
+    assert verdict["status"] == "error" and verdict["passes_original"] is False
+
+
+def test_hanging_tests_time_out(corpus):
+    tests = fenced("def test_hang():\n    while True:\n        pass\n    assert False")
+    assert checks.unit_test_verdict(tests, unit_item(), corpus, timeout=1.5)["status"] \
+        == "timeout"
+
+
+@pytest.mark.parametrize("response, status", [
+    ("", "unparsable"),
+    ("```python\ndef test_x(:\n```", "unparsable"),
+    (fenced("def test_x():\n    pass"), "no_tests"),
+    (fenced("def helper():\n    assert True"), "no_tests"),
+])
+def test_unrunnable_responses(corpus, response, status):
+    assert checks.unit_test_verdict(response, unit_item(), corpus)["status"] == status
+
+
+def test_no_corpus_or_file_is_not_executable(corpus):
+    assert checks.unit_test_verdict(KILLING_TESTS, unit_item(), None)["reason"] == "no corpus"
+    missing = unit_item(source_file="shop/absent.py")
+    assert checks.unit_test_verdict(KILLING_TESTS, missing, corpus)["status"] \
+        == "not_executable"
