@@ -1,7 +1,8 @@
-"""Tests for trackb_core.teacher: the reference teacher and the OpenAI-compatible client.
+"""Tests for trackb_core.teacher: the reference teacher (the OpenAI-compatible client's
+tests live in test_openai_teacher.py).
 
-The OpenAI client is tested against a real HTTP server started here (http.server on
-127.0.0.1), which can answer 429 with Retry-After, 500, slowly, or truncated.
+``make_tasks`` builds task rows from real standard-library functions; test_generate and
+test_dataset share it.
 """
 
 from __future__ import annotations
@@ -10,20 +11,13 @@ import ast
 import colorsys
 import fnmatch
 import inspect
-import json
 import shlex
-import socket
 import string
 import textwrap
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from trackb_core import codeblocks
-from trackb_core.errors import ConfigError, UnavailableError
-from trackb_core.openai_teacher import OpenAITeacher, _retry_after, teacher_messages
 from trackb_core.teacher import ReferenceTeacher, describe_mutation
 
 CATEGORIES = ("docstring", "explain", "bugfix", "complete", "unit_test")
@@ -85,127 +79,6 @@ def make_tasks(functions=REAL_FUNCTIONS, categories=CATEGORIES,
                 row["mutation"], row["buggy_source"] = flipped
             rows.append(row)
     return rows
-
-
-# -- a scripted OpenAI-compatible server ------------------------------------------------
-
-
-class FakeOpenAIServer:
-    """An OpenAI-compatible server on 127.0.0.1. Markers in the user message script it.
-
-    ``[429]`` -> the first request answers 429 with Retry-After; ``[500]`` -> the first
-    answers 500; ``[length]`` -> finish_reason "length"; ``[slow]`` -> the first request
-    stalls past the client timeout; ``[400]`` -> always 400.
-    """
-
-    def __init__(self, models=("fake-teacher",), require_key: str | None = None,
-                 retry_after: str = "0", delay: float = 0.0):
-        self.models, self.require_key = list(models), require_key
-        self.retry_after, self.delay = retry_after, delay
-        self.attempts: dict[str, int] = {}
-        self.requested_models: list[str] = []
-        self.in_flight = self.max_in_flight = 0
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-            def _send(self, code, payload, headers=None):
-                body = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _authorised(self):
-                if server.require_key and (self.headers.get("Authorization")
-                                           != f"Bearer {server.require_key}"):
-                    self._send(401, {"error": {"message": "invalid api key"}})
-                    return False
-                return True
-
-            def do_GET(self):
-                if not self._authorised():
-                    return
-                if self.path == "/v1/models":
-                    self._send(200, {"object": "list", "data": [
-                        {"id": m, "object": "model"} for m in server.models]})
-                else:
-                    self._send(404, {"error": "not found"})
-
-            def do_POST(self):
-                if not self._authorised():
-                    return
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                user = body["messages"][-1]["content"]
-                with server.lock:
-                    server.requested_models.append(body["model"])
-                    attempt = server.attempts[user] = server.attempts.get(user, 0) + 1
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    time.sleep(server.delay)
-                    self._answer(user, attempt)
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-
-            def _answer(self, user, attempt):
-                if "[429]" in user and attempt == 1:
-                    return self._send(429, {"error": "slow down"},
-                                      {"Retry-After": server.retry_after})
-                if "[500]" in user and attempt == 1:
-                    return self._send(500, {"error": "boom"})
-                if "[400]" in user:
-                    return self._send(400, {"error": "context too long"})
-                if "[slow]" in user and attempt == 1:
-                    time.sleep(1.5)
-                finish = "length" if "[length]" in user else "stop"
-                self._send(200, {
-                    "id": "cmpl-1", "object": "chat.completion", "model": server.models[0],
-                    "choices": [{"index": 0, "finish_reason": finish,
-                                 "message": {"role": "assistant",
-                                             "content": f"answer to: {user.splitlines()[0]}"}}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-                })
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def fake_server():
-    servers = []
-
-    def start(**kwargs) -> FakeOpenAIServer:
-        servers.append(FakeOpenAIServer(**kwargs))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def chat_task(task_id: str, text: str, category: str = "complete") -> dict:
-    return {"id": task_id, "category": category, "instruction": text}
 
 
 # -- reference teacher ------------------------------------------------------------------
@@ -323,103 +196,44 @@ def test_reference_unit_test_and_unknown_are_skipped_with_reasons():
     assert all(r.status == "skipped" for r in results.values())
 
 
-# -- OpenAI-compatible teacher ------------------------------------------------------------
+@pytest.mark.parametrize(("kind", "line", "expected"), [
+    ("off_by_one", "return a[n - 1]", "drops the `- 1`: the value is off by one"),
+    ("off_by_one", "return list(range(n))", "adds a `- 1`: the value is off by one"),
+    ("eq_flip", "return a == n", "compares with `!=` where the logic needs `==`: the test "
+                                 "is inverted"),
+    ("is_not_to_is", "return a is not None", "compares with `is` where the logic needs "
+                                             "`is not`: the test is inverted"),
+    ("not_in_to_in", "return n not in a", "compares with `in` where the logic needs "
+                                          "`not in`"),
+    ("return_value_removed", "return a + n", "returns nothing where it should return "
+                                             "`a + n`: a bare `return` gives the caller "
+                                             "`None`"),
+    ("bool_flip", "return True", "uses `False` where the logic needs `True`"),
+    ("lte_to_lt", "return a <= n", "compares with `<` where the logic needs `<=`: the "
+                                   "boundary case"),
+    ("gte_to_gt", "return a >= n", "compares with `>` where the logic needs `>=`: the "
+                                   "boundary case"),
+    ("not_dropped", "return not a", "drops a `not`: the condition is inverted"),
+    ("and_or_swap", "return a and n", "joins the conditions with `or` where the logic "
+                                      "needs `and`"),
+    ("is_to_is_not", "return a is None", "compares with `is not` where the logic needs "
+                                         "`is`"),
+    ("in_to_not_in", "return n in a", "compares with `not in` where the logic needs `in`"),
+    ("lt_to_lte", "return a < n", "compares with `<=` where the logic needs `<`: the "
+                                  "boundary case"),
+    ("gt_to_gte", "return a > n", "compares with `>=` where the logic needs `>`: the "
+                                  "boundary case"),
+])
+def test_describe_mutation_explains_every_mutation_kind(kind, line, expected):
+    from trackb_core.mutations import KINDS, inject_bug
 
-
-def test_openai_teacher_retries_rejects_truncation_and_records_usage(fake_server):
-    server = fake_server()
-    teacher = OpenAITeacher(server.base_url, concurrency=4, timeout=5, max_retries=3,
-                            backoff_base=0.01)
-    tasks = [chat_task("a", "plain"), chat_task("b", "busy [429]"),
-             chat_task("c", "flaky [500]"), chat_task("d", "long [length]"),
-             chat_task("e", "bad [400]")]
-    results = {r.id: r for r in teacher.answer_all(tasks)}
-
-    assert teacher.model == "fake-teacher"  # auto-detected from /v1/models
-    assert set(server.requested_models) == {"fake-teacher"}
-    assert results["a"].ok and results["a"].response == "answer to: plain"
-    assert results["a"].usage == {"prompt_tokens": 10, "completion_tokens": 5,
-                                  "total_tokens": 15}
-    assert results["b"].ok and results["b"].attempts == 2
-    assert results["c"].ok and results["c"].attempts == 2
-    assert server.attempts["busy [429]"] == 2 and server.attempts["flaky [500]"] == 2
-    assert teacher.retries == {"http_429": 1, "http_5xx": 1}
-    assert results["d"].status == "rejected" and results["d"].reason == "truncated"
-    assert results["d"].finish_reason == "length" and results["d"].response is None
-    assert results["e"].status == "rejected" and results["e"].reason == "http_400"
-    assert server.attempts["bad [400]"] == 1  # a 400 is not retried
-
-
-def test_openai_teacher_honours_retry_after(fake_server):
-    server = fake_server(retry_after="7")
-    teacher = OpenAITeacher(server.base_url, timeout=5, backoff_base=0.01)
-    slept = []
-    teacher._sleep = slept.append  # record the wait instead of waiting 7 s
-    results = list(teacher.answer_all([chat_task("a", "x [429]")]))
-    assert results[0].ok and slept == [7.0]
-    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
-    assert _retry_after("bogus") is None
-
-
-def test_openai_teacher_retries_a_timeout_then_gives_up_as_rejected(fake_server):
-    server = fake_server()
-    teacher = OpenAITeacher(server.base_url, timeout=0.5, max_retries=1, backoff_base=0.01)
-    result = next(teacher.answer_all([chat_task("a", "x [slow]")]))
-    assert result.ok and result.attempts == 2 and teacher.retries == {"timeout": 1}
-
-    teacher = OpenAITeacher(server.base_url, timeout=0.5, max_retries=0, backoff_base=0.01)
-    result = next(teacher.answer_all([chat_task("b", "y [slow]")]))
-    assert result.status == "rejected" and result.reason == "timeout"
-
-
-def test_openai_teacher_bounds_concurrency(fake_server):
-    server = fake_server(delay=0.1)
-    teacher = OpenAITeacher(server.base_url, concurrency=3, timeout=5)
-    results = list(teacher.answer_all([chat_task(str(i), f"t{i}") for i in range(12)]))
-    assert len(results) == 12 and all(r.ok for r in results)
-    assert 2 <= server.max_in_flight <= 3
-
-
-def test_openai_teacher_sends_the_teacher_guidance():
-    messages = teacher_messages({"id": "a", "category": "unit_test", "instruction": "do it"})
-    assert [m["role"] for m in messages] == ["system", "user"]
-    assert "pytest" in messages[0]["content"] and messages[1]["content"] == "do it"
-
-
-def test_unreachable_server_is_unavailable_quickly():
-    start = time.monotonic()
-    teacher = OpenAITeacher(f"http://127.0.0.1:{free_port()}/v1", timeout=2)
-    with pytest.raises(UnavailableError, match="teacher server at .* is unreachable"):
-        list(teacher.answer_all([chat_task("a", "x")]))
-    assert time.monotonic() - start < 5
-
-
-def test_server_that_dies_mid_run_is_unavailable(fake_server):
-    server = fake_server()
-    teacher = OpenAITeacher(server.base_url, timeout=2, max_retries=1, backoff_base=0.01)
-    teacher.connect()
-    server.stop()
-    with pytest.raises(UnavailableError, match="unreachable after 2 attempts"):
-        list(teacher.answer_all([chat_task("a", "x")]))
-
-
-def test_refused_credentials_are_a_config_error(fake_server):
-    server = fake_server(require_key="sekrit")
-    with pytest.raises(ConfigError, match=r"refused the credentials \(HTTP 401\)"):
-        OpenAITeacher(server.base_url, api_key="wrong").connect()
-    teacher = OpenAITeacher(server.base_url, api_key="sekrit", timeout=5)
-    assert next(teacher.answer_all([chat_task("a", "x")])).ok
-
-
-def test_model_not_served_and_bad_url_are_config_errors(fake_server):
-    server = fake_server(models=("m1", "m2"))
-    with pytest.raises(ConfigError, match="does not serve model 'nope'"):
-        OpenAITeacher(server.base_url, model="nope").connect()
-    assert OpenAITeacher(server.base_url, model="m2").connect() == "m2"
-    # a bare host gets the conventional /v1
-    assert OpenAITeacher(server.base_url.removesuffix("/v1")).connect() == "m1"
-    with pytest.raises(ConfigError, match="must look like"):
-        OpenAITeacher("localhost:8000")
+    source = f"def f(a, n):\n    x = 1\n    {line}\n"
+    buggy, mutation = inject_bug(source, 0, "f", kind=kind)
+    text = describe_mutation(mutation, source, buggy)
+    assert text.startswith(f"The bug is on line 3: `{mutation['after'].strip()}`.")
+    assert f"Line 3 {expected}" in text, text
+    assert text.endswith(f"The fix restores `{line}`.")
+    assert kind in KINDS
 
 
 def test_describe_mutation_prefers_the_operator_fields_of_tasks():

@@ -1,29 +1,54 @@
 """The generate stage: a teacher writes the gold response for every task.
 
 Reads ``tasks.jsonl`` (from extract), asks the chosen teacher, and writes
-``responses.jsonl``: every answered task row plus the response and where it came from.
-Tasks the teacher skips (no reference answer) or whose answer is rejected (truncated,
-empty, refused) are counted by reason in the manifest, never dropped silently.
+``responses.jsonl``: every answered task row plus the response and where it came from,
+sorted by id. Tasks the teacher skips (no reference answer) or whose answer is rejected
+(truncated at the token cap, empty, refused) are counted by reason in the manifest,
+never dropped silently.
+
+The openai teacher's answers are expensive, so each one is appended to a cache shard
+under ``cache/`` in the output folder the moment it arrives. A killed run, started again
+on the same output, reads the shards back and asks only for what is missing;
+``responses.jsonl`` is then byte-identical to an uninterrupted run's (nothing in it
+depends on timing, attempts or arrival order). The reference teacher is free and
+deterministic and runs without the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+import shutil
 import sys
+import tempfile
+import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
 from trackb_core.config import StageConfig, input_field
-from trackb_core.errors import InputError
-from trackb_core.openai_teacher import OpenAITeacher
+from trackb_core.errors import InputError, StoreError
+from trackb_core.openai_teacher import (
+    TEACHER_PROMPT_VERSION,
+    OpenAITeacher,
+    teacher_prompt_sha256,
+)
 from trackb_core.stage import say, stage_run
-from trackb_core.store import Store
-from trackb_core.teacher import ReferenceTeacher, Teacher
+from trackb_core.store import LocalStore, Store
+from trackb_core.teacher import OK, ReferenceTeacher, Teacher, TeacherResult
 
 STAGE = "generate"
 REQUIRED_TASK_FIELDS = ("id", "category", "instruction")
+CACHE_DIR = "cache"
+# A shard is closed (fsync'd, or uploaded to a remote store) after this many results or
+# seconds, so a kill -9 loses at most that much on S3 and nothing locally.
+CACHE_ROLL_RESULTS = 256
+CACHE_ROLL_SECONDS = 60.0
+_SHARD_NAME = re.compile(r"^shard-(\d+)\.jsonl$")
 
 
 class GenerateConfig(StageConfig):
@@ -31,9 +56,10 @@ class GenerateConfig(StageConfig):
 
     Reads tasks.jsonl (the extract stage's output folder or the file itself). Writes
     responses.jsonl: each answered task row plus response, teacher, teacher_model,
-    finish_reason and usage, sorted by id. The reference teacher derives answers from
-    the source itself (no network); the openai teacher calls an OpenAI-compatible
-    server such as vLLM.
+    finish_reason and usage (and candidates when n > 1), sorted by id. The reference
+    teacher derives answers from the source itself (no network); the openai teacher
+    calls an OpenAI-compatible server such as vLLM, keeps every answer in cache/ shards
+    as it arrives, and on a rerun into the same --out asks only for the missing ones.
     """
 
     tasks: str = input_field("", kind="file", filename="tasks.jsonl",
@@ -46,12 +72,22 @@ class GenerateConfig(StageConfig):
     model: str | None = Field(None, description="Model name on the server; empty means the "
                               "first model the server lists at /v1/models")
     concurrency: int = Field(32, ge=1, description="Requests in flight at once (openai teacher)")
-    max_tokens: int = Field(2048, ge=1, description="Most tokens per answer; longer answers "
-                            "are rejected as truncated")
+    max_tokens: int = Field(2048, ge=1, description="Tokens asked for per answer at first; a "
+                            "truncated answer is asked again with twice as many")
+    max_tokens_cap: int = Field(8192, ge=1, description="Most tokens per answer (at least "
+                                "max_tokens); an answer still truncated there is rejected")
     temperature: float = Field(0.2, ge=0.0, description="Sampling temperature of the teacher")
+    n: int = Field(1, ge=1, description="Candidates per task; rows keep them all in "
+                   "'candidates' and the first as 'response' (openai teacher)")
     timeout: float = Field(120.0, gt=0, description="Seconds to wait for one answer")
     max_retries: int = Field(5, ge=0, description="Retries per request on 429, 5xx, timeouts "
-                             "and connection errors (exponential backoff with jitter)")
+                             "and connection errors (exponential backoff with jitter, "
+                             "honouring Retry-After)")
+    ready_timeout: float = Field(600.0, ge=0, description="Seconds to wait at start for the "
+                                 "server to list a model at /v1/models (vLLM loads for "
+                                 "minutes); then exit 75")
+    cache: bool = Field(True, description="Keep each answer in cache/ shards under --out as "
+                        "it arrives, and reuse matching ones (openai teacher)")
     api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable "
                              "holding the server's API key (the key itself is never stored)")
 
@@ -64,8 +100,9 @@ def make_teacher(config: GenerateConfig) -> Teacher:
         config.base_url, model=config.model or None,
         api_key=os.environ.get(config.api_key_env) or None,
         concurrency=config.concurrency, max_tokens=config.max_tokens,
-        temperature=config.temperature, timeout=config.timeout,
-        max_retries=config.max_retries, key_hint=f"the API key in ${config.api_key_env}",
+        max_tokens_cap=config.max_tokens_cap, temperature=config.temperature, n=config.n,
+        timeout=config.timeout, max_retries=config.max_retries,
+        ready_timeout=config.ready_timeout, key_hint=f"the API key in ${config.api_key_env}",
     )
 
 
@@ -83,11 +120,157 @@ def check_tasks(rows: list[dict[str, Any]], where: str) -> None:
         seen.add(str(row["id"]))
 
 
+# -- the response cache ------------------------------------------------------------------
+
+
+def cache_key(task: dict[str, Any], identity: dict[str, Any]) -> str:
+    """The key an answer to ``task`` is cached under.
+
+    Covers the task id, the instruction's sha256 and the teacher's ``identity`` (model,
+    sampling settings, prompt template version and hash): change any and the old answer
+    is not reused.
+    """
+    payload = {"id": str(task["id"]),
+               "instruction_sha256": hashlib.sha256(
+                   str(task["instruction"]).encode("utf-8")).hexdigest(),
+               "teacher": identity}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def outcome(result: TeacherResult) -> dict[str, Any]:
+    """What is kept of a teacher result: a cache entry and the makings of a row."""
+    entry = {"id": result.id, "status": result.status, "reason": result.reason,
+             "response": result.response, "finish_reason": result.finish_reason,
+             "usage": dict(sorted(result.usage.items())), "model": result.model}
+    candidates = getattr(result, "candidates", ())
+    if candidates:
+        entry["candidates"] = list(candidates)
+    return entry
+
+
+class ResponseCache:
+    """Answers as JSONL shards under ``cache/`` of the output store.
+
+    Each entry is one line, written and flushed as its answer arrives. The open shard is
+    a local file: inside the output folder for a local store, in a temp folder for a
+    remote one. A shard is closed after ``roll_results`` entries or ``roll_seconds``
+    (checked as entries arrive) and at :meth:`close`: locally fsync'd, remotely uploaded
+    as a new immutable object. Shards are never appended to once closed, so the torn
+    last line a kill -9 may leave is only ever at a shard's end, and is skipped.
+    """
+
+    def __init__(self, out: Store, *, roll_results: int | None = None,
+                 roll_seconds: float | None = None):
+        self.out = out
+        self.roll_results = roll_results or CACHE_ROLL_RESULTS
+        self.roll_seconds = roll_seconds if roll_seconds is not None else CACHE_ROLL_SECONDS
+        self.local = isinstance(out, LocalStore)
+        self.stats: Counter[str] = Counter()
+        self._next = 1 + max((int(m.group(1)) for key in self._shard_keys()
+                              if (m := _SHARD_NAME.match(key.rpartition("/")[2]))), default=0)
+        self._tmp = None if self.local else Path(tempfile.mkdtemp(prefix="trackb-cache-"))
+        self._file = None
+        self._path: Path | None = None
+        self._key = ""
+        self._lines = 0
+        self._opened = 0.0
+
+    def _shard_keys(self) -> list[str]:
+        return [key for key in self.out.list(CACHE_DIR) if key.endswith(".jsonl")]
+
+    def load(self, wanted: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """Entries whose key matches ``wanted[id]``; torn, corrupt and stale lines are skipped.
+
+        Raises StoreError if a shard cannot be read.
+        """
+        found: dict[str, dict[str, Any]] = {}
+        for key in self._shard_keys():
+            self.stats["shards_read"] += 1
+            text = self.out.get_bytes(key).decode("utf-8", "replace")
+            lines = text.split("\n")
+            if lines[-1]:  # no newline after the last line: the write was cut short
+                self.stats["torn_lines"] += 1
+            for line in lines[:-1]:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    self.stats["corrupt_lines"] += 1
+                    continue
+                if not isinstance(entry, dict) or wanted.get(str(entry.get("id"))) is None:
+                    self.stats["stale_entries"] += 1
+                elif entry.get("key") != wanted[str(entry["id"])]:
+                    self.stats["stale_entries"] += 1
+                else:
+                    found[str(entry["id"])] = entry
+        return found
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Write one entry now (flushed to the OS, so a killed process keeps it).
+
+        Raises StoreError if the shard cannot be written.
+        """
+        try:
+            if self._file is None:
+                self._open()
+            self._file.write(json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise StoreError(f"cannot write the cache shard {self._path}: "
+                             f"{exc.strerror or exc}") from exc
+        self._lines += 1
+        if (self._lines >= self.roll_results
+                or time.monotonic() - self._opened >= self.roll_seconds):
+            self._roll()
+
+    def _open(self) -> None:
+        self._key = f"{CACHE_DIR}/shard-{self._next:06d}.jsonl"
+        self._next += 1
+        if self.local:
+            self._path = self.out.local_path(self._key)
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            self._path = self._tmp / self._key.rpartition("/")[2]
+        self._file = open(self._path, "x", encoding="utf-8")
+        self._lines, self._opened = 0, time.monotonic()
+
+    def _roll(self) -> None:
+        """Close the open shard: fsync it, or upload it (remote), and start afresh."""
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        if not self.local:
+            self.out.put_file(self._key, self._path)
+            self._path.unlink()
+        self.stats["shards_written"] += 1
+
+    def close(self) -> None:
+        """Close the open shard (see :meth:`_roll`). Raises StoreError if the upload fails."""
+        try:
+            self._roll()
+        finally:
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def response_row(task: dict[str, Any], entry: dict[str, Any], teacher: str) -> dict[str, Any]:
+    """The responses.jsonl row for an accepted answer (the task row plus the answer)."""
+    row = {**task, "response": entry["response"], "teacher": teacher,
+           "teacher_model": entry["model"], "finish_reason": entry["finish_reason"],
+           "usage": dict(sorted(entry["usage"].items()))}
+    if entry.get("candidates"):
+        row["candidates"] = list(entry["candidates"])
+    return row
+
+
 def run(config: GenerateConfig, out: Store) -> dict:
     """Run the generate stage into ``out``; returns the manifest.
 
     Raises MissingInputError (no tasks file), InputError (malformed tasks),
-    UnavailableError (teacher server unreachable), ConfigError (credentials, model).
+    UnavailableError (teacher server not ready in time or gone), ConfigError
+    (credentials, model), StoreError (cache shards unreadable or unwritable).
     """
     from tqdm import tqdm
 
@@ -96,45 +279,81 @@ def run(config: GenerateConfig, out: Store) -> dict:
         check_tasks(tasks, run.input_uri("tasks"))
         by_id = {str(t["id"]): t for t in tasks}
         teacher = make_teacher(config)
+        run.extra["teacher"] = {"name": teacher.name}
+        cache: ResponseCache | None = None
+        outcomes: dict[str, dict[str, Any]] = {}
         if isinstance(teacher, OpenAITeacher):
+            say(STAGE, f"waiting up to {config.ready_timeout:g} s for the teacher server "
+                       f"{teacher.base_url}")
             say(STAGE, f"teacher server {teacher.base_url}: model {teacher.connect()}")
-        say(STAGE, f"{len(tasks)} tasks, teacher {teacher.name}")
+            run.extra["teacher"].update({
+                "base_url": teacher.base_url, "sampling": teacher.sampling(),
+                "prompt_version": TEACHER_PROMPT_VERSION,
+                "prompt_sha256": teacher_prompt_sha256()})
+            if config.cache:
+                identity = teacher.identity()
+                keys = {task_id: cache_key(task, identity) for task_id, task in by_id.items()}
+                cache = ResponseCache(out)
+                outcomes = cache.load(keys)
+        run.extra["teacher"]["model"] = teacher.model
+        pending = [task for task in tasks if str(task["id"]) not in outcomes]
+        say(STAGE, f"{len(tasks)} tasks, teacher {teacher.name}: {len(outcomes)} from the "
+                   f"cache, {len(pending)} to ask")
 
-        kept: list[dict[str, Any]] = []
-        skipped: Counter[str] = Counter()
-        rejected: Counter[str] = Counter()
-        usage: Counter[str] = Counter()
-        with run.timed("generate"), tqdm(total=len(tasks), desc=STAGE, unit="task",
-                                         file=sys.stderr, dynamic_ncols=True) as bar:
-            for result in teacher.answer_all(tasks):
-                usage.update(result.usage)
-                if result.ok:
-                    kept.append({**by_id[result.id], "response": result.response,
-                                 "teacher": teacher.name, "teacher_model": result.model,
-                                 "finish_reason": result.finish_reason,
-                                 "usage": dict(sorted(result.usage.items()))})
-                else:
-                    (skipped if result.status == "skipped" else rejected)[str(result.reason)] += 1
-                    bar.set_postfix(failures=sum(rejected.values()), refresh=False)
-                bar.update(1)
+        failures: Counter[str] = Counter()
+        try:
+            with run.timed("generate"), tqdm(total=len(tasks), initial=len(outcomes),
+                                             desc=STAGE, unit="task", file=sys.stderr,
+                                             dynamic_ncols=True) as bar:
+                for result in teacher.answer_all(pending):
+                    entry = outcome(result)
+                    outcomes[result.id] = entry
+                    # A rejection another run would repeat (truncated at the cap, a 400) is
+                    # cached too; one that ran out of retries (timeouts, 429, 5xx) is not.
+                    if cache is not None and not getattr(result, "transient", False):
+                        cache.append({"key": keys[result.id], **entry})
+                    if result.status != OK:
+                        failures[str(result.reason)] += 1
+                        bar.set_postfix(failed=sum(failures.values()), refresh=False)
+                    bar.update(1)
+        finally:
+            if cache is not None:
+                cache.close()
 
         # Teachers answer in arrival order; the file must not depend on it.
-        kept.sort(key=lambda row: str(row["id"]))
+        kept = [response_row(by_id[task_id], outcomes[task_id], teacher.name)
+                for task_id in sorted(outcomes) if outcomes[task_id]["status"] == OK]
         run.write_jsonl("responses.jsonl", kept)
+        skipped = Counter(e["reason"] for e in outcomes.values() if e["status"] == "skipped")
+        rejected = Counter(e["reason"] for e in outcomes.values() if e["status"] == "rejected")
         run.counts.update({
             "tasks": len(tasks),
             "responses": len(kept),
             "responses_by_category": dict(sorted(Counter(r["category"] for r in kept).items())),
             "skipped": dict(sorted(skipped.items())),
             "rejected": dict(sorted(rejected.items())),
-            "usage": dict(sorted(usage.items())),
+            "usage": _sum_usage(row["usage"] for row in kept),
         })
-        run.extra["teacher"] = {"name": teacher.name, "model": teacher.model}
         if isinstance(teacher, OpenAITeacher):
-            run.extra["teacher"]["base_url"] = teacher.base_url
-            run.counts["retries"] = dict(sorted(teacher.retries.items()))
+            run.counts.update({
+                "requested": len(pending),
+                "cached": len(tasks) - len(pending),
+                "retries": dict(sorted(teacher.retries.items())),
+                "truncated_retried": teacher.truncated_retried,
+                # every token the server reported in this run, truncated attempts included
+                "usage_spent": dict(sorted(teacher.usage_spent.items())),
+            })
+            if cache is not None:
+                run.counts["cache"] = dict(sorted(cache.stats.items()))
         say(STAGE, f"{len(kept)} responses; skipped {dict(skipped) or 0}; "
                    f"rejected {dict(rejected) or 0}")
         if not kept:
             say(STAGE, "warning: no task got a usable response")
     return run.manifest
+
+
+def _sum_usage(usages) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for usage in usages:
+        total.update(usage)
+    return dict(sorted(total.items()))

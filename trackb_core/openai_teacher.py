@@ -1,19 +1,39 @@
-"""The OpenAI-compatible teacher: a client for vLLM (or any ``/v1/chat/completions`` server).
+"""The OpenAI-compatible teacher: an async client for vLLM (or any ``/v1/chat/completions``).
 
-It asks with bounded concurrency, retries transient failures with backoff and rejects
-truncated answers instead of keeping them (the seed kept them silently).
+What the model is asked: the system turn carries the teacher's format guidance (a
+versioned template, :data:`TEACHER_PROMPT_VERSION`, hashed into the manifest and the
+response cache); the user turn is the task's stored ``instruction``, unchanged, which is
+exactly what training and evaluation show the student.
+
+How it asks (the seed ran one ``curl`` per request, 2 in flight, and kept truncated
+answers):
+
+* asyncio + aiohttp, at most ``concurrency`` requests in flight over one connection pool;
+* waits for the server to list a model at ``/v1/models`` (vLLM loads for minutes) within
+  ``ready_timeout``, then picks the model from that list;
+* retries 429, 5xx, timeouts and dropped connections with exponential backoff and
+  jitter, honouring ``Retry-After``, at most ``max_retries`` times per request;
+* never keeps a truncated answer (``finish_reason == "length"``): it asks again with
+  twice the tokens, up to ``max_tokens_cap``, then rejects the task as truncated;
+* records token usage per answer and in total; ``n > 1`` asks for several candidates.
+
+:meth:`OpenAITeacher.answer_all` is a plain iterator (the event loop runs in a
+background thread), so the generate stage consumes this teacher and the reference
+teacher through the same loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import queue
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlparse
@@ -21,7 +41,9 @@ from urllib.parse import urlparse
 from trackb_core.errors import ConfigError, UnavailableError
 from trackb_core.teacher import OK, REJECTED, TeacherResult, short
 
-# ------------------------------------------------------------------------------------
+# -- the teacher's prompt templates (versioned: a change here must bump the version) ----
+
+TEACHER_PROMPT_VERSION = "v2"
 
 TEACHER_SYSTEM_PROMPT = (
     "You are an expert Python engineer writing gold answers for a code instruction "
@@ -41,16 +63,80 @@ CATEGORY_GUIDANCE = {
                  "test, name the functions test_..., use plain assert statements.",
 }
 
-RETRY_STATUS = {429, 500, 502, 503, 504}
-MAX_BACKOFF_SECONDS = 60.0
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# A server asking for a longer pause than this is treated as asking for this long.
+RETRY_AFTER_CEILING = 300.0
+# Fatal errors stop the remaining requests; the loop thread gets this long to wind down.
+SHUTDOWN_SECONDS = 10.0
 
 
 def teacher_messages(task: dict[str, Any]) -> list[dict[str, str]]:
-    """The chat messages a teacher model gets for ``task`` (system guidance + instruction)."""
+    """The chat messages a teacher model gets for ``task``: guidance + the instruction as is."""
     guidance = CATEGORY_GUIDANCE.get(str(task.get("category")), "")
     system = f"{TEACHER_SYSTEM_PROMPT} {guidance}".strip()
     return [{"role": "system", "content": system},
             {"role": "user", "content": str(task["instruction"])}]
+
+
+def teacher_prompt_sha256() -> str:
+    """sha256 over every teacher template: recorded in the manifest and the cache key."""
+    templates = {"system": TEACHER_SYSTEM_PROMPT, "guidance": CATEGORY_GUIDANCE}
+    return hashlib.sha256(json.dumps(templates, sort_keys=True).encode()).hexdigest()
+
+
+# -- retry timing --------------------------------------------------------------------------
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based).
+
+    Exponential (``base * 2**(attempt-1)``, at most ``cap``) with "equal jitter": a
+    uniform draw from the upper half, so many clients that failed together do not retry
+    in lockstep, yet none retries much sooner than the schedule says.
+    """
+    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP date.
+
+    None when absent or unparsable; never negative; at most RETRY_AFTER_CEILING.
+    """
+    if not value or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if moment.tzinfo is None:  # RFC 9110 dates are GMT
+            return None
+        seconds = moment.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return min(RETRY_AFTER_CEILING, max(0.0, seconds))
+
+
+# -- results and failures -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenAIResult(TeacherResult):
+    """A :class:`TeacherResult` with every candidate (``n > 1``) and truncation retries.
+
+    ``usage`` is the usage of the replies the kept candidates came from;
+    ``truncated_retries`` counts the times the task was asked again with more tokens.
+    ``transient`` marks a rejection that a later run may not repeat (retries ran out
+    on a timeout, 429, 5xx or dropped connection), so it is not cached.
+    """
+
+    candidates: tuple[str, ...] = ()
+    truncated_retries: int = 0
+    transient: bool = False
 
 
 class _Transient(Exception):
@@ -61,21 +147,32 @@ class _Transient(Exception):
         self.kind, self.wait = kind, wait
 
 
-class OpenAITeacher:
-    """A client for any OpenAI-compatible ``/v1/chat/completions`` server (vLLM, ...).
+class _Rejected(Exception):
+    """A failure retrying cannot fix, for this task only."""
 
-    Raises (from :meth:`connect` / :meth:`answer_all`) UnavailableError when the server
-    cannot be reached, ConfigError when it refuses the credentials, does not serve
-    ``model``, or says the endpoint does not exist. Per-task failures that retrying
-    cannot fix (a truncated or empty answer, a 400) come back as rejected results.
+    def __init__(self, reason: str, detail: str, *, transient: bool = False):
+        super().__init__(detail)
+        self.reason, self.transient = reason, transient
+
+
+class OpenAITeacher:
+    """An async client for any OpenAI-compatible ``/v1/chat/completions`` server.
+
+    Raises (from :meth:`connect` and :meth:`answer_all`) UnavailableError when the
+    server is not ready within ``ready_timeout`` or stops answering altogether,
+    ConfigError when it refuses the credentials (naming ``key_hint``), does not serve
+    ``model`` (listing what it serves) or has no such endpoint. Per-task failures
+    that retrying cannot fix come back as rejected results with a reason.
     """
 
     name = "openai"
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, *,
-                 concurrency: int = 32, max_tokens: int = 2048, temperature: float = 0.2,
-                 timeout: float = 120.0, max_retries: int = 5, backoff_base: float = 0.5,
-                 key_hint: str = "the API key"):
+                 concurrency: int = 32, max_tokens: int = 2048, max_tokens_cap: int = 8192,
+                 temperature: float = 0.2, n: int = 1, timeout: float = 120.0,
+                 max_retries: int = 5, backoff_base: float = 0.5, backoff_cap: float = 30.0,
+                 ready_timeout: float = 600.0, key_hint: str = "the API key",
+                 rng: random.Random | None = None):
         parsed = urlparse(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ConfigError(f"teacher base URL {base_url!r} must look like http://host:port/v1")
@@ -84,55 +181,73 @@ class OpenAITeacher:
         self.model = model or ""
         self.api_key = api_key
         self.concurrency = max(1, int(concurrency))
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.timeout = timeout
+        self.max_tokens = max(1, int(max_tokens))
+        self.max_tokens_cap = max(self.max_tokens, int(max_tokens_cap))
+        self.temperature = float(temperature)
+        self.n = max(1, int(n))
+        self.timeout = float(timeout)
         self.max_retries = max(0, int(max_retries))
-        self.backoff_base = backoff_base
+        self.backoff_base = float(backoff_base)
+        self.backoff_cap = float(backoff_cap)
+        self.ready_timeout = max(0.0, float(ready_timeout))
         self.key_hint = key_hint
-        self.retries: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._abort = threading.Event()
+        self.rng = rng or random.Random()
+        # What this run cost and survived, for the manifest (the loop is one thread).
+        self.retries: Counter[str] = Counter()
+        self.truncated_retried = 0
+        self.usage_spent: Counter[str] = Counter()
         self._connected = False
-        self._jitter = random.Random()
 
-    # -- HTTP ------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: dict | None, timeout: float) -> dict:
-        """One HTTP exchange. Raises _Transient, ConfigError, or _Rejected."""
-        url = self.base_url + path
+    # -- identity -----------------------------------------------------------------------
+    def sampling(self) -> dict[str, Any]:
+        """The request settings an answer depends on (part of the cache key)."""
+        return {"temperature": self.temperature, "max_tokens": self.max_tokens,
+                "max_tokens_cap": self.max_tokens_cap, "n": self.n}
+
+    def identity(self) -> dict[str, Any]:
+        """What decides whether an earlier answer to the same instruction is reusable."""
+        return {"teacher": self.name, "model": self.model, "sampling": self.sampling(),
+                "prompt_version": TEACHER_PROMPT_VERSION,
+                "prompt_sha256": teacher_prompt_sha256()}
+
+    # -- HTTP ---------------------------------------------------------------------------
+    def _session(self):
+        import aiohttp
+
         headers = {"Accept": "application/json"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode("utf-8")
-            headers["Content-Type"] = "application/json"
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        # One pool sized to the concurrency: no request waits for a connection slot.
+        connector = aiohttp.TCPConnector(limit=self.concurrency + 1, ttl_dns_cache=300)
+        return aiohttp.ClientSession(headers=headers, connector=connector)
+
+    async def _request(self, session, method: str, path: str, body: dict | None,
+                       timeout: float) -> dict:
+        """One HTTP exchange. Raises _Transient, _Rejected or ConfigError."""
+        import aiohttp
+
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as reply:
-                payload = reply.read()
-        except urllib.error.HTTPError as exc:
-            detail = _error_detail(exc)
-            if exc.code in (401, 403):
-                raise ConfigError(f"teacher server at {self.base_url} refused the credentials "
-                                  f"(HTTP {exc.code}): check {self.key_hint}") from exc
-            if exc.code == 404:
-                raise ConfigError(f"teacher server at {self.base_url} answered 404 for {path}"
-                                  f"{' (model ' + repr(self.model) + ')' if self.model else ''}: "
-                                  f"{detail}") from exc
-            if exc.code in RETRY_STATUS or exc.code >= 500:
-                kind = "http_429" if exc.code == 429 else "http_5xx"
-                raise _Transient(kind, f"HTTP {exc.code}: {detail}",
-                                 _retry_after(exc.headers.get("Retry-After"))) from exc
-            raise _Rejected(f"http_{exc.code}", detail) from exc
+            async with session.request(method, self.base_url + path, json=body,
+                                       timeout=aiohttp.ClientTimeout(total=timeout)) as reply:
+                payload = await reply.read()
+                status, retry_after = reply.status, reply.headers.get("Retry-After")
         except TimeoutError as exc:
             raise _Transient("timeout", f"no answer within {timeout:g} s") from exc
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, TimeoutError):
-                raise _Transient("timeout", f"no answer within {timeout:g} s") from exc
-            raise _Transient("connection", str(exc.reason)) from exc
-        except OSError as exc:  # reset, refused, remote closed mid-answer
+        except (aiohttp.ClientError, OSError) as exc:  # refused, reset, closed mid-answer
             raise _Transient("connection", str(exc) or type(exc).__name__) from exc
+        if status >= 400:
+            detail = short(payload.decode("utf-8", "replace"), 200)
+            if status in (401, 403):
+                raise ConfigError(f"teacher server at {self.base_url} refused the credentials "
+                                  f"(HTTP {status}): check {self.key_hint}")
+            if status == 404:
+                model = f" (model {self.model!r})" if self.model else ""
+                raise ConfigError(f"teacher server at {self.base_url} answered 404 for "
+                                  f"{path}{model}: {detail}")
+            if status in RETRY_STATUS or status >= 500:
+                raise _Transient("http_429" if status == 429 else "http_5xx",
+                                 f"HTTP {status}: {detail}", parse_retry_after(retry_after))
+            raise _Rejected(f"http_{status}", detail)
         try:
             decoded = json.loads(payload)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -141,127 +256,210 @@ class OpenAITeacher:
             raise _Rejected("bad_response", "the server's answer is not a JSON object")
         return decoded
 
-    def connect(self) -> str:
-        """Check the server answers ``/v1/models`` and pick the model; returns the model.
+    async def _request_with_retries(self, session, body: dict) -> dict:
+        """POST a chat completion, retrying transient failures. Raises _Rejected."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._request(session, "POST", "/chat/completions", body,
+                                           self.timeout)
+            except _Transient as exc:
+                if attempt > self.max_retries:
+                    if exc.kind == "connection" and not await self._alive(session):
+                        raise UnavailableError(
+                            f"teacher server at {self.base_url} is unreachable after "
+                            f"{attempt} attempts: {exc}") from exc
+                    raise _Rejected(exc.kind, str(exc), transient=True) from exc
+                self.retries[exc.kind] += 1
+                wait = exc.wait if exc.wait is not None else backoff_delay(
+                    attempt, self.backoff_base, self.backoff_cap, self.rng)
+                await asyncio.sleep(wait)
 
-        Raises UnavailableError if the server is unreachable, ConfigError on refused
+    async def _alive(self, session) -> bool:
+        """Whether the server still answers /v1/models (tells a dead server from a flaky one)."""
+        try:
+            await self._request(session, "GET", "/models", None, min(self.timeout, 10.0))
+        except (_Transient, _Rejected):
+            return False
+        return True
+
+    # -- readiness ------------------------------------------------------------------------
+    def connect(self) -> str:
+        """Wait until the server lists a model (within ``ready_timeout``); returns the model.
+
+        Raises UnavailableError if it is not ready in time, ConfigError on refused
         credentials or a model the server does not serve.
         """
-        try:
-            listing = self._request("GET", "/models", None, timeout=min(self.timeout, 10.0))
-        except (_Transient, _Rejected) as exc:
-            raise UnavailableError(
-                f"teacher server at {self.base_url} is unreachable: {exc}") from exc
-        served = [str(m.get("id")) for m in listing.get("data") or [] if isinstance(m, dict)]
+        return asyncio.run(self._connect())
+
+    async def _connect(self) -> str:
+        deadline = time.monotonic() + self.ready_timeout
+        pause = 0.25
+        async with self._session() as session:
+            while True:
+                try:
+                    listing = await self._request(session, "GET", "/models", None,
+                                                  min(self.timeout, 10.0))
+                    served = [str(m.get("id")) for m in listing.get("data") or []
+                              if isinstance(m, dict) and m.get("id")]
+                    problem = "it serves no model yet"
+                except (_Transient, _Rejected) as exc:
+                    served, problem = [], str(exc)
+                if served:
+                    return self._pick_model(served)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise UnavailableError(
+                        f"teacher server at {self.base_url} is unreachable or not ready after "
+                        f"{self.ready_timeout:g} s (--ready-timeout): {problem}")
+                await asyncio.sleep(min(pause, remaining))
+                pause = min(pause * 2, 5.0)
+
+    def _pick_model(self, served: list[str]) -> str:
         if not self.model:
-            if not served:
-                raise UnavailableError(f"teacher server at {self.base_url} serves no model yet")
             self.model = served[0]
-        elif served and self.model not in served:
+        elif self.model not in served:
             raise ConfigError(f"teacher server at {self.base_url} does not serve model "
                               f"{self.model!r} (it serves: {', '.join(served)})")
         self._connected = True
         return self.model
 
-    # -- answering -------------------------------------------------------------------
-    def answer(self, task: dict[str, Any]) -> TeacherResult:
-        """Ask for one task, retrying transient failures. Raises as :meth:`connect`."""
+    # -- answering --------------------------------------------------------------------------
+    async def answer(self, session, task: dict[str, Any]) -> OpenAIResult:
+        """Ask for one task (``n`` candidates, never truncated). Raises as the class says."""
         task_id = str(task["id"])
-        body = {"model": self.model, "messages": teacher_messages(task),
-                "max_tokens": self.max_tokens, "temperature": self.temperature}
-        attempt = 0
-        while True:
-            attempt += 1
+        messages = teacher_messages(task)
+        kept: list[str] = []
+        usage: Counter[str] = Counter()
+        tokens, truncated_retries, model, finish = self.max_tokens, 0, self.model, "stop"
+        last_failure = "empty_response"
+        # Each pass asks for the candidates still missing; a server that ignores ``n``
+        # (transformers serve does) is asked again, one candidate at a time. Bounded:
+        # n passes that keep something, plus one per doubling of max_tokens.
+        passes = self.n + (self.max_tokens_cap // self.max_tokens).bit_length() + 1
+        for _ in range(passes):
+            body = {"model": self.model, "messages": messages, "max_tokens": tokens,
+                    "temperature": self.temperature}
+            if self.n - len(kept) > 1:
+                body["n"] = self.n - len(kept)
             try:
-                reply = self._request("POST", "/chat/completions", body, timeout=self.timeout)
-                return self._result(task_id, reply, attempt)
+                reply = await self._request_with_retries(session, body)
             except _Rejected as exc:
-                return TeacherResult(id=task_id, status=REJECTED, reason=exc.reason,
-                                     model=self.model, attempts=attempt)
-            except _Transient as exc:
-                if attempt > self.max_retries or self._abort.is_set():
-                    if exc.kind == "connection":
-                        raise UnavailableError(f"teacher server at {self.base_url} is unreachable "
-                                               f"after {attempt} attempts: {exc}") from exc
-                    return TeacherResult(id=task_id, status=REJECTED, reason=exc.kind,
-                                         model=self.model, attempts=attempt)
-                with self._lock:
-                    self.retries[exc.kind] = self.retries.get(exc.kind, 0) + 1
-                self._sleep(exc.wait if exc.wait is not None else self._backoff(attempt))
+                return self._rejected(task_id, exc.reason, truncated_retries, exc.transient)
+            reply_usage = _usage(reply)
+            self.usage_spent.update(reply_usage)
+            choices = [c for c in reply.get("choices") or [] if isinstance(c, dict)]
+            if not choices:
+                return self._rejected(task_id, "bad_response", truncated_retries)
+            complete = [c for c in choices if c.get("finish_reason") != "length"
+                        and _content(c).strip()]
+            truncated = sum(c.get("finish_reason") == "length" for c in choices)
+            last_failure = "truncated" if truncated else "empty_response"
+            if complete:
+                if not kept:
+                    model = str(reply.get("model") or self.model)
+                    finish = str(complete[0].get("finish_reason") or "stop")
+                kept += [_content(c).strip() for c in complete]
+                usage.update(reply_usage)
+            if len(kept) >= self.n:
+                break
+            if truncated and tokens < self.max_tokens_cap:
+                tokens = min(self.max_tokens_cap, tokens * 2)
+                truncated_retries += 1
+                self.truncated_retried += 1
+                continue
+            if not complete:
+                if kept:
+                    break  # fewer candidates than asked beats none
+                return self._rejected(task_id, last_failure, truncated_retries)
+        if not kept:
+            return self._rejected(task_id, last_failure, truncated_retries)
+        candidates = tuple(kept[: self.n])
+        return OpenAIResult(id=task_id, status=OK, response=candidates[0], finish_reason=finish,
+                            usage=dict(sorted(usage.items())), model=model,
+                            candidates=candidates if self.n > 1 else (),
+                            truncated_retries=truncated_retries)
 
-    def _backoff(self, attempt: int) -> float:
-        # "full jitter": spread retries of many threads so they do not arrive in lockstep
-        ceiling = min(MAX_BACKOFF_SECONDS, self.backoff_base * 2 ** (attempt - 1))
-        return ceiling * self._jitter.uniform(0.5, 1.0)
+    def _rejected(self, task_id: str, reason: str, truncated_retries: int,
+                  transient: bool = False) -> OpenAIResult:
+        return OpenAIResult(id=task_id, status=REJECTED, reason=reason, model=self.model,
+                            truncated_retries=truncated_retries, transient=transient)
 
-    def _sleep(self, seconds: float) -> None:
-        self._abort.wait(min(max(seconds, 0.0), MAX_BACKOFF_SECONDS))
+    async def _answer_many(self, tasks: list[dict[str, Any]],
+                           deliver: Callable[[Any], None]) -> None:
+        """Answer every task with ``concurrency`` workers, handing each result to ``deliver``."""
+        pending: asyncio.Queue = asyncio.Queue()
+        for task in tasks:
+            pending.put_nowait(task)
 
-    def _result(self, task_id: str, reply: dict, attempt: int) -> TeacherResult:
-        usage = {k: int(v) for k, v in (reply.get("usage") or {}).items()
-                 if k in ("prompt_tokens", "completion_tokens", "total_tokens")
-                 and isinstance(v, int)}
-        model = str(reply.get("model") or self.model)
-        choices = reply.get("choices") or []
-        if not choices or not isinstance(choices[0], dict):
-            raise _Rejected("bad_response", "no choices in the answer")
-        choice = choices[0]
-        finish = choice.get("finish_reason")
-        content = (choice.get("message") or {}).get("content")
-        common = {"id": task_id, "finish_reason": finish, "usage": usage, "model": model,
-                  "attempts": attempt}
-        if finish == "length":
-            return TeacherResult(status=REJECTED, reason="truncated", **common)
-        if not isinstance(content, str) or not content.strip():
-            return TeacherResult(status=REJECTED, reason="empty_response", **common)
-        return TeacherResult(status=OK, response=content.strip(), **common)
+        async def worker(session) -> None:
+            while True:
+                try:
+                    task = pending.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                deliver(await self.answer(session, task))
 
-    def answer_all(self, tasks: list[dict[str, Any]]) -> Iterator[TeacherResult]:
+        async with self._session() as session:
+            workers = [asyncio.create_task(worker(session))
+                       for _ in range(min(self.concurrency, len(tasks)))]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for running in workers:
+                    running.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+
+    def answer_all(self, tasks: list[dict[str, Any]]) -> Iterator[OpenAIResult]:
         """Results as they arrive, at most ``concurrency`` requests in flight.
 
-        Raises UnavailableError / ConfigError (see the class); pending requests are
-        cancelled first.
+        Connects first if :meth:`connect` was not called. Raises UnavailableError /
+        ConfigError (see the class) after cancelling the requests still in flight;
+        closing the iterator early cancels them too.
         """
         if not self._connected:
             self.connect()
-        self._abort.clear()
-        with ThreadPoolExecutor(max_workers=self.concurrency,
-                                thread_name_prefix="teacher") as pool:
-            futures = [pool.submit(self.answer, task) for task in tasks]
+        if not tasks:
+            return
+        arrived: queue.Queue = queue.Queue()
+        done = object()
+        loop = asyncio.new_event_loop()
+
+        async def main() -> None:
             try:
-                for future in as_completed(futures):
-                    yield future.result()
+                await self._answer_many(tasks, arrived.put)
+            except BaseException as exc:  # handed to the consumer thread, raised there
+                arrived.put(exc)
             finally:
-                self._abort.set()
-                for future in futures:
-                    future.cancel()
+                arrived.put(done)
+
+        job = loop.create_task(main())
+        thread = threading.Thread(target=loop.run_until_complete, args=(job,),
+                                  name="teacher-loop", daemon=True)
+        thread.start()
+        try:
+            while (item := arrived.get()) is not done:
+                if isinstance(item, asyncio.CancelledError):
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if thread.is_alive():
+                loop.call_soon_threadsafe(job.cancel)
+            thread.join(SHUTDOWN_SECONDS)
+            if not thread.is_alive():
+                loop.close()
 
 
-class _Rejected(Exception):
-    """A failure retrying cannot fix, for this task only."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-
-
-def _error_detail(exc: urllib.error.HTTPError) -> str:
-    try:
-        text = exc.read().decode("utf-8", "replace")
-    except OSError:
-        text = ""
-    return short(text or exc.reason or "", 200)
+def _usage(reply: dict[str, Any]) -> dict[str, int]:
+    usage = reply.get("usage") or {}
+    return {k: int(v) for k, v in usage.items()
+            if k in ("prompt_tokens", "completion_tokens", "total_tokens")
+            and isinstance(v, int) and not isinstance(v, bool)}
 
 
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
+def _content(choice: dict[str, Any]) -> str:
+    content = (choice.get("message") or {}).get("content")
+    return content if isinstance(content, str) else ""
