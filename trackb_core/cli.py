@@ -28,6 +28,7 @@ from trackb_core.config import (
     parse_dotted_overrides,
 )
 from trackb_core.errors import TrackbError
+from trackb_core.publish import PublishConfig
 
 EPILOG_URIS = (
     "URIs are local paths, file:// or s3://bucket/prefix (endpoint from "
@@ -150,6 +151,10 @@ def main() -> None:
       logs           one stage's logs (from its pods, or the copy kept in the store)
       delete         remove a run's Kubernetes objects (the store keeps its outputs)
 
+    \b
+    Sharing:
+      publish        push a build-dataset folder to the Hugging Face Hub
+
     Run `trackb COMMAND --help` for a command's inputs, outputs and defaults.
     """
 
@@ -221,6 +226,22 @@ def render_command(config_file: str, out: str, run_id: str | None,
 
     for path in render(config_file, out, run_id=run_id, overrides=parse_dotted_overrides(sets)):
         click.echo(str(path))
+
+
+@main.command("publish", help=_help_text(PublishConfig),
+              short_help="Push a dataset folder to the Hugging Face Hub.",
+              context_settings={"max_content_width": 100})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              metavar="FILE", help="YAML file of this command's options; command-line options "
+                                   "override it.")
+@config_options(PublishConfig)
+@reports_errors
+def publish_command(config_file: str | None, **kwargs: Any) -> None:
+    from trackb_core.publish import publish
+
+    config = load_stage_config(PublishConfig, config_file,
+                               options_to_overrides(PublishConfig, kwargs))
+    click.echo(publish(config))
 
 
 # -- a run on Kubernetes: status, logs, delete -----------------------------------------------

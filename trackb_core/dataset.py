@@ -1,49 +1,70 @@
 """The build-dataset stage: filter, deduplicate and split the teacher's responses.
 
-Reads ``responses.jsonl`` (from generate) and writes ``train.jsonl``, ``test.jsonl`` and
-a dataset card ``README.md``. The split is grouped by source function: every row made
-from one function (or from an exact copy of it in another file) lands on the same side,
-because the seed's plain shuffle let the same function sit in train and test. It is
-stratified by category and independent of the input's row order.
+Reads ``responses.jsonl`` (from generate) and writes, in order:
+
+1. **Filters** (:mod:`trackb_core.filters`, the "seed" or "strict" set): every row, and
+   when generate drew several ``candidates`` every candidate until one passes, is
+   checked; rejections are counted by reason and the checks' measured facts (bugfix
+   exact/site-fix rates, unit-test outcomes in the sandbox, ...) are aggregated.
+2. **Deduplication**: exact duplicates (whitespace-normalised instruction + response),
+   then near-duplicates by MinHash LSH within each category, over instructions and over
+   the response's code (:mod:`trackb_core.neardup`; Jaccard >= ``near_dup_threshold`` on
+   token 5-grams). The first row by id stays.
+3. **A grouped split**: source functions whose token 5-gram Jaccard is >=
+   ``group_threshold`` are joined into one cluster (union-find, exact copies and rows of
+   one ``function_id`` included) and every cluster lands on one side, because the seed's
+   plain shuffle let the same function sit in train and test. Stratified by category
+   towards ``test_ratio``; independent of the input's row order.
+4. ``train.jsonl`` / ``test.jsonl`` (every task field plus the chat ``messages``),
+   ``data/train.parquet`` / ``data/test.parquet`` (the same rows, for Hugging Face
+   ``datasets``) and the dataset card ``README.md``.
 """
 
 from __future__ import annotations
 
+import email.parser
 import hashlib
-import re
+import json
+import tempfile
 from collections import Counter, defaultdict
-from typing import Any
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
-from trackb_core import codeblocks, prompts
+from trackb_core import codeblocks, filters, neardup, prompts
 from trackb_core.config import StageConfig, declared_inputs, input_field
-from trackb_core.errors import InputError
-from trackb_core.stage import say, stage_run, upstream_corpus
+from trackb_core.errors import InputError, TrackbError
+from trackb_core.stage import MANIFEST, resolve_file, say, stage_run, upstream_corpus
 from trackb_core.store import Store
 
 STAGE = "build-dataset"
-CATEGORIES = ("docstring", "explain", "bugfix", "complete", "unit_test")
 CODE_CATEGORIES = ("complete", "bugfix", "unit_test")
 REQUIRED_FIELDS = ("id", "category", "instruction", "response", "source_function")
-ROW_FIELDS = ("id", "category", "instruction", "response", "source_function", "source_file",
-              "function_id", "function_name")
-
-# The seed's placeholder patterns (its hallucination regexes): a gold answer that
-# matches one would teach the model the very thing the metric penalises.
-PLACEHOLDERS = [re.compile(p, re.IGNORECASE) for p in (
-    r"<\s*insert.*?>", r"\bTODO\b", r"\bTBD\b", r"\byour_[a-zA-Z_]+\b", r"\bsome_module\b",
-    r"\bfoo\b.*\b(bar|baz)\b",
-)]
+# What generate adds about how an answer was made: it describes the teacher (the card
+# records it), not the task, so published rows leave it out.
+GENERATION_FIELDS = ("teacher", "teacher_model", "finish_reason", "usage", "candidates")
+# Sampling settings of generate's config worth stating on the card, where present.
+SAMPLING_FIELDS = ("model", "temperature", "top_p", "max_tokens", "n", "seed")
+MAX_FACT_VALUES = 12
+UNKNOWN_LICENSE = "unknown — check the corpus' license before redistributing"
+# SPDX ids the Hugging Face Hub also uses as its `license:` values.
+HUB_LICENSES = {"apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "isc", "mpl-2.0",
+                "gpl-2.0", "gpl-3.0", "lgpl-2.1", "lgpl-3.0", "agpl-3.0", "unlicense",
+                "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0", "artistic-2.0", "bsl-1.0", "wtfpl"}
 
 
 class DatasetConfig(StageConfig):
     """Filter, deduplicate and split teacher responses into a train/test dataset.
 
     Reads responses.jsonl (the generate stage's output folder or the file itself).
-    Writes train.jsonl and test.jsonl (rows with id, category, instruction, response,
-    source fields and the chat messages trl trains on, sorted by id) and README.md, a
-    dataset card. The split is grouped by source function and stratified by category.
+    Filters every row (and each of its candidates, keeping the first that passes) with
+    the chosen filter set, removes exact and MinHash near-duplicates, and splits grouped
+    by clusters of near-duplicate source functions, stratified by category. Writes
+    train.jsonl and test.jsonl (every task field plus the chat messages trl trains on,
+    sorted by id), data/train.parquet and data/test.parquet (the same rows for Hugging
+    Face datasets) and README.md, the dataset card.
     """
 
     responses: str = input_field("", kind="file", filename="responses.jsonl",
@@ -54,37 +75,113 @@ class DatasetConfig(StageConfig):
     seed: int = Field(42, description="Seed that orders source-function groups for the split")
     min_response_chars: int = Field(20, ge=0, description="Shorter responses are rejected")
     max_response_chars: int = Field(8000, ge=1, description="Longer responses are rejected")
+    filter_set: Literal["seed", "strict"] = Field(
+        "strict", description="Quality filters: 'seed' (the seed's basic checks: length, "
+        "placeholders, code compiles) or 'strict' (also checks each answer against its task: "
+        "bugfixes restore the original, unit tests run in the sandbox, docstrings cover the "
+        "arguments, ...)")
+    sandbox_timeout: float = Field(10.0, gt=0, description="Seconds one unit-test run may take "
+                                   "in the sandbox (strict filters)")
+    filter_workers: int = Field(4, ge=1, description="Processes that check rows in parallel "
+                                "(1: in this process)")
+    near_dup_threshold: float = Field(
+        neardup.REMOVAL_THRESHOLD, ge=0.5, le=1.0,
+        description="Rows of one category whose instructions, or whose response code, reach "
+        "this Jaccard similarity (token 5-grams) are near-duplicates: only the first by id stays")
+    group_threshold: float = Field(
+        neardup.CLUSTER_THRESHOLD, ge=0.3, le=1.0,
+        description="Source functions at or above this Jaccard similarity (token 5-grams) "
+        "form one split group, kept on one side of the split")
 
 
-# -- filters -------------------------------------------------------------------------
+# -- filters -------------------------------------------------------------------------------
 
 
-def rejection_reason(row: dict[str, Any], config: DatasetConfig) -> str | None:
-    """Why ``row`` is unfit for training (the seed's basic filters), or None if it is fit."""
-    response = str(row["response"]).strip()
-    category = row["category"]
-    if category not in CATEGORIES:
-        return "unknown_category"
-    if len(response) < config.min_response_chars:
-        return "too_short"
-    if len(response) > config.max_response_chars:
-        return "too_long"
-    if any(p.search(response) for p in PLACEHOLDERS):
-        return "placeholder"
-    if category in CODE_CATEGORIES:
-        blocks = codeblocks.seed_code_blocks(response)
-        if not blocks:
-            return "no_code_block"
-        if not codeblocks.compiles(blocks[0]):
-            return "code_does_not_compile"
-    if category == "unit_test":
-        if "def test_" not in response:
-            return "no_test_function"
-        if "assert" not in response:
-            return "no_assert"
-    if category == "docstring" and '"""' not in response and "'''" not in response:
-        return "no_triple_quote"
-    return None
+def filter_rows(rows: list[dict[str, Any]], context: filters.FilterContext,
+                workers: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``(kept, report)``: the rows that pass :func:`trackb_core.filters.check_row`.
+
+    A row with ``candidates`` tries its response first, then each other candidate in
+    order; the first that passes becomes the row's response (``candidates_rescued``
+    counts rows kept only thanks to a later candidate). A rejected row counts under its
+    first candidate's reason. ``report``: ``{"rejected": {reason: n}, "candidates_rescued",
+    "facts": aggregate_facts(...)}`` with one set of facts per row (the kept candidate's,
+    else the first candidate's). ``workers`` > 1 checks rows in that many processes;
+    the result keeps the input order either way.
+    """
+    jobs = [(row, context) for row in rows]
+    if workers > 1 and len(rows) > 1:
+        # processes, not threads: most checks are pure-Python AST work held by the GIL
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_check_candidates, jobs,
+                                    chunksize=max(1, len(jobs) // (workers * 8))))
+    else:
+        results = [_check_candidates(job) for job in jobs]
+    kept, rejected, rescued, facts = [], Counter(), 0, []
+    for row, verdict, was_rescued in results:
+        facts.append(verdict.facts)
+        if row is None:
+            rejected[verdict.reason] += 1
+        else:
+            kept.append(row)
+            rescued += was_rescued
+    return kept, {"rejected": dict(sorted(rejected.items())), "candidates_rescued": rescued,
+                  "facts": aggregate_facts(facts)}
+
+
+def _check_candidates(job: tuple[dict[str, Any], filters.FilterContext]
+                      ) -> tuple[dict[str, Any] | None, filters.FilterVerdict, bool]:
+    """``(kept row or None, verdict, rescued)`` for one row: its response, then each
+    other candidate, until one passes."""
+    row, context = job
+    first = None
+    for number, response in enumerate(_responses_to_try(row)):
+        candidate = row if number == 0 else {**row, "response": response}
+        verdict = filters.check_row(candidate, context)
+        if verdict.reason is None:
+            return candidate, verdict, number > 0
+        first = first or verdict
+    return None, first, False
+
+
+def _responses_to_try(row: dict[str, Any]) -> list[str]:
+    seen = [str(row["response"])]
+    for candidate in row.get("candidates") or []:
+        if isinstance(candidate, str) and candidate not in seen:
+            seen.append(candidate)
+    return seen
+
+
+def aggregate_facts(facts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum up the filters' per-row facts, key by key (over the rows that have the key).
+
+    Booleans give ``{"n", "true", "rate"}``, strings ``{"counts": {value: n}}`` (the
+    :data:`MAX_FACT_VALUES` most common values, the rest summed as "(other)"), numbers
+    ``{"n", "mean"}``; None and other values are skipped.
+    """
+    values: dict[str, list[Any]] = defaultdict(list)
+    for row_facts in facts:
+        for key, value in (row_facts or {}).items():
+            if value is not None:
+                values[key].append(value)
+    summary: dict[str, Any] = {}
+    for key in sorted(values):
+        seen = values[key]
+        if all(isinstance(v, bool) for v in seen):
+            summary[key] = {"n": len(seen), "true": sum(seen), "rate": round(sum(seen) / len(seen), 4)}
+        elif all(isinstance(v, str) for v in seen):
+            common = sorted(Counter(seen).items(), key=lambda item: (-item[1], item[0]))
+            # free-text facts (an error message per row) would swamp the card: keep the top
+            counts = dict(sorted(common[:MAX_FACT_VALUES]))
+            if len(common) > MAX_FACT_VALUES:
+                counts["(other)"] = sum(n for _, n in common[MAX_FACT_VALUES:])
+            summary[key] = {"counts": counts}
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in seen):
+            summary[key] = {"n": len(seen), "mean": round(sum(seen) / len(seen), 4)}
+    return summary
+
+
+# -- deduplication -------------------------------------------------------------------------
 
 
 def _normalise(text: str) -> str:
@@ -100,33 +197,109 @@ def dedup_key(row: dict[str, Any]) -> str:
     return _sha256(_normalise(row["instruction"]) + "\0" + _normalise(row["response"]))
 
 
+def response_code(row: dict[str, Any]) -> str:
+    """The code a response carries (its first code block), else the response itself."""
+    blocks = codeblocks.seed_code_blocks(str(row["response"]))
+    return blocks[0] if blocks else str(row["response"])
+
+
+def deduplicate(rows: list[dict[str, Any]],
+                threshold: float = neardup.REMOVAL_THRESHOLD) -> tuple[list[dict[str, Any]],
+                                                                       dict[str, int]]:
+    """``(kept, removed)``: exact, then near-duplicates removed; the first row by id stays.
+
+    Near-duplicates are looked for within each category: rows whose instructions reach
+    ``threshold`` (Jaccard of token 5-grams), then, for code categories, rows whose
+    response code does. ``removed``: ``{"exact", "near_instruction", "near_response_code"}``.
+    """
+    ordered = sorted(rows, key=lambda r: str(r["id"]))
+    seen: set[str] = set()
+    unique = []
+    for row in ordered:
+        key = dedup_key(row)
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    removed = {"exact": len(ordered) - len(unique), "near_instruction": 0,
+               "near_response_code": 0}
+    by_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in unique:
+        by_category[row["category"]].append(row)
+    kept: list[dict[str, Any]] = []
+    for category in sorted(by_category):
+        group = _drop_near_duplicates(by_category[category], lambda r: str(r["instruction"]),
+                                      threshold)
+        removed["near_instruction"] += len(by_category[category]) - len(group)
+        if category in CODE_CATEGORIES:
+            before = len(group)
+            group = _drop_near_duplicates(group, response_code, threshold)
+            removed["near_response_code"] += before - len(group)
+        kept.extend(group)
+    return sorted(kept, key=lambda r: str(r["id"])), removed
+
+
+def _drop_near_duplicates(rows: list[dict[str, Any]], text, threshold: float
+                          ) -> list[dict[str, Any]]:
+    dropped = neardup.near_duplicates(neardup.shingle_hashes([text(r) for r in rows]), threshold)
+    return [row for index, row in enumerate(rows) if index not in dropped]
+
+
+# -- split ---------------------------------------------------------------------------------
+
+
 def group_key(row: dict[str, Any]) -> str:
-    """Split group: the whitespace-normalised source function, so copies group together."""
+    """Exact-copy key: the sha256 of the whitespace-normalised source function."""
     return _sha256(_normalise(row["source_function"]))
 
 
-# -- split ---------------------------------------------------------------------------
+def split_groups(rows: list[dict[str, Any]],
+                 threshold: float = neardup.CLUSTER_THRESHOLD) -> tuple[dict[str, str], int]:
+    """``({row id: group}, near_pairs)``: the split group of every row.
+
+    Rows share a group when their source functions are exact copies (up to whitespace),
+    when they share a ``function_id``, or through a chain of source functions with token
+    5-gram Jaccard >= ``threshold`` (union-find). A group is named by the
+    :func:`group_key` of its first member in sorted order, so it does not depend on row
+    order. ``near_pairs`` counts the distinct function pairs joined by similarity.
+    """
+    keys = sorted({group_key(r) for r in rows})
+    index = {key: i for i, key in enumerate(keys)}
+    source = {group_key(r): _normalise(r["source_function"]) for r in rows}
+    pairs: list[tuple[int, int, Any]] = [
+        (i, j, s) for i, j, s in
+        neardup.similar_pairs(neardup.shingle_hashes([source[k] for k in keys]), threshold)]
+    near_pairs = len(pairs)
+    by_function: dict[str, int] = {}
+    for row in sorted(rows, key=lambda r: str(r["id"])):
+        function_id = row.get("function_id")
+        if function_id:
+            first = by_function.setdefault(str(function_id), index[group_key(row)])
+            pairs.append((first, index[group_key(row)], None))
+    roots = neardup.clusters(len(keys), pairs)
+    return {str(r["id"]): keys[roots[index[group_key(r)]]] for r in rows}, near_pairs
 
 
-def grouped_split(rows: list[dict[str, Any]], test_ratio: float,
-                  seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def grouped_split(rows: list[dict[str, Any]], test_ratio: float, seed: int,
+                  groups: dict[str, str] | None = None
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(train, test)``: no group on both sides, each category near ``test_ratio`` in test.
 
+    ``groups`` maps row id to split group (default: :func:`group_key`, exact copies).
     Groups are visited in the order of ``sha256(f"{seed}:{group}")``; a group goes to
     test when that brings the per-category test counts closer to their targets. Test is
     non-empty (and train too) whenever there are at least two groups. The result does
     not depend on the order of ``rows``.
     """
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    members: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in sorted(rows, key=lambda r: str(r["id"])):
-        groups[group_key(row)].append(row)
-    order = sorted(groups, key=lambda g: (_sha256(f"{seed}:{g}"), g))
+        members[groups[str(row["id"])] if groups else group_key(row)].append(row)
+    order = sorted(members, key=lambda g: (_sha256(f"{seed}:{g}"), g))
     target = {c: n * test_ratio for c, n in Counter(r["category"] for r in rows).items()}
 
     in_test: Counter[str] = Counter()
     test_groups: list[str] = []
     for key in order:
-        adds = Counter(r["category"] for r in groups[key])
+        adds = Counter(r["category"] for r in members[key])
         before = sum(abs(in_test[c] - target[c]) for c in adds)
         after = sum(abs(in_test[c] + adds[c] - target[c]) for c in adds)
         if after < before:
@@ -134,82 +307,171 @@ def grouped_split(rows: list[dict[str, Any]], test_ratio: float,
             in_test.update(adds)
     if len(order) >= 2 and not test_groups:
         # a tiny dataset where every group overshoots: hold out the smallest, first in order
-        test_groups.append(min(order, key=lambda g: len(groups[g])))
+        test_groups.append(min(order, key=lambda g: len(members[g])))
     if len(order) >= 2 and len(test_groups) == len(order):
         test_groups.pop()
     chosen = set(test_groups)
-    train = [r for key in order if key not in chosen for r in groups[key]]
-    test = [r for key in order if key in chosen for r in groups[key]]
+    train = [r for key in order if key not in chosen for r in members[key]]
+    test = [r for key in order if key in chosen for r in members[key]]
     return sorted(train, key=lambda r: str(r["id"])), sorted(test, key=lambda r: str(r["id"]))
 
 
+# -- outputs -------------------------------------------------------------------------------
+
+
 def dataset_row(row: dict[str, Any]) -> dict[str, Any]:
-    """The published row: task fields, response and the chat messages trl trains on."""
-    out = {k: row.get(k, "") for k in ROW_FIELDS}
+    """The published row: every task field and the response, plus the chat messages trl
+    trains on; generation details (teacher, usage, candidates, ...) are left out."""
+    out = {k: v for k, v in row.items() if k not in GENERATION_FIELDS}
     out["messages"] = (prompts.prompt_messages(str(row["instruction"]))
                        + prompts.completion_messages(str(row["response"])))
-    if row["category"] == "bugfix" and "mutation" in row:
-        out["mutation"] = row["mutation"]
     return out
 
 
-# -- the stage -----------------------------------------------------------------------
+def parquet_bytes(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
+    """``rows`` as a Parquet file written by ``datasets`` (fields a row lacks are null).
+
+    Raises InputError when a field holds values of incompatible types across rows.
+    """
+    import datasets
+    from datasets import Dataset
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one "Creating parquet" bar per split is noise in logs
+    with tempfile.TemporaryDirectory(prefix="trackb-parquet-") as tmp:
+        path = Path(tmp) / "split.parquet"
+        try:
+            if rows:
+                Dataset.from_list([{c: r.get(c) for c in columns} for r in rows]).to_parquet(path)
+            else:
+                Dataset.from_dict({c: [] for c in columns}).to_parquet(path)
+        except (TypeError, ValueError) as exc:  # pyarrow's ArrowInvalid/ArrowTypeError
+            raise InputError(f"rows cannot be stored as Parquet: {exc}") from exc
+        finally:
+            if bars_were_on:
+                datasets.enable_progress_bars()
+        return path.read_bytes()
+
+
+def upstream_manifest(uri: str, filename: str) -> dict[str, Any] | None:
+    """The manifest of the stage that wrote the input at ``uri``; None if unreadable."""
+    try:
+        store, key = resolve_file(uri, filename)
+        folder = key.rpartition("/")[0]
+        return json.loads(store.get_bytes(f"{folder}/{MANIFEST}" if folder else MANIFEST))
+    except Exception:  # noqa: BLE001 - provenance is optional
+        return None
+
+
+def corpus_dir(spec: dict[str, Any] | None) -> Path | None:
+    """The local folder of the corpus ``spec`` (from :func:`upstream_corpus`), or None."""
+    if not spec or not spec.get("uri"):
+        return None
+    from trackb_core.corpus import resolve_corpus
+
+    try:
+        return resolve_corpus(str(spec["uri"])).path
+    except TrackbError:
+        return None
+
+
+def corpus_license(folder: Path | None) -> str | None:
+    """The corpus' license from its package metadata, or None if it does not say.
+
+    Looks at a wheel's ``*.dist-info/METADATA`` or an sdist's ``PKG-INFO`` (top level or
+    one folder down): ``License-Expression``, else a one-line ``License``, else the
+    ``License ::`` classifiers.
+    """
+    if folder is None:
+        return None
+    candidates = sorted(folder.glob("*.dist-info/METADATA")) + sorted(folder.glob("PKG-INFO")) \
+        + sorted(folder.glob("*/PKG-INFO"))
+    for path in candidates:
+        try:
+            meta = email.parser.Parser().parsestr(path.read_text(encoding="utf-8",
+                                                                 errors="replace"))
+        except OSError:
+            continue
+        expression = (meta.get("License-Expression") or "").strip()
+        if expression:
+            return expression
+        license_field = (meta.get("License") or "").strip()
+        if license_field and "\n" not in license_field and len(license_field) <= 80 \
+                and license_field.upper() not in ("UNKNOWN", "NONE"):
+            return license_field
+        classifiers = [c.split("::")[-1].strip() for c in meta.get_all("Classifier") or []
+                       if c.startswith("License ::")]
+        if classifiers:
+            return " / ".join(classifiers)
+    return None
+
+
+# -- the stage -----------------------------------------------------------------------------
 
 
 def run(config: DatasetConfig, out: Store) -> dict:
     """Run the build-dataset stage into ``out``; returns the manifest.
 
-    Raises MissingInputError (no responses file), InputError (a malformed row, or no
-    row left after filtering).
+    Raises MissingInputError (no responses file), InputError (a malformed row, no row
+    left after filtering, or rows Parquet cannot hold).
     """
     with stage_run(STAGE, config, out) as run:
         where = run.input_uri("responses")
         rows = run.read_jsonl("responses")
         _check_rows(rows, where)
         rows.sort(key=lambda r: str(r["id"]))
+        corpus = upstream_corpus(config.responses, "responses.jsonl")
+        folder = corpus_dir(corpus)
+        if folder is None:
+            say(STAGE, "corpus folder not found upstream: unit tests count as not executable")
 
         with run.timed("filter"):
-            rejected: Counter[str] = Counter()
-            kept, seen = [], set()
-            duplicates = 0
-            for row in rows:
-                reason = rejection_reason(row, config)
-                if reason:
-                    rejected[reason] += 1
-                    continue
-                key = dedup_key(row)
-                if key in seen:
-                    duplicates += 1
-                    continue
-                seen.add(key)
-                kept.append(row)
+            context = filters.FilterContext(min_chars=config.min_response_chars,
+                                    max_chars=config.max_response_chars, corpus_dir=folder,
+                                    filter_set=config.filter_set,
+                                    sandbox_timeout=config.sandbox_timeout)
+            kept, report = filter_rows(rows, context, config.filter_workers)
         if not kept:
-            raise InputError(f"{where}: no row survives the filters "
-                             f"(rejected: {dict(sorted(rejected.items()))})")
-
+            raise InputError(f"{where}: no row survives the {config.filter_set} filters "
+                             f"(rejected: {report['rejected']})")
+        with run.timed("dedup"):
+            kept, removed = deduplicate(kept, config.near_dup_threshold)
         with run.timed("split"):
-            train, test = grouped_split(kept, config.test_ratio, config.seed)
-        run.write_jsonl("train.jsonl", [dataset_row(r) for r in train])
-        run.write_jsonl("test.jsonl", [dataset_row(r) for r in test])
+            groups, near_pairs = split_groups(kept, config.group_threshold)
+            train, test = grouped_split(kept, config.test_ratio, config.seed, groups)
+
+        with run.timed("write"):
+            published = {"train": [dataset_row(r) for r in train],
+                         "test": [dataset_row(r) for r in test]}
+            columns = sorted({k for rows_ in published.values() for r in rows_ for k in r})
+            for split, split_rows in published.items():
+                run.write_jsonl(f"{split}.jsonl", split_rows)
+                run.write_bytes(f"data/{split}.parquet", parquet_bytes(split_rows, columns))
 
         counts = {
             "rows_in": len(rows),
-            "rejected": dict(sorted(rejected.items())),
-            "duplicates_removed": duplicates,
+            "filter_set": config.filter_set,
+            "rejected": report["rejected"],
+            "candidates_rescued": report["candidates_rescued"],
+            "filter_facts": report["facts"],
+            "duplicates_removed": removed,
             "train": _per_category(train),
             "test": _per_category(test),
             "train_rows": len(train),
             "test_rows": len(test),
-            "train_groups": len({group_key(r) for r in train}),
-            "test_groups": len({group_key(r) for r in test}),
+            "train_groups": len({groups[str(r["id"])] for r in train}),
+            "test_groups": len({groups[str(r["id"])] for r in test}),
+            "near_duplicate_function_pairs": near_pairs,
+            "mutations": {"train": _mutation_kinds(train), "test": _mutation_kinds(test)},
         }
         run.counts.update(counts)
-        teachers = sorted({f"{r.get('teacher', '?')} ({r.get('teacher_model', '?')})"
-                           for r in kept})
-        card = dataset_card(config, counts, upstream_corpus(config.responses, "responses.jsonl"), teachers)
+        generation = upstream_manifest(config.responses, "responses.jsonl") or {}
+        teacher = _teacher_summary(generation, kept)
+        card = dataset_card(config, counts, corpus, corpus_license(folder), teacher, columns)
         run.write_text("README.md", card)
         say(STAGE, f"train {len(train)} rows, test {len(test)} rows; rejected "
-                   f"{sum(rejected.values())}, duplicates {duplicates}")
+                   f"{sum(report['rejected'].values())}, duplicates removed "
+                   f"{sum(removed.values())}; timings {run.timings}")
     return run.manifest
 
 
@@ -226,8 +488,26 @@ def _per_category(rows: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(Counter(r["category"] for r in rows).items()))
 
 
+def _mutation_kinds(rows: list[dict[str, Any]]) -> dict[str, int]:
+    kinds = Counter(str(r["mutation"].get("kind", "?")) for r in rows
+                    if r["category"] == "bugfix" and isinstance(r.get("mutation"), dict))
+    return dict(sorted(kinds.items()))
+
+
+def _teacher_summary(generation: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Who wrote the gold and how: generate's ``teacher`` record and sampling settings."""
+    teacher = dict(generation.get("teacher") or {})
+    teacher.pop("base_url", None)  # where a server ran, not a property of the dataset
+    config = generation.get("config") or {}
+    sampling = {k: config[k] for k in SAMPLING_FIELDS if config.get(k) is not None}
+    if config.get("teacher") == "reference":
+        sampling = {}  # the reference teacher derives answers from the source: no sampling
+    seen = sorted({f"{r.get('teacher', '?')} ({r.get('teacher_model', '?')})" for r in rows})
+    return {"record": teacher, "sampling": sampling, "seen": seen}
+
+
 def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str, Any] | None,
-                 teachers: list[str]) -> str:
+                 license_name: str | None, teacher: dict[str, Any], columns: list[str]) -> str:
     """The dataset's README.md. Deterministic: no timestamps, stable ordering.
 
     It leaves out the input's hash (in the manifest): the same rows in another order
@@ -235,18 +515,22 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
     """
     import yaml
 
-    categories = sorted(set(counts["train"]) | set(counts["test"]))
+    hub_license = (license_name or "").lower() if (license_name or "").lower() in HUB_LICENSES \
+        else ("other" if license_name else "unknown")
     lines = [
         "---",
         "configs:",
         "- config_name: default",
         "  data_files:",
         "  - split: train",
-        "    path: train.jsonl",
+        "    path: data/train.parquet",
         "  - split: test",
-        "    path: test.jsonl",
+        "    path: data/test.parquet",
+        f"license: {hub_license}",
         "task_categories:",
         "- text-generation",
+        "language:",
+        "- en",
         "tags:",
         "- code",
         "- python",
@@ -257,55 +541,79 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
         "",
         "Python code tasks (docstring, explain, bugfix, complete, unit_test) built from a "
         "source corpus by trackb, with gold responses from a teacher, for supervised "
-        "fine-tuning of a code model.",
+        "fine-tuning of a code model. The same rows are in `data/*.parquet` (the Hub's "
+        "default config) and `train.jsonl` / `test.jsonl`.",
         "",
         "## Source",
         "",
     ]
     if corpus:
-        # "path" is where this machine unpacked it: not a property of the dataset
-        described = ", ".join(f"{k}: {corpus[k]}" for k in sorted(corpus)
-                              if k not in ("sha256", "path"))
-        lines.append(f"- Corpus: {described} (sha256 `{corpus.get('sha256', '?')}`)")
+        described = ", ".join(f"{k}: {corpus[k]}" for k in ("name", "version", "filename")
+                              if corpus.get(k))
+        lines.append(f"- Corpus: {described or corpus.get('uri', '?')} "
+                     f"(sha256 `{corpus.get('sha256', '?')}`)")
     else:
         lines.append("- Corpus: unknown (no upstream manifest found)")
-    lines += [f"- Teacher: {', '.join(teachers) or 'unknown'}",
-              "", "## Splits", "",
-              "| category | train | test | total |", "|---|---:|---:|---:|"]
-    for category in categories:
+    lines.append(f"- Corpus license: {license_name or UNKNOWN_LICENSE}")
+    lines += ["", "Every row quotes or derives from the corpus' source code, so redistributing "
+              "the dataset is subject to that license; gold responses written by a model are "
+              "also subject to its terms of use.", "", "## Teacher", ""]
+    record = teacher["record"]
+    if record:
+        lines.append("- Teacher: " + ", ".join(f"{k}: {record[k]}" for k in sorted(record)))
+    lines.append(f"- Responses kept from: {', '.join(teacher['seen']) or 'unknown'}")
+    sampling = teacher["sampling"]
+    if sampling:
+        described = ", ".join(f"{k}: {sampling[k]}" for k in sorted(sampling))
+    elif record.get("name") == "reference":
+        described = "none (the reference teacher derives answers from the source)"
+    else:
+        described = "unknown"
+    lines.append(f"- Sampling: {described}")
+    lines += ["", "## Splits", "", "| category | train | test | total |", "|---|---:|---:|---:|"]
+    for category in sorted(set(counts["train"]) | set(counts["test"])):
         tr, te = counts["train"].get(category, 0), counts["test"].get(category, 0)
         lines.append(f"| {category} | {tr} | {te} | {tr + te} |")
     lines.append(f"| **all** | {counts['train_rows']} | {counts['test_rows']} | "
                  f"{counts['train_rows'] + counts['test_rows']} |")
-    lines += ["", f"Source-function groups: {counts['train_groups']} in train, "
-                  f"{counts['test_groups']} in test.", "", "## Filtering", "",
-              f"{counts['rows_in']} responses in. Rejected by reason:", ""]
-    lines += [f"- {reason}: {n}" for reason, n in counts["rejected"].items()] or ["- none"]
+    lines += ["", f"Split groups (clusters of near-duplicate source functions): "
+                  f"{counts['train_groups']} in train, {counts['test_groups']} in test.", ""]
+    lines += _mutation_section(counts["mutations"])
+    lines += _filter_section(config, counts)
+    removed = counts["duplicates_removed"]
     lines += [
+        "## Deduplication",
         "",
-        "Exact duplicates removed (whitespace-normalised instruction + response): "
-        f"{counts['duplicates_removed']}.",
+        f"- Exact duplicates (whitespace-normalised instruction + response): {removed['exact']}",
+        f"- Near-duplicate instructions (same category): {removed['near_instruction']}",
+        f"- Near-duplicate response code (complete, bugfix, unit_test): "
+        f"{removed['near_response_code']}",
         "",
-        "Filters: response length bounds; placeholder text (TODO, TBD, `<insert ...>`, "
-        "`your_...`, ...); for complete, bugfix and unit_test the first code block exists "
-        "and compiles; unit_test needs `def test_` and `assert`; docstring needs a triple "
-        "quote.",
+        f"Near-duplicates: MinHash LSH (datasketch, {neardup.NUM_PERM} permutations, seed "
+        f"{neardup.MINHASH_SEED}) over token {neardup.NGRAM}-grams proposes candidate pairs, "
+        f"and a pair counts when the exact Jaccard similarity of the two shingle sets is at "
+        f"least {config.near_dup_threshold:g}. Within a category, the first row by id stays.",
         "",
         "## Split method",
         "",
-        "Grouped by source function: the group key is the sha256 of the whitespace-"
-        "normalised function source, so every task made from one function, and from exact "
-        "copies of it in other files, is on one side only. Groups are visited in the order "
-        f"of sha256(\"{config.seed}:<group>\") and a group goes to test when that brings each "
-        f"category's test count closer to {config.test_ratio:g} of its rows (stratified by "
-        "category). Rows are sorted by id; the split does not depend on input order.",
+        "Grouped by source function: every task made from one function, from exact copies "
+        "of it, and from functions whose token "
+        f"{neardup.NGRAM}-gram Jaccard similarity with it is at least "
+        f"{config.group_threshold:g} (joined transitively, union-find) is on one side only "
+        f"({counts['near_duplicate_function_pairs']} near-duplicate function pairs joined). "
+        f"Groups are visited in the order of sha256(\"{config.seed}:<group>\") and a group "
+        "goes to test when that brings each category's test count closer to "
+        f"{config.test_ratio:g} of its rows (stratified by category). Rows are sorted by "
+        "id; the split does not depend on input order.",
         "",
         "## Fields",
         "",
-        "`id`, `category`, `instruction`, `response`, `source_function`, `source_file`, "
-        "`function_id`, `function_name`, `messages` (system + user + assistant chat turns, "
-        "built by `trackb_core.prompts`, the same function training and evaluation use), "
-        "and `mutation` on bugfix rows.",
+        ", ".join(f"`{c}`" for c in columns) + ".",
+        "",
+        "`messages` holds the system + user + assistant chat turns built by "
+        "`trackb_core.prompts`, the same function training and evaluation use. Bugfix rows "
+        "(and unit_test rows whose function has a mutant) carry `buggy_source` and "
+        "`mutation` (`kind`, `line`, `before`, `after`).",
         "",
         "## Config",
         "",
@@ -317,9 +625,46 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
     return "\n".join(lines)
 
 
+def _mutation_section(mutations: dict[str, dict[str, int]]) -> list[str]:
+    kinds = sorted(set(mutations["train"]) | set(mutations["test"]))
+    lines = ["## Bug mutations", ""]
+    if not kinds:
+        return lines + ["No bugfix rows.", ""]
+    lines += ["Kinds of bug in the bugfix rows kept:", "",
+              "| mutation | train | test |", "|---|---:|---:|"]
+    lines += [f"| {k} | {mutations['train'].get(k, 0)} | {mutations['test'].get(k, 0)} |"
+              for k in kinds]
+    return lines + [""]
+
+
+def _filter_section(config: DatasetConfig, counts: dict[str, Any]) -> list[str]:
+    rejected = counts["rejected"]
+    lines = ["## Filtering", "",
+             f"Filter set: **{config.filter_set}**. {counts['rows_in']} responses in, "
+             f"{sum(rejected.values())} rejected; {counts['candidates_rescued']} rows kept "
+             "thanks to a later candidate when the first failed.", "",
+             "| rejected because | rows |", "|---|---:|"]
+    lines += [f"| {reason} | {n} |" for reason, n in rejected.items()] or ["| (none) | 0 |"]
+    facts = counts["filter_facts"]
+    if facts:
+        lines += ["", "Measured by the filters over every response checked (kept or not):", "",
+                  "| fact | value |", "|---|---|"]
+        for key, summary in facts.items():
+            if "rate" in summary:
+                value = f"{summary['rate']:.3f} ({summary['true']}/{summary['n']})"
+            elif "counts" in summary:
+                value = ", ".join(f"{k}: {n}" for k, n in summary["counts"].items())
+            else:
+                value = f"mean {summary['mean']:g} (n={summary['n']})"
+            lines.append(f"| {key} | {value} |")
+    return lines + [""]
+
+
 def _config_without_inputs(config: DatasetConfig) -> dict[str, Any]:
-    # input URIs are machine-specific paths; the card records their hashes instead
+    # input URIs are machine-specific paths (the card records their hashes instead), and
+    # how many processes filtered does not change the dataset
     data = config.model_dump(mode="json")
     for name, *_ in declared_inputs(config):
         data.pop(name, None)
+    data.pop("filter_workers", None)
     return data
