@@ -1,15 +1,37 @@
-"""The train stage: loss on the completion only, prompts identical to eval's, real artifacts."""
+"""The train stage: loss on the completion only, prompts identical to eval's, the runtime
+plan per device, checkpoints in the store and resuming from them, DDP, real artifacts."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from trackb_core.errors import ConfigError, InputError, MissingInputError
 from trackb_core.prompts import chat_example, render_prompt
-from trackb_core.store import open_store
-from trackb_core.train import TrainConfig, build_trainer, examples_from_rows, run
+from trackb_core.store import LocalStore, open_store
+from trackb_core.train import (
+    CHECKPOINT_MARKER,
+    LossDivergedError,
+    Ranks,
+    TrainConfig,
+    build_trainer,
+    examples_from_rows,
+    latest_checkpoint,
+    run,
+    runtime_plan,
+    stored_checkpoints,
+    upload_checkpoint,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FUNCTION = '''def clamp(value, low, high):
     if value < low:
@@ -182,13 +204,240 @@ def test_bad_rows_are_input_errors(tiny_model_dir, tmp_path, rows, message):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_half_precision_needs_a_gpu():
+def _trained_example_checks(tokenizer, input_ids: list[int], labels: list[int]) -> None:
+    """Prompt masked, >= 1 trained token, and the trained part ends the turn."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    start = _prompt_len(labels)
+    assert start > 0 and all(t == -100 for t in labels[:start])
+    assert labels[start:] == input_ids[start:]
+    assert im_end in labels[start:]
+
+
+def test_batches_from_the_trainers_dataloader_mask_prompts_and_padding(trainer_and_rows):
+    trainer, rows = trainer_and_rows
+    tokenizer = trainer.processing_class
+    seen = 0
+    for batch in trainer.get_train_dataloader():
+        for ids, labels, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
+                                     batch["attention_mask"].tolist(), strict=True):
+            n = sum(mask)
+            assert all(t == -100 for t in labels[n:])  # padding never trained
+            _trained_example_checks(tokenizer, ids[:n], labels[:n])
+            seen += 1
+    assert seen == len(rows)
+
+
+def test_trainer_batches_by_length_with_seed_hyperparameters(trainer_and_rows):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    trainer, _ = trainer_and_rows
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+    assert sampler.batch_size == 16  # the effective batch: 4 x grad-accum 4
+    assert trainer.args.per_device_train_batch_size == 4
+
+
+def test_non_finite_loss_stops_the_run(trainer_and_rows):
+    trainer, _ = trainer_and_rows
+    stop = next(cb for cb in trainer.callback_handler.callbacks
+                if type(cb).__name__ == "StopOnNonFiniteLoss")
+    stop.on_log(trainer.args, trainer.state, trainer.control, logs={"loss": 1.5})  # fine
+    for bad in (math.nan, math.inf):
+        with pytest.raises(LossDivergedError, match="loss became"):
+            stop.on_log(trainer.args, trainer.state, trainer.control, logs={"loss": bad})
+
+
+CPU = {"cuda": False}
+T4 = {"cuda": True, "gpu_count": 1, "gpu_name": "Tesla T4", "compute_capability": [7, 5],
+      "bf16_native": False, "flash_attn_varlen": False}
+A100 = {"cuda": True, "gpu_count": 8, "gpu_name": "NVIDIA A100-SXM4-80GB",
+        "compute_capability": [8, 0], "bf16_native": True, "flash_attn_varlen": False}
+H100_FA = {"cuda": True, "gpu_count": 1, "gpu_name": "NVIDIA H100", "compute_capability": [9, 0],
+           "bf16_native": True, "flash_attn_varlen": True}
+
+
+@pytest.mark.parametrize("facts, precision, autocast", [
+    (CPU, "fp32", None), (T4, "fp16", "float16"), (A100, "bf16", "bfloat16"),
+    (H100_FA, "bf16", "bfloat16"),
+])
+def test_auto_runtime_plan_per_device(facts, precision, autocast):
+    plan = runtime_plan("auto", facts)
+    assert plan["precision"] == precision and plan["autocast"] == autocast
+    assert plan["lora_dtype"] == "float32"
+    assert plan["base_dtype"] == {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[
+        precision]
+    assert plan["packing"] is False
+    # Padding-free only with FlashAttention varlen kernels; SDPA everywhere else.
+    assert plan["padding_free"] is (facts is H100_FA)
+    assert plan["attention"] == ("flash_attention_2" if facts is H100_FA else "sdpa")
+    assert plan["device"] == ("cpu" if facts is CPU else "cuda")
+    json.dumps(plan)  # recorded in the manifest as is
+
+
+def test_runtime_plan_refuses_precision_the_hardware_lacks():
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        runtime_plan("fp16", CPU)
+    with pytest.raises(ConfigError, match="native bf16.*Tesla T4"):
+        runtime_plan("bf16", T4)
+    assert runtime_plan("fp32", T4)["autocast"] is None  # fp32 is always allowed
+    assert runtime_plan("fp16", A100)["precision"] == "fp16"
+
+
+def test_ranks_come_from_torchrun_environment():
+    assert Ranks.from_environ({}) == Ranks(0, 0, 1)
+    ranks = Ranks.from_environ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    assert (ranks.rank, ranks.local_rank, ranks.world_size, ranks.is_main) == (3, 1, 4, False)
+
+
+def test_lora_weights_stay_fp32_on_a_half_precision_base(tiny_model_dir, tmp_path):
     import torch
 
-    from trackb_core.train import resolve_precision
+    plan = {**runtime_plan("fp32", CPU), "base_dtype": "float16"}  # a T4's storage on CPU
+    config = TrainConfig(dataset="unused", model=str(tiny_model_dir), save_steps=0)
+    trainer = build_trainer(config, examples_from_rows(make_rows(2), "rows"),
+                            str(tiny_model_dir), str(tmp_path), plan)
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    frozen = [p for p in trainer.model.parameters() if not p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert any(p.dtype == torch.float16 for p in frozen)
 
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: fp16 is allowed here")
-    assert resolve_precision("auto") == "fp32"
-    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
-        resolve_precision("fp16")
+
+def test_overlong_examples_are_dropped_or_cut(tiny_model_dir, tmp_path):
+    rows = make_rows(4)
+    rows[0]["response"] = "word " * 400  # far over max_length
+    examples = examples_from_rows(rows, "rows")
+    dropped = build_trainer(
+        TrainConfig(dataset="unused", model=str(tiny_model_dir), max_length=200, save_steps=0),
+        examples, str(tiny_model_dir), str(tmp_path / "drop"))
+    assert dropped.trackb_fit["examples_too_long"] == 1
+    assert len(dropped.train_dataset) == 3
+    for example in dropped.train_dataset:
+        assert len(example["input_ids"]) <= 200
+        _trained_example_checks(dropped.processing_class, example["input_ids"],
+                                example["labels"])
+    cut = build_trainer(
+        TrainConfig(dataset="unused", model=str(tiny_model_dir), max_length=200, save_steps=0,
+                    overlong="truncate"),
+        examples, str(tiny_model_dir), str(tmp_path / "cut"))
+    assert len(cut.train_dataset) == 4
+    assert max(len(e["input_ids"]) for e in cut.train_dataset) == 200
+    with pytest.raises(InputError, match="no example fits --max-length 16"):
+        build_trainer(TrainConfig(dataset="unused", model=str(tiny_model_dir), max_length=16,
+                                  save_steps=0),
+                      examples, str(tiny_model_dir), str(tmp_path / "none"))
+
+
+# -- checkpoints in the store ----------------------------------------------------------------
+
+def _fake_checkpoint(tmp_path: Path, step: int) -> Path:
+    folder = tmp_path / f"local-checkpoint-{step}"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
+
+
+def test_checkpoints_upload_marker_last_and_keep_the_newest(tmp_path):
+    out = LocalStore(tmp_path / "out")
+    for step in (2, 4, 6):
+        upload_checkpoint(out, _fake_checkpoint(tmp_path, step), step, "fp-a", keep=2)
+    assert sorted(stored_checkpoints(out)) == [4, 6]
+    assert stored_checkpoints(out)[6] == {"step": 6, "fingerprint": "fp-a", "files": 2}
+    assert latest_checkpoint(out, "fp-a") == 6
+    assert latest_checkpoint(out, "another config") is None
+    # A partial upload (no marker: killed mid-copy) is never resumed from.
+    out.put_bytes("checkpoints/checkpoint-8/adapter_model.safetensors", b"half")
+    assert stored_checkpoints(out)[8] is None
+    assert latest_checkpoint(out, "fp-a") == 6
+    upload_checkpoint(out, _fake_checkpoint(tmp_path, 10), 10, "fp-a", keep=2)
+    assert sorted(stored_checkpoints(out)) == [6, 10]  # the partial 8 is cleaned up too
+
+
+def test_stale_checkpoints_are_not_resumed_and_finished_runs_remove_them(tiny_model_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", make_rows(8))
+    out = LocalStore(tmp_path / "train")
+    upload_checkpoint(out, _fake_checkpoint(tmp_path, 99), 99, "stale", keep=2)
+    config = TrainConfig(dataset=str(tmp_path), model=str(tiny_model_dir), epochs=1.0,
+                         batch_size=4, grad_accum=1, save_steps=1, resume=True)
+    manifest = run(config, out)
+    # The stale checkpoint (another fingerprint) was not resumed from.
+    assert manifest["resumed_from_step"] == 0
+    assert manifest["counts"]["steps"] == 2
+    assert not out.list("checkpoints")  # removed once the run finished
+    kept = run(config.model_copy(update={"keep_checkpoints": True, "seed": 7}), out)
+    assert kept["resumed_from_step"] == 0
+    assert sorted(stored_checkpoints(out)) == [1, 2]
+    assert all(m["fingerprint"] == kept["fingerprint"] for m in stored_checkpoints(out).values())
+    assert out.exists(f"checkpoints/checkpoint-2/{CHECKPOINT_MARKER}")
+
+
+def _train_command(dataset: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.train", "--dataset", str(dataset), "--model", str(model),
+            "--out", str(out), "--epochs", "2", "--batch-size", "2", "--grad-accum", "1",
+            "--learning-rate", "1e-3", "--save-steps", "2", *extra]
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_the_stored_checkpoint(tiny_model_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", make_rows(12))  # 6 steps an epoch, 12 planned
+    out = tmp_path / "train"
+    marker = out / "checkpoints" / "checkpoint-2" / CHECKPOINT_MARKER
+    proc = subprocess.Popen(_train_command(tmp_path, tiny_model_dir, out), cwd=ROOT,
+                            env=_environment(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()}"
+        assert marker.exists(), "no checkpoint-2 in the store within 90 s"
+        proc.send_signal(signal.SIGKILL)  # as a preemption does: no cleanup at all
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "manifest.json").exists()
+    stored = stored_checkpoints(LocalStore(out))
+    assert max(step for step, m in stored.items() if m) >= 2
+
+    resumed = subprocess.run(_train_command(tmp_path, tiny_model_dir, out, "--resume"),
+                             cwd=ROOT, env=_environment(), capture_output=True, text=True,
+                             timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from stored checkpoint" in resumed.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert manifest["resumed_from_step"] >= 2
+    assert metrics["steps"] == metrics["steps_planned"] == 12
+    assert metrics["resumed_from_step"] == manifest["resumed_from_step"]
+    # The loss history spans the whole run: steps before the kill come from the checkpoint.
+    assert [p["step"] for p in metrics["train_loss"]] == list(range(1, 13))
+    assert manifest["runtime"]["precision"] == "fp32"
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_writes_once(tiny_model_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", make_rows(16))
+    out = tmp_path / "train"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", "-m", "jobs.train", "--dataset", str(tmp_path),
+               "--model", str(tiny_model_dir), "--out", str(out), "--epochs", "1",
+               "--batch-size", "2", "--grad-accum", "2", "--save-steps", "1",
+               "--keep-checkpoints"]
+    proc = subprocess.run(command, cwd=ROOT, env=_environment(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert manifest["runtime"]["world_size"] == 2
+    # 16 examples / (2 per device x 2 accumulation x 2 processes) = 2 optimizer steps:
+    # each process saw its own half of every batch.
+    assert metrics["steps"] == metrics["steps_planned"] == 2
+    assert sorted(stored_checkpoints(LocalStore(out))) == [1, 2]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

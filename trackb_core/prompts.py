@@ -24,8 +24,14 @@ def prompt_messages(instruction: str) -> list[dict[str, str]]:
 
 
 def completion_messages(response: str) -> list[dict[str, str]]:
-    """The assistant turn a model is trained to produce."""
-    return [{"role": "assistant", "content": response}]
+    """The assistant turn a model is trained to produce.
+
+    Leading whitespace is dropped: the eval prompt ends with the assistant opener's
+    newline, and a response opening with whitespace would merge with it into one token
+    when trl tokenises prompt + completion together, so training would see a context
+    that eval never gives (and trl would cut the prompt short).
+    """
+    return [{"role": "assistant", "content": response.lstrip()}]
 
 
 def chat_example(instruction: str, response: str) -> dict[str, Any]:

@@ -1,23 +1,52 @@
 """The train stage: LoRA supervised fine-tuning with trl's SFTTrainer.
 
-Recipe, top to bottom: validate the config, read and check the dataset rows, turn each
-into a conversational prompt-completion example through
+Recipe, top to bottom (:func:`run`): validate the config, decide the runtime from the
+hardware (:func:`runtime_plan`: precision, attention, padding), read and check the
+dataset rows, turn each into a conversational prompt-completion example through
 :func:`trackb_core.prompts.chat_example` (the same messages eval generates from), load
 the base model and tokenizer (local folder, store URI or a hub id already in the local
 cache), train a peft LoRA adapter with the loss on the completion only, then save
-``adapter/`` (adapter + tokenizer), ``metrics.json`` and ``loss_curve.png``.
+``adapter/`` (adapter + tokenizer), ``metrics.json``, ``loss_curve.png`` and, with
+``--merge``, ``merged/`` (the base with the adapter folded in).
+
+Truthful training, in the details:
+
+* Loss masks: trl tokenises prompt and prompt+completion with the chat template and
+  labels the prompt -100. Examples longer than ``--max-length`` are dropped, not cut
+  (``--overlong``), so every trained example ends with the end-of-turn token the model
+  must learn to stop on; the manifest counts what was dropped.
+* Runtime, decided once from device facts (:func:`runtime_plan`, unit-tested without
+  hardware): CPU fp32; T4 (compute capability 7.5) fp16 autocast with a GradScaler;
+  bf16 only where the GPU does it natively (cc >= 8; ``torch.cuda.is_bf16_supported()``
+  says yes on a T4 too, through emulation). LoRA weights stay fp32, attention is SDPA,
+  and there is no packing or padding-free batching unless FlashAttention's varlen
+  kernels are there. Length-grouped batches keep padding low instead.
+* Checkpoints: every ``--save-steps`` optimizer steps the trainer's checkpoint is
+  uploaded to ``checkpoints/checkpoint-<step>/`` in the output store, marker file last;
+  at most ``--save-total-limit`` are kept. ``--resume`` (the default) continues from the
+  newest complete checkpoint made with the same config and inputs, after a kill or a
+  preemption, to the planned number of steps; a run that finishes removes them unless
+  ``--keep-checkpoints``.
+* Several GPUs: ``torchrun --standalone --nproc-per-node=N -m jobs.train ...`` runs DDP
+  (gloo on CPU); only rank 0 writes to the store.
 
 Defaults are the seed's hyperparameters (r 16, alpha 32, dropout 0.05, the seven
-projections, 3 epochs, lr 2e-4 cosine, batch 4 x grad-accum 4). The CPU path and the
-GPU path are one code path; only ``precision`` differs (auto: fp32 on CPU, bf16 where
-CUDA supports it, fp16 on older cards such as the T4).
+projections, 3 epochs, lr 2e-4 cosine, batch 4 x grad-accum 4).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
+import re
+import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,11 +55,15 @@ from pydantic import Field
 from trackb_core.config import StageConfig, input_field
 from trackb_core.errors import ConfigError, InputError, MissingInputError, TrackbError
 from trackb_core.prompts import chat_example
-from trackb_core.stage import say, stage_run
+from trackb_core.stage import StageRun, fingerprint, local_dir, say, stage_run
 from trackb_core.store import Store
 
 STAGE = "train"
 SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CHECKPOINTS = "checkpoints"
+# Written last into a stored checkpoint: a folder without it is a partial upload.
+CHECKPOINT_MARKER = "trackb-checkpoint.json"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
 
 class TrainConfig(StageConfig):
@@ -40,9 +73,13 @@ class TrainConfig(StageConfig):
     instruction and response) and --model (a local model folder, a store URI of one such
     as the tiny-model output, or a hub id already in the local Hugging Face cache; nothing
     is downloaded). The loss covers the response only; prompts come from the same function
-    eval uses. Writes adapter/ (PEFT LoRA adapter + tokenizer files), metrics.json
-    (loss per logged step, final loss, runtime, steps, examples, trainable parameters) and
-    loss_curve.png.
+    eval uses. Precision follows the hardware (CPU fp32, T4 fp16, bf16 where native).
+    Checkpoints go to OUT/checkpoints/ every --save-steps steps; with --resume (default)
+    a killed run continues from the newest one. Several GPUs: run it under
+    `torchrun --standalone --nproc-per-node=N -m jobs.train`. Writes adapter/ (PEFT LoRA
+    adapter + tokenizer files), metrics.json (loss per logged step, final loss, runtime,
+    steps, examples, tokens, trainable parameters), loss_curve.png and, with --merge,
+    merged/.
     """
 
     dataset: str | None = input_field(
@@ -65,40 +102,205 @@ class TrainConfig(StageConfig):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate")
     lr_scheduler: str = Field("cosine", description="transformers learning-rate schedule name")
     batch_size: int = Field(4, ge=1, description="Examples per device step")
-    grad_accum: int = Field(4, ge=1, description="Gradient accumulation steps (effective batch = batch_size x grad_accum)")
-    max_length: int = Field(1024, ge=16, description="Longest tokenised example; longer ones are cut at the end")
+    grad_accum: int = Field(4, ge=1, description="Gradient accumulation steps (effective batch = batch_size x grad_accum x GPUs)")
+    max_length: int = Field(1024, ge=16, description="Longest tokenised example (prompt + response)")
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop", description="Examples longer than max_length: drop (every trained example "
+        "keeps its end-of-turn token) or truncate (cut at the end; the model may never see "
+        "the response end)")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps spent warming up the learning rate")
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout")
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
-        "auto", description="Training precision; auto = bf16 on CUDA that supports it, fp16 on "
-        "other CUDA (T4), fp32 on CPU",
+        "auto", description="Training precision; auto = bf16 on GPUs that support it natively "
+        "(compute capability 8+), fp16 autocast on older ones (T4), fp32 on CPU",
     )
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together, so padding wastes "
+        "little compute")
     logging_steps: int = Field(1, ge=1, description="Log the training loss every N optimizer steps")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long examples")
+    save_steps: int = Field(
+        50, ge=0, description="Upload a checkpoint to OUT/checkpoints/ every N optimizer "
+        "steps (0: no checkpoints)")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept in the store (the newest)")
+    resume: bool = Field(
+        True, description="Continue from the newest stored checkpoint of the same config and "
+        "inputs, if there is one (--no-resume starts over and removes old checkpoints)")
+    keep_checkpoints: bool = Field(
+        False, description="Keep OUT/checkpoints/ after a finished run (else removed then)")
+    merge: bool = Field(False, description="Also save merged/: the base model with the adapter "
+                        "folded in")
 
 
 class LossDivergedError(TrackbError):
     """The training loss became NaN or infinite."""
 
 
-def resolve_precision(precision: str) -> str:
-    """The concrete precision for ``precision`` on this machine ("fp16", "bf16" or "fp32").
+# -- runtime plan --------------------------------------------------------------------------
 
-    Raises ConfigError when fp16/bf16 is asked for without a CUDA GPU that supports it.
-    """
+def device_facts() -> dict[str, Any]:
+    """What this machine offers for training, as plain data (see :func:`runtime_plan`)."""
     import torch
 
-    cuda = torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        return {"cuda": False, "gpu_count": 0, "gpu_name": None, "compute_capability": None,
+                "bf16_native": False, "flash_attn_varlen": False}
+    from transformers.utils import is_flash_attn_2_available
+
+    major, minor = torch.cuda.get_device_capability(0)
+    return {
+        "cuda": True,
+        "gpu_count": torch.cuda.device_count(),
+        "gpu_name": torch.cuda.get_device_name(0),
+        "compute_capability": [major, minor],
+        # Without including_emulation=False a T4 answers True (bf16 emulated, slowly).
+        "bf16_native": torch.cuda.is_bf16_supported(including_emulation=False),
+        "flash_attn_varlen": bool(is_flash_attn_2_available()),
+    }
+
+
+def runtime_plan(precision: str, facts: dict[str, Any]) -> dict[str, Any]:
+    """How to train with ``precision`` ("auto", "fp16", "bf16", "fp32") on a machine
+    described by ``facts`` (:func:`device_facts`'s keys). Pure: no hardware needed.
+
+    Returns ``{"device", "gpus", "gpu_name", "compute_capability", "precision",
+    "autocast", "base_dtype", "lora_dtype", "attention", "packing", "padding_free",
+    "reason"}``. Raises ConfigError when fp16/bf16 is asked of hardware without it.
+    """
+    cuda = bool(facts.get("cuda"))
+    capability = tuple(facts.get("compute_capability") or (0, 0))
+    bf16 = cuda and bool(facts.get("bf16_native", capability >= (8, 0)))
+    where = facts.get("gpu_name") or ("CUDA GPU" if cuda else "CPU")
     if precision == "auto":
-        if not cuda:
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and not cuda:
+        chosen = "fp32" if not cuda else ("bf16" if bf16 else "fp16")
+        reason = ("CPU: fp32" if not cuda else
+                  f"{where} (cc {capability[0]}.{capability[1]}): "
+                  + ("native bf16" if bf16 else "no native bf16, fp16 autocast + loss scaling"))
+    elif precision == "fp16" and not cuda:
         raise ConfigError("--precision fp16 needs a CUDA GPU; use fp32 or auto on CPU")
-    if precision == "bf16" and not (cuda and torch.cuda.is_bf16_supported()):
-        raise ConfigError("--precision bf16 needs a CUDA GPU with bf16 support (not a T4); "
-                          "use fp16 or auto")
-    return precision
+    elif precision == "bf16" and not bf16:
+        raise ConfigError(f"--precision bf16 needs a GPU with native bf16 (compute capability "
+                          f"8+; {where} has not): use fp16 or auto")
+    else:
+        chosen, reason = precision, f"{where}: --precision {precision}"
+    # Padding-free batches need FlashAttention's varlen kernels (Ampere or newer); SDPA
+    # has none, and packing without them lets examples attend to each other.
+    padding_free = cuda and capability >= (8, 0) and bool(facts.get("flash_attn_varlen"))
+    dtypes = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+    return {
+        "device": "cuda" if cuda else "cpu",
+        "gpus": int(facts.get("gpu_count") or 0),
+        "gpu_name": facts.get("gpu_name"),
+        "compute_capability": list(capability) if cuda else None,
+        "precision": chosen,
+        "autocast": None if chosen == "fp32" else dtypes[chosen],
+        # The frozen base is stored in the autocast dtype (half the memory on a T4) ...
+        "base_dtype": dtypes[chosen],
+        # ... the trained LoRA weights never are: fp16 weights cannot take the updates.
+        "lora_dtype": "float32",
+        "attention": "flash_attention_2" if padding_free else "sdpa",
+        "packing": False,
+        "padding_free": padding_free,
+        "reason": reason,
+    }
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits in a torchrun launch (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None) -> Ranks:
+        env = os.environ if environ is None else environ
+        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)),
+                   int(env.get("WORLD_SIZE", 1)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _process_state(plan: dict[str, Any], ranks: Ranks):
+    """accelerate's process group for a multi-process launch (None for one process)."""
+    if ranks.world_size == 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=plan["device"] == "cpu")
+
+
+def _from_main(value: Any, ranks: Ranks) -> Any:
+    """Rank 0's ``value`` on every rank (also a barrier)."""
+    if ranks.world_size == 1:
+        return value
+    import torch.distributed
+
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _local_main_first(state) -> Any:
+    return state.local_main_process_first() if state is not None else nullcontext()
+
+
+# -- checkpoints in the store ----------------------------------------------------------------
+
+def stored_checkpoints(out: Store) -> dict[int, dict[str, Any] | None]:
+    """Every checkpoint under ``out/checkpoints/``: step -> its marker (None while partial)."""
+    found: dict[int, dict[str, Any] | None] = {}
+    for key in out.list(CHECKPOINTS):
+        parts = key.split("/")
+        match = CHECKPOINT_NAME.fullmatch(parts[1]) if len(parts) > 2 else None
+        if not match:
+            continue
+        step = int(match.group(1))
+        found.setdefault(step, None)
+        if parts[2:] == [CHECKPOINT_MARKER]:
+            try:
+                found[step] = json.loads(out.get_bytes(key))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                pass  # a damaged marker: treated as a partial upload
+    return found
+
+
+def latest_checkpoint(out: Store, run_fingerprint: str) -> int | None:
+    """The newest complete stored checkpoint made with ``run_fingerprint``, or None."""
+    steps = [step for step, marker in stored_checkpoints(out).items()
+             if marker and marker.get("fingerprint") == run_fingerprint]
+    return max(steps, default=None)
+
+
+def upload_checkpoint(out: Store, folder: Path, step: int, run_fingerprint: str,
+                      keep: int) -> None:
+    """Copy the trainer's checkpoint ``folder`` to ``checkpoints/checkpoint-<step>/``,
+    marker last, then keep only the ``keep`` newest complete ones (and no partial
+    uploads older than the newest). Raises StoreError."""
+    key = f"{CHECKPOINTS}/checkpoint-{step}"
+    out.delete(key)
+    out.put_dir(key, folder)
+    marker = {"step": step, "fingerprint": run_fingerprint,
+              "files": sum(1 for p in folder.rglob("*") if p.is_file())}
+    out.put_text(f"{key}/{CHECKPOINT_MARKER}", json.dumps(marker, sort_keys=True))
+    stored = stored_checkpoints(out)
+    complete = sorted((s for s, m in stored.items() if m), reverse=True)
+    for old, marker in stored.items():
+        if (marker and old not in complete[:keep]) or (not marker and old < step):
+            out.delete(f"{CHECKPOINTS}/checkpoint-{old}")
+
+
+def download_checkpoint(out: Store, step: int, target: Path) -> Path:
+    """The stored checkpoint of ``step`` as a local folder the trainer can resume from.
+
+    Raises MissingInputError if it is not stored.
+    """
+    folder = target / f"checkpoint-{step}"
+    shutil.rmtree(folder, ignore_errors=True)
+    return out.get_dir(f"{CHECKPOINTS}/checkpoint-{step}", folder)
 
 
 def looks_like_path(model: str) -> bool:
@@ -162,18 +364,18 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def load_model(model_path: str, precision: str):
-    """The base causal LM in the dtype ``precision`` implies, with SDPA attention.
+def load_model(model_path: str, plan: dict[str, Any]):
+    """The base causal LM in the plan's base dtype and attention implementation.
 
     Raises MissingInputError if it cannot be loaded offline.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     try:
         return AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+            model_path, dtype=getattr(torch, plan["base_dtype"]),
+            attn_implementation=plan["attention"], local_files_only=True,
         )
     except OSError as exc:
         raise MissingInputError(f"--model: cannot load a model from {model_path} "
@@ -181,19 +383,46 @@ def load_model(model_path: str, precision: str):
                                 f"{str(exc).splitlines()[0]}") from exc
 
 
+def fit_to_max_length(dataset, max_length: int, overlong: str):
+    """trl's tokenised ``dataset`` with examples over ``max_length`` tokens dropped or cut.
+
+    Returns ``(dataset, report)``; ``report`` counts ``examples_too_long`` and
+    ``examples_dropped_fully_masked`` (cut examples left without a trained token).
+    """
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    too_long = sum(1 for n in lengths if n > max_length)
+    if overlong == "drop":
+        fitted = dataset.filter(lambda example: len(example["input_ids"]) <= max_length)
+        masked = 0
+    else:
+        cut = dataset.map(lambda example: {"input_ids": example["input_ids"][:max_length],
+                                           "labels": example["labels"][:max_length]})
+        fitted = cut.filter(lambda example: any(t != -100 for t in example["labels"]))
+        masked = len(cut) - len(fitted)
+    return fitted, {"examples_too_long": too_long, "examples_dropped_fully_masked": masked,
+                    "overlong": overlong, "max_length": max_length}
+
+
 def build_trainer(config: TrainConfig, examples: list[dict[str, Any]], model_path: str,
-                  output_dir: str, precision: str = "fp32"):
+                  output_dir: str, plan: dict[str, Any] | str = "fp32",
+                  callbacks: list[Any] | tuple[Any, ...] = ()):
     """An SFTTrainer ready to train a LoRA adapter on ``examples``.
 
+    ``plan`` is a :func:`runtime_plan` (or a precision name, planned for this machine).
     Its ``train_dataset`` is trl's own tokenisation (``input_ids`` and ``labels`` with
-    -100 on prompt tokens), which the tests inspect. Raises MissingInputError if the
-    model cannot be loaded, ConfigError if LoRA finds none of the target modules.
+    -100 on prompt tokens) after :func:`fit_to_max_length`, whose report is
+    ``trainer.trackb_fit``. Raises MissingInputError if the model cannot be loaded,
+    ConfigError if LoRA finds none of the target modules or the plan needs hardware
+    that is not here, InputError if no example fits ``max_length``.
     """
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    if isinstance(plan, str):
+        plan = runtime_plan(plan, device_facts())
 
     class StopOnNonFiniteLoss(TrainerCallback):
         # fp16 Qwen2 can overflow; stop at the first bad loss instead of saving garbage.
@@ -206,7 +435,8 @@ def build_trainer(config: TrainConfig, examples: list[dict[str, Any]], model_pat
                 )
 
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, precision)
+    model = load_model(model_path, plan)
+    checkpointing = config.save_steps > 0
     args = SFTConfig(
         output_dir=output_dir,
         num_train_epochs=config.epochs,
@@ -214,7 +444,8 @@ def build_trainer(config: TrainConfig, examples: list[dict[str, Any]], model_pat
         lr_scheduler_type=config.lr_scheduler,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
-        max_length=config.max_length,
+        # Length is handled after tokenising (fit_to_max_length): trl would cut silently.
+        max_length=None,
         warmup_steps=config.warmup_ratio,  # a value below 1 is a ratio in transformers 5
         seed=config.seed,
         data_seed=config.seed,
@@ -222,13 +453,22 @@ def build_trainer(config: TrainConfig, examples: list[dict[str, Any]], model_pat
         # transformers 5 renamed gradient_checkpointing; trl's default for the old name is True
         activation_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing=None,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        fp16=precision == "fp16",
-        bf16=precision == "bf16",
+        use_cpu=plan["device"] == "cpu",
+        dataloader_pin_memory=plan["device"] == "cuda",
+        fp16=plan["autocast"] == "float16",
+        bf16=plan["autocast"] == "bfloat16",
         completion_only_loss=True,
-        packing=False,
+        packing=plan["packing"],
+        padding_free=plan["padding_free"],
+        # transformers 5's spelling of group_by_length: LengthGroupedSampler over the
+        # effective batch (batch_size x grad_accum), sorted within shuffled mega-batches.
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        # Every LoRA weight takes part in every forward: no unused-parameter search.
+        ddp_find_unused_parameters=False,
+        save_strategy="steps" if checkpointing else "no",
+        save_steps=config.save_steps if checkpointing else 500,
+        save_total_limit=config.save_total_limit,
         report_to="none",
-        save_strategy="no",
         disable_tqdm=False,
     )
     lora = LoraConfig(
@@ -240,18 +480,30 @@ def build_trainer(config: TrainConfig, examples: list[dict[str, Any]], model_pat
         task_type="CAUSAL_LM",
     )
     try:
-        return SFTTrainer(
+        trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(examples),
             processing_class=tokenizer,
             peft_config=lora,
-            callbacks=[StopOnNonFiniteLoss()],
+            callbacks=[StopOnNonFiniteLoss(), *callbacks],
         )
     except ValueError as exc:
         if "target modules" in str(exc).lower():
             raise ConfigError(f"--target-modules: {str(exc).splitlines()[0]}") from exc
         raise
+    # peft upcasts adapters of a half-precision base; make sure, as fp16 weights would
+    # make the GradScaler fail ("Attempting to unscale FP16 gradients").
+    for parameter in trainer.model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    trainer.train_dataset, trainer.trackb_fit = fit_to_max_length(
+        trainer.train_dataset, config.max_length, config.overlong)
+    if len(trainer.train_dataset) == 0:
+        raise InputError(f"no example fits --max-length {config.max_length} tokens "
+                         f"({trainer.trackb_fit['examples_too_long']} longer); raise it or "
+                         "use --overlong truncate")
+    return trainer
 
 
 def token_stats(trainer, n_examples: int) -> dict[str, int]:
@@ -259,13 +511,31 @@ def token_stats(trainer, n_examples: int) -> dict[str, int]:
     dataset = trainer.train_dataset
     trained = sum(sum(1 for t in labels if t != -100) for labels in dataset["labels"])
     total = sum(len(ids) for ids in dataset["input_ids"])
+    fit = getattr(trainer, "trackb_fit", {})
     return {
         "examples_in": n_examples,
         "examples_trained": len(dataset),
-        "examples_dropped_fully_masked": n_examples - len(dataset),
+        "examples_too_long": fit.get("examples_too_long", 0),
+        "examples_dropped": n_examples - len(dataset),
+        "examples_dropped_fully_masked": fit.get("examples_dropped_fully_masked", 0),
         "tokens_total": total,
         "tokens_trained": trained,
     }
+
+
+def checkpoint_uploader(out: Store, run_fingerprint: str, keep: int):
+    """A TrainerCallback copying each checkpoint the trainer saves to the store (rank 0)."""
+    from transformers import TrainerCallback
+
+    class UploadCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                step = state.global_step
+                upload_checkpoint(out, Path(args.output_dir) / f"checkpoint-{step}", step,
+                                  run_fingerprint, keep)
+                say(STAGE, f"checkpoint {step} -> {out.uri}/{CHECKPOINTS}/checkpoint-{step}")
+
+    return UploadCheckpoint()
 
 
 def loss_curve_png(losses: list[dict[str, float]], title: str) -> bytes:
@@ -290,71 +560,148 @@ def loss_curve_png(losses: list[dict[str, float]], title: str) -> bytes:
 
 
 def run(config: TrainConfig, out: Store) -> dict:
-    """Run the train stage into ``out``.
+    """Run the train stage into ``out`` (under torchrun: every rank calls it; rank 0 writes).
 
     Raises ConfigError (no --dataset, bad precision or target modules),
     MissingInputError (dataset or model not found), InputError (empty dataset, a row
-    without instruction/response, a tokenizer without chat template),
-    LossDivergedError (NaN/inf loss), StoreError (``out`` not writable).
+    without instruction/response, a tokenizer without chat template, nothing fits
+    --max-length), LossDivergedError (NaN/inf loss), StoreError (``out`` not writable).
     """
     if not config.dataset:
         raise ConfigError("--dataset is required (train.jsonl or the build-dataset folder)")
     check_model_source(config.model)
-    precision = resolve_precision(config.precision)
+    plan = runtime_plan(config.precision, device_facts())
+    ranks = Ranks.from_environ()
+    if ranks.is_main:
+        with stage_run(STAGE, config, out) as run:
+            _train(run, config, out, plan, ranks)
+        if not config.keep_checkpoints:
+            # Only now: a kill before the manifest is written can still resume.
+            out.delete(CHECKPOINTS)
+        return run.manifest
+    started = time.time()
+    _train(StageRun(STAGE, config, out), config, out, plan, ranks)
+    return {"stage": STAGE, "rank": ranks.rank,
+            "timings": {"total_seconds": round(time.time() - started, 3)}}
 
-    with stage_run(STAGE, config, out) as run:
-        examples = examples_from_rows(run.read_jsonl("dataset"), config.dataset)
-        model_path = str(run.local_dir("model")) if looks_like_path(config.model) else config.model
-        say(STAGE, f"{len(examples)} examples, base model {config.model}, precision {precision}")
 
-        with tempfile.TemporaryDirectory(prefix="trackb-train-") as tmp:
-            with run.timed("setup"):
-                trainer = build_trainer(config, examples, model_path, f"{tmp}/trainer", precision)
-            stats = token_stats(trainer, len(examples))
-            trainable, total_params = trainer.model.get_nb_trainable_parameters()
-            say(STAGE, f"{stats['tokens_trained']:,} of {stats['tokens_total']:,} tokens trained; "
+@contextmanager
+def _workdir(ranks: Ranks) -> Iterator[Path]:
+    """The trainer's local folder: rank 0 names it, every rank of a node shares it."""
+    made = tempfile.mkdtemp(prefix="trackb-train-") if ranks.is_main else None
+    path = Path(_from_main(made, ranks))
+    path.mkdir(parents=True, exist_ok=True)  # on other nodes
+    try:
+        yield path
+    finally:
+        if ranks.local_rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _resume_point(out: Store, config: TrainConfig, run_fingerprint: str) -> int:
+    """The stored step to resume from (0: start over, removing stale checkpoints)."""
+    if config.resume:
+        step = latest_checkpoint(out, run_fingerprint)
+        if step is not None:
+            return step
+        if out.list(CHECKPOINTS):
+            say(STAGE, "no stored checkpoint matches this config and these inputs; "
+                       "starting over")
+    out.delete(CHECKPOINTS)
+    return 0
+
+
+def _train(run: StageRun, config: TrainConfig, out: Store, plan: dict[str, Any],
+           ranks: Ranks) -> None:
+    state = _process_state(plan, ranks)
+    examples = examples_from_rows(run.read_jsonl("dataset"), config.dataset)
+    with _local_main_first(state):  # one download of a store model per node
+        model_path = (str(local_dir(config.model)) if looks_like_path(config.model)
+                      else config.model)
+    run_fingerprint = fingerprint(config, run.inputs) if ranks.is_main else ""
+    resume_step = _from_main(_resume_point(out, config, run_fingerprint)
+                             if ranks.is_main else None, ranks)
+    if ranks.is_main:
+        say(STAGE, f"{len(examples)} examples, base model {config.model}, {plan['reason']}, "
+                   f"{ranks.world_size} process(es)")
+
+    with _workdir(ranks) as work:
+        callbacks = ([checkpoint_uploader(out, run_fingerprint, config.save_total_limit)]
+                     if ranks.is_main and config.save_steps else [])
+        with run.timed("setup"):
+            trainer = build_trainer(config, examples, model_path, str(work / "trainer"), plan,
+                                    callbacks)
+        stats = token_stats(trainer, len(examples))
+        trainable, total_params = trainer.model.get_nb_trainable_parameters()
+        stats.update(trainable_params=int(trainable), total_params=int(total_params))
+        resume_from = None
+        if resume_step:
+            resume_from = download_checkpoint(out, resume_step, work / f"resume-{ranks.rank}")
+        if ranks.is_main:
+            say(STAGE, f"{stats['tokens_trained']:,} of {stats['tokens_total']:,} tokens "
+                       f"trained; {stats['examples_too_long']} of {len(examples)} examples "
+                       f"over {config.max_length} tokens ({config.overlong}); "
                        f"{trainable:,} trainable of {total_params:,} parameters")
+            if resume_step:
+                say(STAGE, f"resuming from stored checkpoint {resume_step}")
 
-            with run.timed("train"):
-                result = trainer.train()
+        with run.timed("train"):
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from
+                                   else None)
+        if not ranks.is_main:
+            return
+        _save_outputs(run, config, trainer, result, work, plan, stats, ranks, resume_step)
 
-            losses = [
-                {"step": entry["step"], "loss": round(float(entry["loss"]), 6),
-                 "learning_rate": float(entry.get("learning_rate", 0.0))}
-                for entry in trainer.state.log_history if "loss" in entry
-            ]
-            adapter_dir = Path(tmp) / "adapter"
-            # Record the base as the user named it, not a temporary download path.
-            for peft_config in trainer.model.peft_config.values():
-                peft_config.base_model_name_or_path = config.model
-            trainer.model.save_pretrained(adapter_dir)
-            trainer.processing_class.save_pretrained(adapter_dir)
-            run.write_dir("adapter", adapter_dir)
 
-        metrics = {
-            "train_loss": losses,
-            "final_loss": losses[-1]["loss"] if losses else None,
-            "first_loss": losses[0]["loss"] if losses else None,
-            "mean_train_loss": round(float(result.training_loss), 6),
-            "runtime_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 2),
-            "steps": int(trainer.state.global_step),
-            "epochs": config.epochs,
-            "examples": len(examples),
-            "trainable_params": int(trainable),
-            "total_params": int(total_params),
-            "precision": precision,
-            **stats,
-        }
-        run.write_json("metrics.json", metrics)
-        run.write_bytes("loss_curve.png", loss_curve_png(
-            losses, f"LoRA SFT on {len(examples)} examples ({config.epochs:g} epochs)"))
-        run.counts.update({
-            "examples": len(examples),
-            "steps": metrics["steps"],
-            "trainable_params": metrics["trainable_params"],
-            "loss_first": metrics["first_loss"],
-            "loss_final": metrics["final_loss"],
-        })
-        say(STAGE, f"{metrics['steps']} steps in {metrics['runtime_seconds']} s: loss "
-                   f"{metrics['first_loss']} -> {metrics['final_loss']}")
-    return run.manifest
+def _save_outputs(run: StageRun, config: TrainConfig, trainer, result, work: Path,
+                  plan: dict[str, Any], stats: dict[str, int], ranks: Ranks,
+                  resume_step: int) -> None:
+    losses = [
+        {"step": entry["step"], "loss": round(float(entry["loss"]), 6),
+         "learning_rate": float(entry.get("learning_rate", 0.0))}
+        for entry in trainer.state.log_history if "loss" in entry
+    ]
+    model = trainer.model
+    # Record the base as the user named it, not a temporary download path.
+    for peft_config in model.peft_config.values():
+        peft_config.base_model_name_or_path = config.model
+    adapter_dir = work / "adapter"
+    model.save_pretrained(adapter_dir)
+    trainer.processing_class.save_pretrained(adapter_dir)
+    run.write_dir("adapter", adapter_dir)
+    if config.merge:
+        merged_dir = work / "merged"
+        model.merge_and_unload().save_pretrained(merged_dir)
+        trainer.processing_class.save_pretrained(merged_dir)
+        run.write_dir("merged", merged_dir)
+
+    metrics = {
+        "train_loss": losses,
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "first_loss": losses[0]["loss"] if losses else None,
+        "mean_train_loss": round(float(result.training_loss), 6),
+        "runtime_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 2),
+        "steps": int(trainer.state.global_step),
+        "steps_planned": int(trainer.state.max_steps),
+        "resumed_from_step": resume_step,
+        "epochs": config.epochs,
+        "examples": len(trainer.train_dataset),
+        "precision": plan["precision"],
+        "world_size": ranks.world_size,
+        **stats,
+    }
+    run.write_json("metrics.json", metrics)
+    run.write_bytes("loss_curve.png", loss_curve_png(
+        losses, f"LoRA SFT on {len(trainer.train_dataset)} examples ({config.epochs:g} epochs)"))
+    run.counts.update({
+        "examples": len(trainer.train_dataset),
+        "examples_too_long": stats["examples_too_long"],
+        "steps": metrics["steps"],
+        "trainable_params": stats["trainable_params"],
+        "loss_first": metrics["first_loss"],
+        "loss_final": metrics["final_loss"],
+    })
+    run.extra["runtime"] = {**plan, "world_size": ranks.world_size}
+    run.extra["resumed_from_step"] = resume_step
+    say(STAGE, f"{metrics['steps']} steps in {metrics['runtime_seconds']} s: loss "
+               f"{metrics['first_loss']} -> {metrics['final_loss']}")
