@@ -1,0 +1,516 @@
+"""``metrics.score_all`` on crafted predictions: every number against a hand calculation.
+
+Three small functions, four task families each (unit_test has its own tests below),
+answered with echoes, truncated code, correct and wrong fixes, empty outputs, and
+answers in another language. Each answer's verdict is obvious by construction; the
+expected metrics are worked out by hand in the comments.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trackb_core import checks, metrics
+from trackb_core.errors import InputError
+from trackb_core.metrics import score_all, score_seed, strict_pass
+from trackb_core.stats import mcnemar_exact, paired_bootstrap_delta
+
+CLAMP = '''def clamp(value, low, high):
+    """Clamp value into [low, high]."""
+    if value < low:
+        return low
+    if value > high:
+        return high
+    return value
+'''
+GREET = '''def greet(name, punctuation="!"):
+    """Say hello to name."""
+    if not name:
+        return "Hello!"
+    return "Hello, " + name + punctuation
+'''
+EVEN = '''def is_even(number):
+    """Tell whether number is even."""
+    return number % 2 == 0
+'''
+
+FUNCTIONS = {
+    "clamp": {"source": CLAMP, "signature": "def clamp(value, low, high):",
+              "params": ["value", "low", "high"],
+              "bug": ("    if value < low:", "    if value <= low:", "off_by_one", 3)},
+    "greet": {"source": GREET, "signature": 'def greet(name, punctuation="!"):',
+              "params": ["name", "punctuation"],
+              "bug": ("    if not name:", "    if name:", "not_dropped", 3)},
+    "is_even": {"source": EVEN, "signature": "def is_even(number):", "params": ["number"],
+                "bug": ("    return number % 2 == 0", "    return number % 2 != 0", "eq_flip", 3)},
+}
+
+
+def fence(code: str) -> str:
+    return f"```python\n{code}```"
+
+
+def buggy(name: str) -> str:
+    before, after, _, _ = FUNCTIONS[name]["bug"]
+    return FUNCTIONS[name]["source"].replace(before, after)
+
+
+def make_item(name: str, category: str, instruction: str | None = None) -> dict:
+    fn = FUNCTIONS[name]
+    row = {
+        "id": f"{name}-{category}", "category": category,
+        "instruction": instruction or f"Task {category} for {name}",
+        "source_function": fn["source"], "source_file": "demo/mod.py",
+        "function_id": name, "function_name": name, "qualname": name,
+        "signature": fn["signature"], "params": fn["params"], "returns_value": True,
+        "line": 1, "end_line": fn["source"].count("\n"), "decorators": [],
+    }
+    if category == "bugfix":
+        before, after, kind, line = fn["bug"]
+        row["buggy_source"] = buggy(name)
+        row["mutation"] = {"kind": kind, "line": line, "before": before, "after": after}
+    return row
+
+
+GREET_SITE_FIX = GREET.replace(
+    '    return "Hello, " + name + punctuation',
+    '    greeting = "Hello, " + name\n    return greeting + punctuation')
+CLAMP_DOCSTRING = ('"""Clamp a value into a range.\n\nArgs:\n    value: the number.\n'
+                   '    low: lower bound.\n    high: upper bound.\n\nReturns:\n'
+                   '    The clamped value.\n"""')
+EVEN_DOCSTRING = ('"""Tell whether number is even.\n\nArgs:\n    number: the integer.\n\n'
+                  'Returns:\n    True when it is even.\n"""')
+GREET_EXPLAIN = ("The function takes `name` and an optional `punctuation` mark.\n"
+                 "It returns a greeting such as 'Hello, Ada!', or 'Hello!' for an empty name.")
+
+# id -> (greedy answer, the verdict it must get, a passing answer for samples or None)
+# Samples are [passing] * c + [""] * (3 - c): c correct of n = 3.
+CRAFTED = {
+    # bugfix: exact fix, site fix with another edit, wrong "fix" (the mutant back)
+    "clamp-bugfix": ("The bug is the off-by-one comparison. Fixed:\n" + fence(CLAMP), 3),
+    "greet-bugfix": ("The negation was dropped; restored it:\n" + fence(GREET_SITE_FIX), 1),
+    "is_even-bugfix": ("I could not find the bug. TODO\n" + fence(buggy("is_even")), 0),
+    # complete: correct (answer in Chinese), echo of the stub, truncated code
+    "clamp-complete": ("这是完整的实现：\n" + fence(CLAMP), 2),
+    "greet-complete": (fence('def greet(name, punctuation="!"):\n    """Say hello."""\n'
+                             '    ...\n'), 0),
+    "is_even-complete": (fence("def is_even(number):\n    return number %"), 0),
+    # docstring: complete, one parameter missing, empty output
+    "clamp-docstring": (CLAMP_DOCSTRING, 3),
+    "greet-docstring": ('"""Say hello.\n\nArgs:\n    name: who to greet.\n\nReturns:\n'
+                        '    The greeting.\n"""', 0),
+    "is_even-docstring": ("", 1),
+    # explain: Chinese (names every parameter, no English word for "returns"),
+    # a complete English explanation, empty output
+    "clamp-explain": ("该函数接收 value、low 和 high 三个参数，\n"
+                      "并把 value 限制在 low 与 high 之间后给出结果。", 0),
+    "greet-explain": (GREET_EXPLAIN, 3),
+    "is_even-explain": ("", 0),
+}
+PASSING = {
+    "clamp-bugfix": fence(CLAMP), "greet-bugfix": fence(GREET),
+    "clamp-complete": fence(CLAMP),
+    "clamp-docstring": CLAMP_DOCSTRING, "is_even-docstring": EVEN_DOCSTRING,
+    "greet-explain": GREET_EXPLAIN,
+}
+
+
+def crafted_items() -> list[dict]:
+    items = []
+    for item_id in CRAFTED:
+        name, category = item_id.split("-")
+        instruction = "请解释这个函数。" if item_id == "clamp-explain" else None
+        items.append(make_item(name, category, instruction))
+    return items
+
+
+def crafted_predictions() -> dict[str, dict]:
+    predictions = {}
+    for item_id, (greedy, correct) in CRAFTED.items():
+        passing = PASSING.get(item_id, "")
+        predictions[item_id] = {"greedy": greedy,
+                                "samples": [passing] * correct + [""] * (3 - correct)}
+    return predictions
+
+
+@pytest.fixture(scope="module")
+def scored():
+    return score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=None,
+                     n_boot=300, seed=0, temperature=0.6)
+
+
+def value(result, name):
+    return result["headline"][name]["value"]
+
+
+# -- the crafted answers are what they claim to be ------------------------------------------
+
+def test_each_crafted_greedy_answer_gets_the_intended_strict_verdict():
+    greedy_passes = {"clamp-bugfix", "greet-bugfix", "clamp-complete", "clamp-docstring",
+                     "greet-explain"}
+    for item in crafted_items():
+        greedy = CRAFTED[item["id"]][0]
+        assert strict_pass(item["category"], greedy, item, None) == (item["id"] in greedy_passes)
+        if item["id"] in PASSING:
+            assert strict_pass(item["category"], PASSING[item["id"]], item, None)
+        assert not strict_pass(item["category"], "", item, None)
+
+
+# -- unbiased pass@k and greedy pass@1 --------------------------------------------------------
+
+def test_unbiased_pass_at_k_and_greedy_by_hand(scored):
+    # correct samples c of n = 3: bugfix 3,1,0  complete 2,0,0  docstring 3,0,1  explain 0,3,0
+    # pass@1 = mean(c / 3) = 13 / 36; pass@3 = share with c >= 1 = 6 / 12
+    assert value(scored, "pass_at_1") == pytest.approx(13 / 36)
+    assert value(scored, "pass_at_3") == pytest.approx(6 / 12)
+    # greedy passes: 2 bugfix + 1 complete + 1 docstring + 1 explain
+    assert value(scored, "greedy_pass_at_1") == pytest.approx(5 / 12)
+    unbiased = scored["unbiased"]
+    assert unbiased["n_samples"] == 3 and unbiased["temperature"] == 0.6
+    assert unbiased["pass_at_1"] == pytest.approx(13 / 36)
+    assert unbiased["unavailable"] == {}
+    assert set(unbiased["correct_means"]) == set(metrics.CATEGORIES)
+    per_category = unbiased["per_category"]
+    assert per_category["bugfix"]["pass_at_1"] == pytest.approx(4 / 9)
+    assert per_category["bugfix"]["pass_at_3"] == pytest.approx(2 / 3)
+    assert per_category["bugfix"]["greedy_pass_at_1"] == pytest.approx(2 / 3)
+    assert per_category["explain"] == {"n": 3, "pass_at_1": pytest.approx(1 / 3),
+                                       "pass_at_3": pytest.approx(1 / 3),
+                                       "greedy_pass_at_1": pytest.approx(1 / 3)}
+
+
+def test_unbiased_pass_at_k_with_five_samples_matches_the_estimator():
+    # n = 5, c = 2: pass@1 = 0.4 and pass@3 = 1 - C(3,3)/C(5,3) = 0.9
+    item = make_item("clamp", "complete")
+    samples = [fence(CLAMP), "", fence(CLAMP), "", ""]
+    result = score_all([item], {item["id"]: {"greedy": "", "samples": samples}}, "t",
+                       corpus_dir=None, n_boot=50)
+    assert value(result, "pass_at_1") == pytest.approx(0.4)
+    assert value(result, "pass_at_3") == pytest.approx(0.9)
+    assert value(result, "greedy_pass_at_1") == 0.0
+    record = result["items"][0]
+    assert (record["n_samples"], record["n_correct"]) == (5, 2)
+    assert record["pass_fraction"] == pytest.approx(0.4)
+    assert record["pass_at_3"] == pytest.approx(0.9)
+
+
+def test_too_few_samples_report_pass_at_k_as_none_with_the_reason():
+    items = crafted_items()
+    predictions = {k: {"greedy": v["greedy"], "samples": v["samples"][:2]}
+                   for k, v in crafted_predictions().items()}
+    result = score_all(items, predictions, "t", corpus_dir=None, n_boot=50)
+    entry = result["headline"]["pass_at_3"]
+    assert entry["value"] is None and entry["ci"] is None
+    assert "at least 3 samples" in entry["reason"] and "have 2" in entry["reason"]
+    assert result["unbiased"]["pass_at_3"] is None
+    assert "pass_at_3" in result["unbiased"]["unavailable"]
+    assert result["headline"]["pass_at_1"]["value"] is not None
+    assert result["per_category"]["bugfix"]["pass_at_3"]["value"] is None
+    # the seed's pass@3 still has its 3 responses
+    assert result["headline"]["seed_pass_at_3"]["value"] is not None
+
+    greedy_only = {k: {"greedy": v["greedy"], "samples": []}
+                   for k, v in crafted_predictions().items()}
+    result = score_all(items, greedy_only, "t", corpus_dir=None, n_boot=50)
+    for name in ("pass_at_1", "pass_at_3", "seed_pass_at_3"):
+        assert result["headline"][name]["value"] is None, name
+        assert "have 0" in result["headline"][name]["reason"]
+    assert value(result, "greedy_pass_at_1") == pytest.approx(5 / 12)
+    assert result["seed_compatible"]["k"] == 1
+    assert all(r["pass_fraction"] is None for r in result["items"])
+
+
+# -- execution metrics on the greedy answer ---------------------------------------------------
+
+def test_execution_metrics_by_hand(scored):
+    # bugfix: exact (clamp), site only (greet), neither (is_even)
+    assert value(scored, "bugfix_exact_fix") == pytest.approx(1 / 3)
+    assert value(scored, "bugfix_site_fix") == pytest.approx(2 / 3)
+    # complete: correct / echo (parses, keeps signature) / truncated (does not parse)
+    assert value(scored, "complete_parses") == pytest.approx(2 / 3)
+    assert value(scored, "complete_keeps_signature") == pytest.approx(2 / 3)
+    assert value(scored, "complete_not_echo") == pytest.approx(1 / 3)
+    assert value(scored, "complete_exact_match") == pytest.approx(1 / 3)
+    # docstring Args coverage: 3/3, 1/2, 0 -> 0.5; explain parameter coverage: 1, 1, 0
+    assert value(scored, "docstring_args_coverage") == pytest.approx(0.5)
+    assert value(scored, "explain_param_coverage") == pytest.approx(2 / 3)
+    execution = scored["execution"]
+    assert execution["explain"]["mentions_return"] == pytest.approx(1 / 3)  # only English
+    assert execution["docstring"]["ok"] == pytest.approx(1 / 3)
+    assert execution["complete"]["strict_pass"] == pytest.approx(1 / 3)
+    assert execution["bugfix"]["n"] == 3 and execution["bugfix"]["parses"] == pytest.approx(1)
+    assert "unit_test" not in execution
+
+
+def test_edit_similarity_is_the_mean_of_greedy_similarities(scored):
+    by_id = {r["id"]: r for r in scored["items"]}
+    exact = by_id["clamp-complete"]["verdict"]["edit_similarity"]
+    echo = by_id["greet-complete"]["verdict"]["edit_similarity"]
+    truncated = by_id["is_even-complete"]["verdict"]["edit_similarity"]
+    assert exact == 1.0 and 0 < echo < 1 and 0 < truncated < 1
+    assert value(scored, "complete_edit_similarity") == pytest.approx(
+        (exact + echo + truncated) / 3)
+    assert scored["execution"]["complete"]["edit_similarity"] == pytest.approx(
+        (exact + echo + truncated) / 3)
+
+
+def test_execution_metric_without_items_is_none_with_reason(scored):
+    for name in ("unit_test_passes_original", "unit_test_kills_mutant"):
+        entry = scored["headline"][name]
+        assert entry == {"value": None, "ci": None, "n": 0, "reason": "no unit_test items",
+                         "section": "execution"}
+
+
+# -- seed-compatible section ------------------------------------------------------------------
+
+def test_seed_compatible_is_score_seed_unchanged(scored):
+    assert scored["seed_compatible"] == score_seed(crafted_items(), crafted_predictions(),
+                                                   "post")
+    seed = scored["seed_compatible"]
+    assert value(scored, "seed_pass_at_1") == pytest.approx(seed["pass_at_1"])
+    assert value(scored, "seed_pass_at_3") == pytest.approx(seed["pass_at_k"])
+    assert value(scored, "seed_style_score") == pytest.approx(seed["avg_style_score"])
+    assert value(scored, "seed_hallucination_rate") == pytest.approx(1 / 12)  # the "TODO"
+    assert value(scored, "seed_execution_rate") == pytest.approx(seed["execution_rate"])
+    for name, key in metrics.SEED_HEADLINE_KEYS.items():
+        assert scored["headline"][name]["section"] == "seed"
+        assert scored["headline"][name]["value"] == pytest.approx(seed[key]), name
+    # the seed counts the wrong "fix" (compiles) as a pass; the strict pass does not
+    by_id = {r["id"]: r for r in scored["items"]}
+    assert by_id["is_even-bugfix"]["seed_pass_at_1"] is True
+    assert by_id["is_even-bugfix"]["greedy_pass"] is False
+
+
+# -- shape and uncertainty ------------------------------------------------------------------
+
+def test_shape_of_the_result(scored):
+    assert set(scored) == {"tag", "metric_version", "n_items", "headline", "seed_compatible",
+                           "unbiased", "execution", "per_category", "items"}
+    assert scored["tag"] == "post" and scored["metric_version"] == 2
+    assert scored["n_items"] == 12
+    assert {e["section"] for e in scored["headline"].values()} == {
+        "seed", "unbiased", "execution"}
+    assert set(scored["per_category"]) == {"bugfix", "complete", "docstring", "explain"}
+    assert set(scored["per_category"]["bugfix"]) >= {"pass_at_1", "greedy_pass_at_1",
+                                                     "seed_pass_at_1", "exact_fix", "site_fix"}
+    record = scored["items"][0]
+    assert {"id", "category", "group", "seed_pass_at_1", "greedy_pass",
+            "pass_fraction"} <= set(record)
+    assert [r["id"] for r in scored["items"]] == sorted(CRAFTED)
+    assert {r["group"] for r in scored["items"]} == {"clamp", "greet", "is_even"}
+
+
+def test_every_headline_number_carries_a_ci_that_contains_it(scored):
+    numbers = 0
+    for name, entry in scored["headline"].items():
+        assert set(entry) >= {"value", "ci", "n", "section"}, name
+        if entry["value"] is None:
+            assert entry["ci"] is None and entry["reason"], name
+            continue
+        numbers += 1
+        low, high = entry["ci"]
+        assert 0.0 <= low <= entry["value"] <= high <= 1.0, name
+        assert entry["n"] > 0
+    # 5 seed + 3 unbiased + 11 execution metrics, less the two unit_test ones
+    assert numbers == 17
+    for category, entries in scored["per_category"].items():
+        for name, entry in entries.items():
+            assert entry["value"] is None or entry["ci"][0] <= entry["value"] <= entry["ci"][1], \
+                (category, name)
+
+
+def test_intervals_resample_source_functions_and_are_deterministic(scored):
+    again = score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=None,
+                      n_boot=300, seed=0, temperature=0.6)
+    assert again["headline"] == scored["headline"]
+    # bugfix site fix is 1, 1, 0 over three functions. A replicate draws 3 functions, so
+    # its mean is 0, 1/3, 2/3 or 1; P(mean 0) = 1/27 = 3.7% and P(mean 1) = 8/27 both
+    # exceed 2.5%, so the 95% interval is [0, 1]. Resampling the 12 items instead would
+    # give a narrower one.
+    assert scored["headline"]["bugfix_site_fix"]["ci"] == [0.0, 1.0]
+    other = score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=None,
+                      n_boot=300, seed=1)
+    assert other["headline"]["pass_at_1"]["value"] == scored["headline"]["pass_at_1"]["value"]
+
+
+def test_all_passing_single_group_collapses_the_interval():
+    item = make_item("clamp", "complete")
+    result = score_all([item], {item["id"]: {"greedy": fence(CLAMP), "samples": [fence(CLAMP)]}},
+                       "t", corpus_dir=None)
+    assert result["headline"]["greedy_pass_at_1"]["ci"] == [1.0, 1.0]
+    assert result["headline"]["pass_at_1"] == {"value": 1.0, "ci": [1.0, 1.0], "n": 1,
+                                               "section": "unbiased"}
+
+
+# -- pairing baseline with post ---------------------------------------------------------------
+
+def test_items_carry_what_a_paired_comparison_needs(scored):
+    empty = {k: {"greedy": "", "samples": ["", "", ""]} for k in CRAFTED}
+    baseline = score_all(crafted_items(), empty, "baseline", corpus_dir=None, n_boot=50)
+    assert value(baseline, "greedy_pass_at_1") == 0.0
+    before = [r["greedy_pass"] for r in baseline["items"]]
+    after = [r["greedy_pass"] for r in scored["items"]]
+    assert [r["id"] for r in baseline["items"]] == [r["id"] for r in scored["items"]]
+    # five items gained, none lost: McNemar's exact p = 2 / 2**5
+    assert mcnemar_exact(before, after) == {"b": 0, "c": 5, "p_value": pytest.approx(0.0625)}
+    delta = paired_bootstrap_delta([r["pass_fraction"] for r in baseline["items"]],
+                                   [r["pass_fraction"] for r in scored["items"]],
+                                   [r["group"] for r in scored["items"]], n_boot=200)
+    assert delta["delta"] == pytest.approx(13 / 36)
+    assert delta["ci"][0] <= 13 / 36 <= delta["ci"][1]
+
+
+def test_group_falls_back_to_a_hash_of_the_source():
+    item = make_item("clamp", "complete")
+    del item["function_id"]
+    same_text = dict(item, id="copy", source_function=CLAMP.replace("    ", "        "))
+    assert metrics.item_group(item).startswith("sha256:")
+    assert metrics.item_group(item) == metrics.item_group(same_text)  # whitespace-normalised
+    assert metrics.item_group({"id": "x"}) == "item:x"
+
+
+# -- through the `trackb score` stage --------------------------------------------------------
+
+def test_trackb_score_stage_writes_the_same_metrics(tmp_path):
+    from trackb_core.evaluate import ScoreConfig, score
+    from trackb_core.store import LocalStore
+
+    (tmp_path / "test.jsonl").write_text(
+        "".join(json.dumps(item) + "\n" for item in crafted_items()))
+    (tmp_path / "predictions.jsonl").write_text("".join(
+        json.dumps({"id": key, **prediction}) + "\n"
+        for key, prediction in crafted_predictions().items()))
+    out = LocalStore(tmp_path / "score")
+    score(ScoreConfig(dataset=str(tmp_path / "test.jsonl"),
+                      predictions=str(tmp_path / "predictions.jsonl"), tag="post",
+                      temperature=0.6), out)
+    written = json.loads((tmp_path / "score" / "eval.json").read_text())
+    assert written["headline"]["pass_at_1"]["value"] == pytest.approx(13 / 36)
+    assert written["headline"]["greedy_pass_at_1"]["value"] == pytest.approx(5 / 12)
+    assert written["headline"]["bugfix_site_fix"]["value"] == pytest.approx(2 / 3)
+    direct = score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=None,
+                       temperature=0.6)
+    assert {k: v for k, v in written.items() if k != "trackb"} == direct
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_input_error():
+    item = make_item("clamp", "complete")
+    with pytest.raises(InputError, match="no test items"):
+        score_all([], {}, "t", corpus_dir=None)
+    with pytest.raises(InputError, match="no prediction"):
+        score_all([item], {}, "t", corpus_dir=None)
+    with pytest.raises(InputError, match="greedy"):
+        score_all([item], {item["id"]: {"samples": []}}, "t", corpus_dir=None)
+    with pytest.raises(InputError, match="samples"):
+        score_all([item], {item["id"]: {"greedy": "", "samples": 5}}, "t", corpus_dir=None)
+    with pytest.raises(InputError, match="category 'haiku'"):
+        score_all([dict(item, category="haiku")], {item["id"]: {"greedy": ""}}, "t",
+                  corpus_dir=None)
+    with pytest.raises(InputError, match="haiku"):
+        strict_pass("haiku", "", item, None)
+
+
+# -- unit_test aggregation (verdicts stubbed: the sandbox has its own tests) -------------------
+
+def fake_unit_test_verdicts(monkeypatch, table):
+    """Make ``checks.unit_test_verdict`` answer from ``table[response]``."""
+    calls = []
+
+    def fake(response, item, corpus_dir, *, timeout=10.0):
+        calls.append((item["id"], response))
+        return dict(table[response])
+
+    monkeypatch.setattr(checks, "unit_test_verdict", fake)
+    return calls
+
+
+def unit_verdict(status, original, killed):
+    return {"status": status, "passes_original": original, "kills_mutant": killed,
+            "tests": 2, "reason": ""}
+
+
+def test_unit_test_rates_count_executable_items_only(monkeypatch):
+    calls = fake_unit_test_verdicts(monkeypatch, {
+        "kills": unit_verdict("passed", True, True),
+        "weak": unit_verdict("passed", True, False),
+        "fails": unit_verdict("failed", False, None),
+        "cannot": unit_verdict("not_executable", None, None),
+        "no-mutant": unit_verdict("passed", True, None),
+        "unplaced": unit_verdict("passed", True, None),  # the mutant could not be run
+        "garbled": unit_verdict("unparsable", None, None),
+    })
+    greedy = ["kills", "weak", "fails", "cannot", "no-mutant", "unplaced", "garbled"]
+    items = []
+    for number, answer in enumerate(greedy):
+        item = make_item("clamp", "unit_test")
+        item.update(id=f"u{number}", function_id=f"f{number}")
+        if answer != "no-mutant":
+            item.update(buggy_source=buggy("clamp"), mutation={"kind": "off_by_one"})
+        items.append(item)
+    predictions = {f"u{i}": {"greedy": g, "samples": [g, "kills"]} for i, g in enumerate(greedy)}
+    result = score_all(items, predictions, "t", corpus_dir=None, n_boot=50, workers=2)
+
+    # executable: all but u3. Passing the original: u0, u1, u4, u5 of 6
+    assert value(result, "unit_test_passes_original") == pytest.approx(4 / 6)
+    # kill rate over executable items with a mutant that counts: u0, u1, u2, u6
+    # (u4 has none, u5's could not be run): killed by u0 only
+    assert value(result, "unit_test_kills_mutant") == pytest.approx(1 / 4)
+    assert result["headline"]["unit_test_kills_mutant"]["n"] == 4
+    facts = result["execution"]["unit_test"]
+    assert facts["n"] == 7 and facts["n_executable"] == 6 and facts["not_executable"] == 1
+    assert facts["n_with_mutant"] == 5
+    assert facts["statuses"] == {"failed": 1, "not_executable": 1, "passed": 4,
+                                 "unparsable": 1}
+    # strict pass: passes the original and kills the mutant unless none was run
+    assert [r["greedy_pass"] for r in result["items"]] == [
+        True, False, False, False, True, True, False]
+    assert value(result, "greedy_pass_at_1") == pytest.approx(3 / 7)
+    # samples [greedy, "kills"]: u0, u4, u5 2/2; the rest 1/2 -> (3 + 0.5 * 4) / 7
+    assert value(result, "pass_at_1") == pytest.approx(5 / 7)
+    # each distinct (item, answer) runs once: 7 greedy + 6 extra "kills" samples
+    assert len(calls) == len(set(calls)) == 13
+
+
+EVEN_MODULE = '''"""A module of the corpus the tests import."""
+
+
+''' + EVEN
+
+
+def test_unit_test_answers_run_in_the_sandbox(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mathy.py").write_text(EVEN_MODULE)
+    item = make_item("is_even", "unit_test")
+    before, after, kind, line = FUNCTIONS["is_even"]["bug"]
+    item.update(source_file="pkg/mathy.py", line=4, end_line=6, buggy_source=buggy("is_even"),
+                mutation={"kind": kind, "line": line, "before": before, "after": after})
+    header = "from pkg.mathy import is_even\n\n"
+    kills = fence(header + "def test_parity():\n    assert is_even(4)\n    assert not is_even(3)\n")
+    weak = fence(header + "def test_type():\n    assert isinstance(is_even(2), bool)\n")
+    wrong = fence(header + "def test_odd():\n    assert is_even(3)\n")
+    items, predictions = [], {}
+    for name, greedy, samples in (("kills", kills, [weak, kills, kills]),
+                                  ("weak", weak, [wrong, "", weak]),
+                                  ("wrong", wrong, ["", "", ""])):
+        items.append(dict(item, id=f"is_even-{name}"))
+        predictions[f"is_even-{name}"] = {"greedy": greedy, "samples": samples}
+    result = score_all(items, predictions, "t", corpus_dir=tmp_path, n_boot=50)
+
+    facts = result["execution"]["unit_test"]
+    assert facts["statuses"] == {"failed": 1, "passed": 2}
+    assert facts["not_executable"] == 0
+    assert facts["passes_original"] == pytest.approx(2 / 3)
+    assert facts["kills_mutant"] == pytest.approx(1 / 3)
+    assert [r["greedy_pass"] for r in result["items"]] == [True, False, False]
+    # samples: kills 2/3 correct, weak 0/3, wrong 0/3
+    assert value(result, "pass_at_1") == pytest.approx(2 / 9)
+    assert value(result, "pass_at_3") == pytest.approx(1 / 3)
+    # without the corpus nothing can run: every item is not executable and fails
+    blind = score_all(items, predictions, "t", corpus_dir=None, n_boot=50)
+    assert blind["execution"]["unit_test"]["not_executable"] == 3
+    assert blind["headline"]["unit_test_passes_original"]["value"] is None
+    assert value(blind, "greedy_pass_at_1") == 0.0
