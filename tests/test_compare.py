@@ -1,42 +1,96 @@
-"""trackb compare: report.md / compare.json / report.png from two eval.json files."""
+"""trackb compare: report.md / compare.json / report.png from two version-2 eval.json files.
+
+The eval.json fixtures are written by hand to the contract (headline metrics with CIs,
+per-category metrics, per-item flags), so every expected number here follows from them.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from trackb_core.compare import CompareConfig, compare, render_markdown, run, wilson_interval
+from trackb_core.compare import (
+    SEED_N,
+    CompareConfig,
+    compare,
+    higher_is_better,
+    render_markdown,
+    render_png,
+    run,
+    wilson_interval,
+)
 from trackb_core.errors import ConfigError, InputError, MissingInputError
+from trackb_core.stats import mcnemar_exact, paired_bootstrap_delta
 from trackb_core.store import LocalStore
 
-
-def eval_json(tag, overall, per_category, total=46):
-    p1, pk, style, hall, exe = overall
-    return {
-        "tag": tag, "metric_set": "seed-compatible", "total_samples": total, "k": 3,
-        "pass_at_1": p1, "pass_at_k": pk, "avg_style_score": style,
-        "hallucination_rate": hall, "execution_rate": exe,
-        "per_category": {
-            c: {"count": n, "pass_at_1": a, "pass_at_k": b, "avg_style": s,
-                "hallucination_rate": 0.0}
-            for c, (n, a, b, s) in per_category.items()
-        },
-        "failures": [],
-        "trackb": {"model": "tiny", "adapter": None if tag == "baseline" else "train/adapter"},
-    }
+COMPLETE = [f"c{i:02d}" for i in range(12)]
+BUGFIX = [f"b{i:02d}" for i in range(6)]
 
 
-BASELINE = eval_json("baseline", (0.4, 0.6, 0.7, 0.1, 0.3), {
-    "complete": (12, 0.25, 0.5, 0.6),
-    "docstring": (15, 0.4, 0.6, 0.7),
-    "bugfix": (6, 0.0, 0.1667, 0.5),
+def entry(value, low, high, n, section=None):
+    data = {"value": value, "ci": [low, high], "n": n}
+    if section:
+        data["section"] = section
+    return data
+
+
+def unavailable(reason, section=None):
+    data = {"value": None, "ci": None, "n": 0, "reason": reason}
+    if section:
+        data["section"] = section
+    return data
+
+
+def item(item_id, category, greedy_pass, seed_pass, fraction):
+    # two items per source function: the bootstrap must resample them together
+    return {"id": item_id, "category": category, "group": f"fn-{item_id[0]}{int(item_id[1:]) // 2}",
+            "seed_pass_at_1": seed_pass, "seed_pass_at_k": seed_pass,
+            "greedy_pass": greedy_pass, "pass_fraction": fraction}
+
+
+def baseline_items():
+    items = [item(i, "complete", i in ("c00", "c01"), False, 0.0) for i in COMPLETE]
+    items += [item(i, "bugfix", False, False, 0.0) for i in BUGFIX]
+    return items + [item("b99", "bugfix", False, False, 0.0)]  # not scored post-SFT
+
+
+def post_items():
+    # greedy_pass: c02..c06 newly pass (b = 0, c = 5); seed pass: c00..c07 (b = 0, c = 8)
+    items = [item(i, "complete", i <= "c06", i <= "c07", 1 / 3) for i in COMPLETE]
+    items += [item(i, "bugfix", False, False, 0.0) for i in BUGFIX]
+    return items + [item("e00", "explain", True, True, 1.0)]  # not scored in the baseline
+
+
+def eval_json(tag, items, headline, per_category):
+    return {"tag": tag, "metric_version": 2, "n_items": len(items), "headline": headline,
+            "seed_compatible": {}, "unbiased": {}, "execution": {},
+            "per_category": per_category, "items": items,
+            "trackb": {"model": "tiny", "adapter": None if tag == "baseline" else "train",
+                       "backend": "hf", "n_samples": 3, "temperature": 0.6}}
+
+
+BASELINE = eval_json("baseline", baseline_items(), {
+    "seed_pass_at_1": entry(0.105, 0.0, 0.263, 19, "seed"),
+    "seed_hallucination_rate": entry(0.053, 0.0, 0.158, 19, "seed"),
+    "greedy_pass_at_1": entry(0.105, 0.0, 0.263, 19, "unbiased"),
+    "pass_at_3": unavailable("unbiased pass@3 needs at least 3 samples", "unbiased"),
+    "bugfix_exact_fix": entry(0.0, 0.0, 0.0, 7, "execution"),
+}, {
+    "complete": {"greedy_pass_at_1": entry(0.167, 0.0, 0.417, 12)},
+    "bugfix": {"greedy_pass_at_1": entry(0.0, 0.0, 0.0, 7)},
 })
-# "explain" only on the post side, "bugfix" only on the baseline side.
-POST = eval_json("post_sft", (0.6, 0.6, 0.65, 0.0, 0.5), {
-    "complete": (12, 0.5, 0.75, 0.8),
-    "docstring": (15, 0.2, 0.6, 0.6),
-    "explain": (13, 1.0, 1.0, 0.9),
+POST = eval_json("post_sft", post_items(), {
+    "seed_pass_at_1": entry(0.474, 0.263, 0.684, 19, "seed"),
+    "seed_hallucination_rate": entry(0.0, 0.0, 0.0, 19, "seed"),
+    "greedy_pass_at_1": entry(0.421, 0.211, 0.632, 19, "unbiased"),
+    "pass_at_3": entry(0.5, 0.3, 0.7, 19, "unbiased"),
+    "bugfix_exact_fix": entry(0.0, 0.0, 0.0, 6, "execution"),
+}, {
+    "complete": {"greedy_pass_at_1": entry(0.583, 0.333, 0.833, 12)},
+    "bugfix": {"greedy_pass_at_1": entry(0.0, 0.0, 0.0, 6)},
+    "explain": {"greedy_pass_at_1": entry(1.0, 1.0, 1.0, 1)},
 })
 
 
@@ -50,64 +104,154 @@ def eval_dirs(tmp_path):
     return base, post
 
 
-def test_compare_writes_all_outputs_with_every_category_on_both_sides(tmp_path, eval_dirs):
+def table_rows(text, heading):
+    """The rows (cells) of the first table from ``heading`` on, without its header row."""
+    section = heading + text.split(heading, 1)[1]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        if set(line) <= {"|", "-"}:
+            continue
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows[1:]
+
+
+WITH_CI = re.compile(r"^-?\d+\.\d{3} \[-?\d+\.\d{3}, -?\d+\.\d{3}\]$")
+CHANGE_WITH_CI = re.compile(r"^[+-]\d+\.\d{3} \[[+-]\d+\.\d{3}, [+-]\d+\.\d{3}\]$")
+
+
+def test_compare_writes_all_outputs(tmp_path, eval_dirs):
     base, post = eval_dirs
     out = LocalStore(tmp_path / "compare")
     # one side as a folder, the other as the file: both forms resolve
     manifest = run(CompareConfig(baseline=str(base), post=str(post / "eval.json")), out)
     assert set(manifest["outputs"]) == {"report.md", "compare.json", "report.png"}
     assert out.exists("manifest.json")
-
-    report = out.get_text("report.md")
-    assert "| Metric | Baseline | Post-SFT | Δ | Seed baseline* |" in report
-    assert "for reference, different data/model" in report
-    rows = {line.split("|")[1].strip(): line for line in report.splitlines()
-            if line.startswith("| ") and line.count("|") == 12}
-    for category in ("bugfix", "complete", "docstring", "explain"):
-        cells = [c.strip() for c in rows[category].split("|")[1:-1]]
-        assert len(cells) == 11  # n both sides, pass@1/pass@3/style both sides, deltas
-    complete = [c.strip() for c in rows["complete"].split("|")[1:-1]]
-    assert complete[:6] == ["complete", "12", "12", "0.250", "0.500", "+0.250"]
-    # a category absent on one side shows a dash, not a zero
-    bugfix = [c.strip() for c in rows["bugfix"].split("|")[1:-1]]
-    assert bugfix[2] == "—" and bugfix[4] == "—"
-
+    assert manifest["counts"]["paired_items"] == 18
     png = out.get_bytes("report.png")
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
-
     data = json.loads(out.get_text("compare.json"))
-    assert set(data["per_category"]) == {"bugfix", "complete", "docstring", "explain"}
-    assert data["per_category"]["explain"]["baseline"] is None
-    assert data["per_category"]["explain"]["post"]["pass_at_1"] == 1.0
-    assert data["overall"]["pass_at_1"]["delta"] == pytest.approx(0.2)
-    assert data["overall"]["pass_at_1"]["seed_baseline"] == 0.565
-    assert data["overall"]["execution_rate"]["seed_baseline"] is None
+    assert set(data["per_category"]) == {"bugfix", "complete", "explain"}
+    assert data["headline"]["seed_pass_at_1"]["baseline"]["ci"] == [0.0, 0.263]
 
 
-def test_overall_table_values_and_seed_reference():
+def test_every_headline_number_in_the_report_carries_its_ci():
     text = render_markdown(compare(BASELINE, POST))
-    assert "| pass@1 | 0.400 | 0.600 | +0.200 | 0.565 |" in text
-    assert "| pass@3 | 0.600 | 0.600 | +0.000 | 0.783 |" in text
-    assert "| style score | 0.700 | 0.650 | -0.050 | 0.874 |" in text
-    assert "| hallucination rate | 0.100 | 0.000 | -0.100 | 0.022 |" in text
-    assert "| execution rate | 0.300 | 0.500 | +0.200 | — |" in text
+    rows = table_rows(text, "## Headline metrics")
+    assert [r[0].split(" (")[0] for r in rows] == list(BASELINE["headline"])
+    for row in rows:
+        for cell in row[3:5]:  # baseline, post-SFT
+            assert WITH_CI.match(cell) or cell.startswith("n/a ("), row
+    pass_at_3 = next(r for r in rows if r[0] == "pass_at_3")
+    assert pass_at_3[3] == "n/a (unbiased pass@3 needs at least 3 samples)"
+    assert pass_at_3[4] == "0.500 [0.300, 0.700]"
+    # the paired changes carry theirs too
+    for row in table_rows(text, "## Paired test"):
+        assert CHANGE_WITH_CI.match(row[2]), row
+    # per category: every value with its CI, every paired change with its CI
+    for category in ("complete", "bugfix"):
+        section = text.split(f"### {category}", 1)[1]
+        for row in table_rows(section, "| Metric |"):
+            assert all(WITH_CI.match(c) or c == "—" for c in row[2:4]), row
+        paired = table_rows(section, "| Paired change")
+        assert len(paired) == 4
+        for row in paired:
+            assert CHANGE_WITH_CI.match(row[2]), row
 
 
-def test_small_category_warning_only_below_ten():
+def test_paired_test_matches_items_by_id_with_mcnemar_and_bootstrap():
+    result = compare(BASELINE, POST, n_boot=500, seed=3)
+    assert result["pairing"] == {"matched": 18, "baseline_only": 1, "post_only": 1}
+    by_id = {i["id"]: i for i in POST["items"]}
+    pairs = [(b, by_id[b["id"]]) for b in sorted(BASELINE["items"], key=lambda i: i["id"])
+             if b["id"] in by_id]
+    before = [float(b["greedy_pass"]) for b, _ in pairs]
+    after = [float(p["greedy_pass"]) for _, p in pairs]
+    groups = [b["group"] for b, _ in pairs]
+
+    greedy = result["paired"]["greedy_pass"]
+    assert greedy["n"] == 18
+    assert greedy["mcnemar"] == {"b": 0, "c": 5, "p_value": 0.0625}
+    assert greedy["mcnemar"] == mcnemar_exact([bool(v) for v in before],
+                                              [bool(v) for v in after])
+    expected = paired_bootstrap_delta(before, after, groups, n_boot=500, seed=3)
+    assert greedy["delta"] == pytest.approx(5 / 18) == pytest.approx(expected["delta"])
+    assert greedy["ci"] == pytest.approx(expected["ci"])
+    assert greedy["baseline_mean"] == pytest.approx(2 / 18)
+    assert result["paired"]["seed_pass_at_1"]["mcnemar"]["c"] == 8
+    # a fraction gets the bootstrap but no McNemar test
+    assert result["paired"]["pass_fraction"]["mcnemar"] is None
+    assert result["paired"]["pass_fraction"]["delta"] == pytest.approx(4 / 18)
+    # per category, on that category's pairs only
+    complete = result["per_category"]["complete"]["paired"]["greedy_pass"]
+    assert complete["n"] == 12 and complete["mcnemar"]["c"] == 5
+    assert result["per_category"]["explain"]["paired"] == {}  # nothing to pair
+
+    text = render_markdown(result)
+    assert "18 items scored on both sides (1 only in the baseline, 1 only in post-SFT" in text
+    row = next(r for r in table_rows(text, "## Paired test") if r[0].startswith("strict pass, g"))
+    assert row[1] == "18" and row[3] == "0.0625 (b=0, c=5)"
+
+
+def test_summary_calls_significance_from_the_paired_test():
+    summary = compare(BASELINE, POST)["summary"]
+    greedy = next(line for line in summary if line.startswith("strict pass, greedy"))
+    assert "McNemar p = 0.0625 (b = 0, c = 5)" in greedy
+    assert greedy.endswith("no significant change.")  # 5 of 5 discordant is not < 0.05
+    seed = next(line for line in summary if line.startswith("seed-compatible pass@1"))
+    assert seed.endswith("improved.")  # 8 of 8: p = 0.0078
+    assert any("1 only in the baseline" in line for line in summary)
+
+
+def test_seed_published_numbers_sit_beside_ours_for_reference():
     result = compare(BASELINE, POST)
-    assert result["small_categories"] == ["bugfix"]
+    reference = result["headline"]["seed_pass_at_1"]["seed_published"]
+    assert reference["baseline"] == 0.565 and reference["post_sft"] == 0.804
+    assert reference["baseline_ci"] == list(wilson_interval(0.565, SEED_N))
+    assert result["headline"]["greedy_pass_at_1"]["seed_published"] is None  # not the seed's
+    text = render_markdown(result)
+    rows = {r[0].split(" (")[0]: r for r in table_rows(text, "## Headline metrics")}
+    low, high = wilson_interval(0.565, SEED_N)
+    assert rows["seed_pass_at_1"][5] == f"0.565 [{low:.3f}, {high:.3f}]"
+    assert rows["seed_pass_at_1"][6].startswith("0.804 [")
+    assert rows["seed_hallucination_rate"][5].startswith("0.022 [")
+    assert rows["seed_hallucination_rate"][6] == "—"  # never published
+    assert rows["greedy_pass_at_1"][5:] == ["—", "—"]
+    assert "for reference only" in text
+    # per category: the seed's published baseline pass@1 and its n
+    bugfix = {r[0]: r for r in table_rows(text, "### bugfix")}
+    seed_row = bugfix["seed published baseline pass@1* (the seed's items)"]
+    assert seed_row[1] == "6" and seed_row[2].startswith("0.167 [")
+
+
+def test_n_per_category_and_warning_only_below_ten():
+    result = compare(BASELINE, POST)
+    assert result["per_category"]["complete"]["n"] == {"baseline": 12, "post": 12}
+    assert result["per_category"]["bugfix"]["n"] == {"baseline": 7, "post": 6}
+    assert result["small_categories"] == ["bugfix", "explain"]
     text = render_markdown(result)
     warnings = [line for line in text.splitlines() if line.startswith("> ⚠")]
-    assert len(warnings) == 1 and "bugfix" in warnings[0] and "n = 6" in warnings[0]
+    assert len(warnings) == 2
+    assert "**bugfix**" in warnings[0] and "**explain**" in warnings[1]
+    assert "### complete (n = 12 baseline, 12 post-SFT)" in text
+    assert "### explain (n = 0 baseline, 1 post-SFT)" in text
 
 
-def test_summary_states_direction_with_hallucination_lower_is_better():
-    summary = compare(BASELINE, POST)["summary"]
-    assert "pass@1: improved, 0.400 -> 0.600 (+0.200)." in summary
-    assert "pass@3: unchanged at 0.600." in summary
-    assert "style score: got worse, 0.700 -> 0.650 (-0.050)." in summary
-    assert "hallucination rate: improved, 0.100 -> 0.000 (-0.100)." in summary
-    assert "pass@1 rose in: complete; fell in: docstring." in summary
+def test_lower_is_better_metrics():
+    assert not higher_is_better("seed_hallucination_rate")
+    assert higher_is_better("greedy_pass_at_1")
+    text = render_markdown(compare(BASELINE, POST))
+    assert "| seed_hallucination_rate (lower is better) |" in text
+
+
+def test_chart_handles_missing_intervals_and_one_sided_categories():
+    comparison = compare(BASELINE, POST)
+    comparison["per_category"]["bugfix"]["metrics"]["greedy_pass_at_1"]["post"]["ci"] = None
+    png = render_png(comparison)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_wilson_interval_known_values():
@@ -127,17 +271,25 @@ def test_compare_is_deterministic(tmp_path, eval_dirs):
     assert outputs[0] == outputs[1]
 
 
-def test_not_an_eval_json_is_input_error_and_leaves_no_manifest(tmp_path, eval_dirs):
+def test_old_or_broken_eval_json_is_input_error_and_leaves_no_manifest(tmp_path, eval_dirs):
     base, _ = eval_dirs
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"tag": "x"}))
     out = LocalStore(tmp_path / "compare")
-    with pytest.raises(InputError, match="missing pass_at_1"):
+    old_shape = {"tag": "x", "pass_at_1": 0.5, "pass_at_k": 0.6, "per_category": {},
+                 "total_samples": 46}
+    bad.write_text(json.dumps(old_shape))
+    with pytest.raises(InputError, match="no 'metric_version' key"):
         run(CompareConfig(baseline=str(base), post=str(bad)), out)
-    assert not out.exists("manifest.json")
+    bad.write_text(json.dumps({**POST, "metric_version": 1}))
+    with pytest.raises(InputError, match="metric_version is 1"):
+        run(CompareConfig(baseline=str(base), post=str(bad)), out)
+    bad.write_text(json.dumps({key: v for key, v in POST.items() if key != "items"}))
+    with pytest.raises(InputError, match="no 'items' key"):
+        run(CompareConfig(baseline=str(base), post=str(bad)), out)
     bad.write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
         run(CompareConfig(baseline=str(base), post=str(bad)), out)
+    assert not out.exists("manifest.json")
 
 
 def test_missing_inputs(tmp_path, eval_dirs):

@@ -1,17 +1,32 @@
-"""trackb eval (tiny model, real generation) and trackb score (hand-written predictions)."""
+"""trackb eval (tiny model, real generation; vLLM wiring against a fake vllm) and
+trackb score (hand-written predictions), both through the one scorer."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
+import subprocess
+import sys
+import types
 
 import pytest
 
 from trackb_core.errors import ConfigError, InputError, MissingInputError
-from trackb_core.evaluate import EvalConfig, ScoreConfig, find_adapter, run, score
+from trackb_core.evaluate import (
+    EvalConfig,
+    ScoreConfig,
+    choose_backend,
+    corpus_dir_for,
+    find_adapter,
+    run,
+    score,
+)
 from trackb_core.store import LocalStore
 
 SEED_KEYS = {"tag", "total_samples", "k", "pass_at_1", "pass_at_k", "avg_style_score",
              "hallucination_rate", "execution_rate", "per_category", "failures"}
+EVAL_KEYS = {"tag", "metric_version", "n_items", "headline", "seed_compatible", "unbiased",
+             "execution", "per_category", "items", "trackb"}
 
 CATEGORIES = ("docstring", "complete", "bugfix", "explain", "unit_test", "complete")
 
@@ -21,10 +36,13 @@ def dataset_rows():
     for i, category in enumerate(CATEGORIES):
         instruction = f"Task {i} ({category}): write a function that returns {i} plus x."
         response = f"```python\ndef f{i}(x):\n    return x + {i}\n```"
+        source = f"def f{i}(x):\n    return x + {i}\n"
         rows.append({
             "id": f"item-{i}", "category": category, "instruction": instruction,
-            "response": response, "source_function": f"def f{i}(x): ...",
+            "response": response, "source_function": source,
             "source_file": "m.py", "function_id": f"m.py::f{i}", "function_name": f"f{i}",
+            "qualname": f"f{i}", "signature": f"def f{i}(x):", "params": ["x"],
+            "returns_value": True, "line": 1, "end_line": 2, "decorators": [],
             "messages": [{"role": "user", "content": instruction},
                          {"role": "assistant", "content": response}],
         })
@@ -45,13 +63,30 @@ def read_jsonl(store, key):
     return [json.loads(line) for line in store.get_text(key).splitlines()]
 
 
-# -- trackb eval --------------------------------------------------------------------------
+def assert_every_headline_has_its_ci(result):
+    assert result["headline"], "no headline metrics"
+    for name, entry in result["headline"].items():
+        if entry["value"] is None:
+            assert entry["ci"] is None and entry["reason"], name  # unavailable, and why
+        else:
+            low, high = entry["ci"]
+            assert low <= entry["value"] <= high, name
+            assert entry["n"] >= 1, name
+
+
+# -- trackb eval (Hugging Face backend) ----------------------------------------------------
 
 def eval_config(dataset_dir, tiny_model_dir, **overrides):
     values = {"dataset": str(dataset_dir), "model": str(tiny_model_dir), "tag": "baseline",
-              "max_new_tokens": 12, "batch_size": 4, "n_samples": 2}
+              "max_new_tokens": 12, "batch_size": 4, "backend": "hf"}
     values.update(overrides)
     return EvalConfig(**values)
+
+
+def test_eval_defaults_match_the_seed_and_allow_unbiased_pass_at_3():
+    config = EvalConfig()
+    assert config.n_samples == 3 and config.temperature == 0.6 and config.top_p == 0.95
+    assert config.backend == "auto" and config.max_new_tokens == 384
 
 
 def test_eval_with_tiny_model_is_complete_and_deterministic(tmp_path, dataset_dir,
@@ -67,30 +102,60 @@ def test_eval_with_tiny_model_is_complete_and_deterministic(tmp_path, dataset_di
     assert ids == sorted(f"item-{i}" for i in range(len(CATEGORIES)))  # every id, sorted
     for p in predictions:
         assert set(p) == {"id", "greedy", "samples"}
-        assert isinstance(p["greedy"], str) and len(p["samples"]) == 2
+        assert isinstance(p["greedy"], str) and len(p["samples"]) == 3  # default n = 3
         assert all(isinstance(s, str) for s in p["samples"])
     # the barely pretrained fixture model may only emit whitespace, but it emits
     # something: all-empty answers would mean the prompt tokens were cut, not the new ones
     assert all(p["greedy"] for p in predictions)
     assert any(s.strip() for p in predictions for s in p["samples"])
 
-    # same seed: byte-identical predictions (greedy and the seeded samples)
+    # same seed: byte-identical predictions (greedy and the seeded samples), same metrics
     assert outs[0].get_bytes("predictions.jsonl") == outs[1].get_bytes("predictions.jsonl")
+    results = [json.loads(out.get_text("eval.json")) for out in outs]
+    for result in results:
+        del result["trackb"]  # generation facts: timings differ
+    assert results[0] == results[1]
 
     result = json.loads(outs[0].get_text("eval.json"))
-    assert SEED_KEYS <= set(result)
-    assert result["metric_set"] == "seed-compatible"
-    assert result["tag"] == "baseline" and result["k"] == 3
-    assert result["total_samples"] == len(CATEGORIES)
-    assert set(result["per_category"]) == set(CATEGORIES)
-    assert result["per_category"]["complete"]["count"] == 2
+    assert EVAL_KEYS <= set(result)
+    assert result["metric_version"] == 2 and result["tag"] == "baseline"
+    assert result["n_items"] == len(CATEGORIES)
+    assert_every_headline_has_its_ci(result)
+    # 3 samples: the seed's pass@3 (greedy + 2 samples) and the unbiased pass@3 both exist
+    assert result["headline"]["seed_pass_at_3"]["value"] is not None
+    assert result["headline"]["pass_at_3"]["value"] is not None
+    assert result["unbiased"]["n_samples"] == 3 and result["unbiased"]["temperature"] == 0.6
+    seed = result["seed_compatible"]
+    assert SEED_KEYS <= set(seed) and seed["k"] == 3 and seed["total_samples"] == 6
+    assert seed["per_category"]["complete"]["count"] == 2
+    assert {i["id"] for i in result["items"]} == set(ids)
     facts = result["trackb"]
     assert facts["model"] == str(tiny_model_dir) and facts["adapter"] is None
-    assert facts["n_items"] == len(CATEGORIES) and facts["n_samples"] == 2
+    assert facts["backend"] == "hf" and facts["device"] == "cpu"
+    assert facts["n_items"] == len(CATEGORIES) and facts["n_samples"] == 3
     assert facts["temperature"] == 0.6
-    # at most max_new_tokens per answer, 3 answers per item
-    assert 0 < facts["tokens_generated"] <= 3 * 12 * len(CATEGORIES)
+    # at most max_new_tokens per answer, 4 answers per item
+    assert 0 < facts["tokens_generated"] <= 4 * 12 * len(CATEGORIES)
     assert facts["generation_seconds"] > 0
+    manifest = json.loads(outs[0].get_text("manifest.json"))
+    assert manifest["metrics"]["seed_pass_at_1"]["ci"] is not None
+
+
+def test_sampling_is_seeded_same_seed_same_samples_other_seed_other_samples(tiny_model_dir):
+    from trackb_core.evaluate import generate_hf, load_model
+    from trackb_core.prompts import render_prompt
+
+    model, tokenizer, device = load_model(str(tiny_model_dir), None, str(tiny_model_dir))
+    prompts = [render_prompt(tokenizer, r["instruction"]) for r in dataset_rows()[:3]]
+    options = {"n_samples": 3, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 10,
+               "batch_size": 3}
+    first = generate_hf(model, tokenizer, device, prompts, seed=7, **options)
+    again = generate_hf(model, tokenizer, device, prompts, seed=7, **options)
+    other = generate_hf(model, tokenizer, device, prompts, seed=8, **options)
+    assert first.samples == again.samples and first.greedy == again.greedy
+    assert all(len(s) == 3 for s in first.samples)
+    assert other.samples != first.samples
+    assert other.greedy == first.greedy  # greedy does not depend on the seed
 
 
 def test_eval_max_items_is_a_seeded_sample(tmp_path, dataset_dir, tiny_model_dir):
@@ -102,11 +167,15 @@ def test_eval_max_items_is_a_seeded_sample(tmp_path, dataset_dir, tiny_model_dir
         rows = read_jsonl(out, "predictions.jsonl")
         assert all(r["samples"] == [] for r in rows)
         picked.append([r["id"] for r in rows])
-        assert json.loads(out.get_text("eval.json"))["k"] == 1
+        result = json.loads(out.get_text("eval.json"))
+        assert result["seed_compatible"]["k"] == 1
+        # no samples: the sample-based metrics say why they are missing
+        assert "samples" in result["headline"]["pass_at_1"]["reason"]
+        assert result["unbiased"]["temperature"] is None
     assert len(picked[0]) == 3 and picked[0] == sorted(picked[0]) and picked[0] == picked[1]
 
 
-def test_eval_with_adapter_changes_answers(tmp_path, dataset_dir, tiny_model_dir):
+def make_adapter(tiny_model_dir, folder, **lora_options):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -114,10 +183,14 @@ def test_eval_with_adapter_changes_answers(tmp_path, dataset_dir, tiny_model_dir
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     # non-zero LoRA weights (the default init is a no-op) so the adapter visibly matters
-    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"],
-                      init_lora_weights=False)
-    train_dir = tmp_path / "train"
-    get_peft_model(base, lora).save_pretrained(train_dir / "adapter")
+    options = {"r": 4, "lora_alpha": 64, "target_modules": ["q_proj", "v_proj", "o_proj"],
+               "init_lora_weights": False, **lora_options}
+    get_peft_model(base, LoraConfig(**options)).save_pretrained(folder / "adapter")
+    return folder
+
+
+def test_eval_with_adapter_changes_answers(tmp_path, dataset_dir, tiny_model_dir):
+    train_dir = make_adapter(tiny_model_dir, tmp_path / "train")
     assert find_adapter(train_dir, "x") == train_dir / "adapter"
     assert find_adapter(train_dir / "adapter", "x") == train_dir / "adapter"
 
@@ -131,7 +204,7 @@ def test_eval_with_adapter_changes_answers(tmp_path, dataset_dir, tiny_model_dir
     assert plain.get_bytes("predictions.jsonl") != tuned.get_bytes("predictions.jsonl")
 
 
-def test_batched_greedy_matches_one_at_a_time(tiny_model_dir):
+def test_batched_greedy_is_left_padded_and_matches_one_at_a_time(tiny_model_dir):
     from trackb_core.evaluate import generate, load_model, stop_token_ids
     from trackb_core.prompts import render_prompt
 
@@ -140,14 +213,29 @@ def test_batched_greedy_matches_one_at_a_time(tiny_model_dir):
     # prompts of different lengths, so the batch really is padded
     prompts = [render_prompt(tokenizer, r["instruction"] + " more" * (3 * i))
                for i, r in enumerate(dataset_rows())]
+    enc = tokenizer([prompts[0], prompts[-1]], padding=True, add_special_tokens=False)
+    assert enc["attention_mask"][0][0] == 0 and enc["attention_mask"][0][-1] == 1
     stops = stop_token_ids(model, tokenizer)
     assert tokenizer.eos_token_id in stops
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
     single, tokens_single = generate(model, tokenizer, device, prompts, batch_size=1,
                                      max_new_tokens=8, stop_ids=stops)
     batched, tokens_batched = generate(model, tokenizer, device, prompts, batch_size=6,
                                        max_new_tokens=8, stop_ids=stops)
     assert single == batched and tokens_single == tokens_batched
     assert all(len(answers) == 1 for answers in single)
+
+
+def test_decode_answer_cuts_at_the_first_stop_and_counts_it(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from trackb_core.evaluate import decode_answer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer("return x", add_special_tokens=False)["input_ids"]
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert decode_answer(tokenizer, ids + [stop] + ids, [stop]) == ("return x", len(ids) + 1)
+    assert decode_answer(tokenizer, ids, [stop]) == ("return x", len(ids))
 
 
 def test_eval_input_errors(tmp_path, dataset_dir, tiny_model_dir):
@@ -167,6 +255,179 @@ def test_eval_input_errors(tmp_path, dataset_dir, tiny_model_dir):
     assert not out.exists("manifest.json")
 
 
+# -- corpus for executing unit tests ------------------------------------------------------
+
+def test_corpus_dir_explicit_upstream_or_none(tmp_path, dataset_dir):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "m.py").write_text("def f0(x):\n    return x\n")
+    assert corpus_dir_for(str(corpus), str(dataset_dir)) == corpus
+    # no manifest upstream: unknown, not an error
+    assert corpus_dir_for(None, str(dataset_dir)) is None
+    # the dataset's manifest chain names the corpus
+    (dataset_dir / "manifest.json").write_text(json.dumps(
+        {"inputs": {"corpus": {"uri": str(corpus), "sha256": "x"}}}))
+    assert corpus_dir_for(None, str(dataset_dir / "test.jsonl")) == corpus
+    # recorded but gone: best effort gives None; an explicit corpus that is gone is an error
+    (dataset_dir / "manifest.json").write_text(json.dumps(
+        {"inputs": {"corpus": {"uri": str(tmp_path / "gone"), "sha256": "x"}}}))
+    assert corpus_dir_for(None, str(dataset_dir)) is None
+    with pytest.raises(MissingInputError):
+        corpus_dir_for(str(tmp_path / "gone"), str(dataset_dir))
+
+
+# -- backends -----------------------------------------------------------------------------
+
+def test_vllm_backend_module_imports_without_vllm():
+    # a fresh interpreter: importing the module must not import vllm (or torch)
+    code = ("import sys, trackb_core.vllm_backend, trackb_core.evaluate; "
+            "print('vllm' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_backend_vllm_without_vllm_is_a_clear_config_error(tmp_path, dataset_dir,
+                                                            tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    assert choose_backend("hf") == "hf"
+    assert choose_backend("auto") == "hf"
+    with pytest.raises(ConfigError, match="--backend vllm: vllm is not installed"):
+        choose_backend("vllm")
+    out = LocalStore(tmp_path / "eval")
+    with pytest.raises(ConfigError, match="vllm is not installed"):
+        run(eval_config(dataset_dir, tiny_model_dir, backend="vllm"), out)
+    assert not out.exists("manifest.json")
+
+
+class FakeVLLM:
+    """Stands in for the vllm package: records how trackb drives it, answers with fixed
+    token ids (an answer, a stop token, then tokens that must be cut off)."""
+
+    def __init__(self, answer_ids, stop_id):
+        self.answer_ids, self.stop_id = answer_ids, stop_id
+        self.engine_options = None
+        self.calls = []
+        fake = self
+
+        class SamplingParams:
+            def __init__(self, **options):
+                self.options = options
+
+        class LoRARequest:
+            def __init__(self, name, lora_id, path):
+                self.args = (name, lora_id, path)
+
+        class LLM:
+            def __init__(self, **options):
+                fake.engine_options = options
+
+            def generate(self, requests, params, lora_request=None, use_tqdm=True):
+                fake.calls.append({"requests": requests, "params": params.options,
+                                   "lora": lora_request.args if lora_request else None})
+                outputs = []
+                for index, _ in enumerate(requests):
+                    completions = [
+                        types.SimpleNamespace(token_ids=fake.answer(index, n))
+                        for n in range(params.options["n"])]
+                    outputs.append(types.SimpleNamespace(outputs=completions))
+                return outputs
+
+        self.module = types.ModuleType("vllm")
+        self.module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
+        self.lora = types.ModuleType("vllm.lora")
+        self.request = types.ModuleType("vllm.lora.request")
+        self.request.LoRARequest = LoRARequest
+
+    def answer(self, index, n):
+        return self.answer_ids[: 1 + (index + n) % len(self.answer_ids)] + [self.stop_id, 5, 6]
+
+    def install(self, monkeypatch):
+        import torch
+
+        monkeypatch.setitem(sys.modules, "vllm", self.module)
+        monkeypatch.setitem(sys.modules, "vllm.lora", self.lora)
+        monkeypatch.setitem(sys.modules, "vllm.lora.request", self.request)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # a T4
+
+
+@pytest.fixture
+def fake_vllm(tiny_model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    answer = tokenizer("def f(x): return x", add_special_tokens=False)["input_ids"]
+    fake = FakeVLLM(answer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    fake.install(monkeypatch)
+    fake.tokenizer = tokenizer
+    return fake
+
+
+def test_vllm_backend_drives_llm_sampling_params_and_lora_request(
+        tmp_path, dataset_dir, tiny_model_dir, fake_vllm):
+    from trackb_core.prompts import render_prompt
+
+    train_dir = make_adapter(tiny_model_dir, tmp_path / "train")
+    assert choose_backend("auto", train_dir / "adapter") == "vllm"
+    out = LocalStore(tmp_path / "eval")
+    run(eval_config(dataset_dir, tiny_model_dir, backend="auto", adapter=str(train_dir),
+                    max_new_tokens=20, seed=5), out)
+
+    engine = fake_vllm.engine_options
+    assert engine["model"] == str(tiny_model_dir) and engine["dtype"] == "half"  # T4
+    assert engine["enable_lora"] is True and engine["max_lora_rank"] == 8  # r=4 rounded up
+    assert engine["seed"] == 5
+    greedy_call, sample_call = fake_vllm.calls
+    stop = fake_vllm.stop_id
+    assert greedy_call["params"]["n"] == 1 and greedy_call["params"]["temperature"] == 0.0
+    assert sample_call["params"] == {"n": 3, "temperature": 0.6, "top_p": 0.95, "seed": 5,
+                                     "max_tokens": 20,
+                                     "stop_token_ids": greedy_call["params"]["stop_token_ids"]}
+    assert stop in sample_call["params"]["stop_token_ids"]
+    for call in (greedy_call, sample_call):
+        assert call["lora"] == ("adapter", 1, str(train_dir / "adapter"))
+    # prompts go in as token ids of the same chat prompt, without added special tokens
+    items = sorted(dataset_rows(), key=lambda r: r["id"])
+    expected = [fake_vllm.tokenizer(render_prompt(fake_vllm.tokenizer, r["instruction"]),
+                                    add_special_tokens=False)["input_ids"] for r in items]
+    assert [r["prompt_token_ids"] for r in greedy_call["requests"]] == expected
+
+    predictions = read_jsonl(out, "predictions.jsonl")
+    decode = fake_vllm.tokenizer.decode
+    assert predictions[0]["greedy"] == decode(fake_vllm.answer(0, 0)[:-3])  # cut at the stop
+    assert [len(p["samples"]) for p in predictions] == [3] * len(items)
+    assert predictions[1]["samples"][2] == decode(fake_vllm.answer(1, 2)[:-3])
+    result = json.loads(out.get_text("eval.json"))
+    assert result["trackb"]["backend"] == "vllm" and result["trackb"]["device"] == "cuda"
+    assert_every_headline_has_its_ci(result)
+
+
+def test_vllm_backend_refuses_adapters_it_cannot_serve(tmp_path, tiny_model_dir, fake_vllm):
+    from trackb_core.vllm_backend import max_lora_rank
+
+    plain = make_adapter(tiny_model_dir, tmp_path / "plain", r=20)
+    assert max_lora_rank(plain / "adapter") == 32
+    with_head = make_adapter(tiny_model_dir, tmp_path / "head", modules_to_save=["lm_head"])
+    assert choose_backend("auto", with_head / "adapter") == "hf"  # falls back
+    with pytest.raises(ConfigError, match="lm_head"):
+        choose_backend("vllm", with_head / "adapter")
+
+
+def test_vllm_installed_but_no_gpu_is_a_config_error(fake_vllm, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_backend("auto") == "hf"
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        choose_backend("vllm")
+
+
 # -- trackb score -------------------------------------------------------------------------
 
 GOOD_CODE = "```python\ndef f(x):\n    return x + 1\n```"
@@ -176,14 +437,15 @@ GOOD_DOCSTRING = '"""Add one.\n\nArgs:\n    x: a number.\n\nReturns:\n    x plus
 def hand_predictions():
     # item-0 docstring: greedy passes; item-1 complete: only sample 2 passes;
     # item-2 bugfix: nothing passes; item-3 explain: greedy fails with a TODO;
-    # item-4 unit_test: no code; item-5 complete: greedy passes.
+    # item-4 unit_test: no code; item-5 complete: greedy passes (seed rules).
+    # Every item has 2 samples, so the seed's pass@3 (greedy + 2 samples) exists.
     return [
         {"id": "item-0", "greedy": GOOD_DOCSTRING, "samples": ["", ""]},
         {"id": "item-1", "greedy": "no idea", "samples": ["still no", GOOD_CODE]},
         {"id": "item-2", "greedy": "wrong", "samples": ["wrong", "wrong"]},
         {"id": "item-3", "greedy": "TODO", "samples": ["", ""]},
-        {"id": "item-4", "greedy": "nothing", "samples": []},
-        {"id": "item-5", "greedy": GOOD_CODE, "samples": []},
+        {"id": "item-4", "greedy": "nothing", "samples": ["", ""]},
+        {"id": "item-5", "greedy": GOOD_CODE, "samples": ["", ""]},
         {"id": "elsewhere", "greedy": "not in the test split", "samples": []},
     ]
 
@@ -198,22 +460,37 @@ def test_score_hand_written_predictions(tmp_path, dataset_dir):
     preds = write_predictions(tmp_path / "preds", hand_predictions())
     out = LocalStore(tmp_path / "score")
     manifest = score(ScoreConfig(dataset=str(dataset_dir / "test.jsonl"),
-                                 predictions=str(preds), tag="external"), out)
+                                 predictions=str(preds), tag="external", temperature=0.6),
+                     out)
     assert manifest["stage"] == "score" and set(manifest["outputs"]) == {"eval.json"}
     result = json.loads(out.get_text("eval.json"))
-    assert SEED_KEYS <= set(result) and result["tag"] == "external"
-    assert result["total_samples"] == 6
-    assert result["pass_at_1"] == pytest.approx(2 / 6)  # item-0, item-5
-    assert result["pass_at_k"] == pytest.approx(3 / 6)  # + item-1 via its second sample
-    assert result["hallucination_rate"] == pytest.approx(1 / 6)  # item-3
-    assert result["execution_rate"] == pytest.approx(1 / 4)  # items 1, 2, 4, 5: only 5
+    assert EVAL_KEYS <= set(result) and result["tag"] == "external"
+    assert result["metric_version"] == 2 and result["n_items"] == 6
+    assert_every_headline_has_its_ci(result)
+
+    # the seed-compatible block is the seed's scorer, unchanged
+    seed = result["seed_compatible"]
+    assert SEED_KEYS <= set(seed) and seed["k"] == 3 and seed["total_samples"] == 6
+    assert seed["pass_at_1"] == pytest.approx(2 / 6)  # item-0, item-5
+    assert seed["pass_at_k"] == pytest.approx(3 / 6)  # + item-1 via its second sample
+    assert seed["hallucination_rate"] == pytest.approx(1 / 6)  # item-3
+    assert seed["execution_rate"] == pytest.approx(1 / 4)  # items 1, 2, 4, 5: only 5
     # style: docstring 1, complete (1 + 1)/2, bugfix "wrong": mentions_fix only -> 1/4,
     # explain "TODO": not_only_code only -> 1/4, unit_test 0
-    assert result["avg_style_score"] == pytest.approx((1 + 1 + 0.25 + 0.25 + 0 + 1) / 6)
-    assert result["per_category"]["complete"] == {
+    assert seed["avg_style_score"] == pytest.approx((1 + 1 + 0.25 + 0.25 + 0 + 1) / 6)
+    assert seed["per_category"]["complete"] == {
         "count": 2, "pass_at_1": 0.5, "pass_at_k": 1.0, "avg_style": 1.0,
         "hallucination_rate": 0.0}
-    assert [f["id"] for f in result["failures"]] == ["item-1", "item-2", "item-3", "item-4"]
+    assert [f["id"] for f in seed["failures"]] == ["item-1", "item-2", "item-3", "item-4"]
+    assert result["headline"]["seed_pass_at_1"]["value"] == pytest.approx(2 / 6)
+
+    # strict (execution-checked) greedy pass: only item-0's Google docstring; item-5's
+    # code compiles but renames f5 to f, so it does not keep the signature
+    passed = {i["id"]: i["greedy_pass"] for i in result["items"]}
+    assert passed == {"item-0": True, "item-1": False, "item-2": False, "item-3": False,
+                      "item-4": False, "item-5": False}
+    assert result["headline"]["greedy_pass_at_1"]["value"] == pytest.approx(1 / 6)
+    assert result["unbiased"]["temperature"] == 0.6
     assert result["trackb"]["unused_predictions"] == 1
 
 

@@ -1,18 +1,31 @@
-"""``trackb compare``: baseline vs post-SFT, overall and per category.
+"""``trackb compare``: baseline vs post-SFT, overall and per category, with the paired test.
 
-Reads two ``eval.json`` files (``trackb eval`` or ``trackb score`` outputs) and writes
-a report a person can read (``report.md``), the same numbers for machines
-(``compare.json``) and a bar chart (``report.png``). The seed's published baseline sits
-beside ours for reference only: it came from another dataset and model, so it is
-labelled as such and never used for a delta. Small categories get a warning, and
-pass rates get 95% Wilson intervals, because with a few dozen items one item moves a
-rate by several points.
+Reads two version-2 ``eval.json`` files (``trackb eval`` or ``trackb score`` outputs,
+built by :func:`trackb_core.metrics.score_all`) and writes a report a person can read
+(``report.md``), the same numbers for machines (``compare.json``) and bar charts with
+CI whiskers (``report.png``).
+
+What it reports, and why:
+
+- every headline metric of both sides with its 95% bootstrap CI (as eval.json carries
+  it): with a few dozen items one item moves a rate by several points, so a number
+  without its interval would mislead;
+- the paired test on the items both sides scored (matched by id): McNemar's exact
+  p-value on per-item pass and the paired bootstrap CI of the change
+  (:func:`trackb_core.stats.mcnemar_exact`, :func:`trackb_core.stats.paired_bootstrap_delta`,
+  resampling whole source functions), overall and per category. Two overlapping
+  intervals do not show "no change"; the paired test is the one that can;
+- per category, n and a warning where n < 10;
+- the seed's published numbers in a side column, for reference only: they came from
+  another dataset and model (and the post-SFT ones likely from a more lenient scorer,
+  field notes §1), so they are never used for a delta.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from typing import Any
 
 from pydantic import Field
@@ -23,36 +36,51 @@ from trackb_core.stage import StageRun, say, stage_run
 from trackb_core.store import Store
 
 STAGE = "compare"
+METRIC_VERSION = 2
 SMALL_CATEGORY = 10
-# Direction in which a metric gets better (hallucination is the only "lower is better").
-OVERALL_METRICS = (
-    ("pass_at_1", "pass@1", +1),
-    ("pass_at_k", "pass@3", +1),
-    ("avg_style_score", "style score", +1),
-    ("hallucination_rate", "hallucination rate", -1),
-    ("execution_rate", "execution rate", +1),
+SIGNIFICANCE = 0.05
+# Per-item fields of eval.json "items" the paired test runs on: (field, label). Booleans
+# get McNemar's test and a paired bootstrap of the change; fractions the bootstrap only.
+PAIRED_FIELDS = (
+    ("greedy_pass", "strict pass, greedy (execution-checked)"),
+    ("seed_pass_at_1", "seed-compatible pass@1"),
+    ("seed_pass_at_k", "seed-compatible pass@3"),
+    ("pass_fraction", "strict pass, share of samples"),
 )
-CATEGORY_METRICS = (("pass_at_1", "pass@1"), ("pass_at_k", "pass@3"), ("avg_style", "style"))
-# The seed's published baseline (Qwen2.5-Coder-1.5B, its own 46-item test set).
-SEED_BASELINE = {
-    "pass_at_1": 0.565,
-    "pass_at_k": 0.783,
-    "avg_style_score": 0.874,
-    "hallucination_rate": 0.022,
-    "execution_rate": None,
+# The seed's published numbers (shared/seed/track-b-sft.md; Qwen2.5-Coder-1.5B, its own
+# 46-item test set, n per category from shared/docs/field-notes.md §1), keyed by the
+# seed-compatible field they correspond to. Post-SFT hallucination was not published.
+SEED_N = 46
+SEED_PUBLISHED = {
+    "pass_at_1": {"label": "pass@1", "baseline": 0.565, "post_sft": 0.804},
+    "pass_at_k": {"label": "pass@3", "baseline": 0.783, "post_sft": 0.848},
+    "avg_style_score": {"label": "style score", "baseline": 0.874, "post_sft": 0.848},
+    "hallucination_rate": {"label": "hallucination rate", "baseline": 0.022, "post_sft": None},
 }
-# Below this absolute change a metric is reported as unchanged (rounding noise).
-EPSILON = 1e-9
+# Seed baseline pass@1 per category and its n; post-SFT per category was not published.
+SEED_PUBLISHED_PER_CATEGORY = {
+    "bugfix": {"pass_at_1": 0.167, "n": 6},
+    "complete": {"pass_at_1": 0.455, "n": 11},
+    "docstring": {"pass_at_1": 0.400, "n": 15},
+    "explain": {"pass_at_1": 1.000, "n": 13},
+    "unit_test": {"pass_at_1": 1.000, "n": 1},
+}
+SEED_NOTE = ("seed's published numbers: for reference only — another dataset and model, "
+             "and the post-SFT figures exist only as prose, likely from a more lenient scorer")
+# Metrics where lower is better (everything else: higher is better).
+LOWER_IS_BETTER_WORDS = ("hallucination", "echo_rate", "placeholder")
 
 
 class CompareConfig(StageConfig):
-    """Compare a baseline evaluation with a post-SFT one, overall and per category.
+    """Compare a baseline evaluation with a post-SFT one: CIs, paired test, per category.
 
-    Reads two eval.json files written by `trackb eval` or `trackb score` (each URI may
-    name the file or the stage folder holding it). Writes report.md (tables of pass@1,
-    pass@3, style, hallucination and execution rate: Baseline | Post-SFT | delta, with
-    the seed's published baseline for reference, and per category), compare.json (the
-    same numbers) and report.png (per-category bars of pass@1 and style).
+    Reads two eval.json files (metric_version 2) written by `trackb eval` or `trackb
+    score` (each URI may name the file or the stage folder holding it). Writes report.md
+    (every headline metric of both sides with its 95% CI and the seed's published
+    numbers beside them for reference; the paired test on items matched by id:
+    McNemar's exact p-value and the paired bootstrap CI of the change, overall and per
+    category; n per category with a warning below 10), compare.json (the same numbers)
+    and report.png (bars per category and metric with CI whiskers).
     """
 
     baseline: str | None = input_field(
@@ -63,14 +91,16 @@ class CompareConfig(StageConfig):
         description="The post-SFT eval.json, or the eval stage folder holding it.")
     title: str = Field("trackb: baseline vs post-SFT",
                        description="Heading of report.md and of the chart.")
+    n_boot: int = Field(1000, ge=1, description="Bootstrap resamples of the paired CIs.")
+    seed: int = Field(0, description="Seed of the paired bootstrap.")
 
 
 def run(config: CompareConfig, out: Store) -> dict[str, Any]:
     """Write report.md, compare.json and report.png into ``out``; returns the manifest.
 
     Raises ConfigError if either side is not given, MissingInputError if an eval.json
-    is absent, InputError if one is not a seed-compatible eval.json, StoreError if
-    ``out`` cannot be written.
+    is absent, InputError if one is not a version-2 eval.json, StoreError if ``out``
+    cannot be written.
     """
     for field in ("baseline", "post"):
         if not getattr(config, field):
@@ -78,22 +108,21 @@ def run(config: CompareConfig, out: Store) -> dict[str, Any]:
     with stage_run(STAGE, config, out) as run:
         baseline = _read_eval(run, "baseline")
         post = _read_eval(run, "post")
-        comparison = compare(baseline, post)
+        comparison = compare(baseline, post, n_boot=config.n_boot, seed=config.seed)
         run.write_json("compare.json", comparison)
         run.write_text("report.md", render_markdown(comparison, config.title))
         with run.timed("chart"):
             run.write_bytes("report.png", render_png(comparison, config.title))
         run.counts["categories"] = len(comparison["per_category"])
         run.counts["small_categories"] = len(comparison["small_categories"])
+        run.counts["paired_items"] = comparison["pairing"]["matched"]
         for line in comparison["summary"]:
             say(STAGE, line)
         say(STAGE, f"wrote {out.uri}/report.md")
     return run.manifest
 
 
-REQUIRED_KEYS = ("pass_at_1", "pass_at_k", "avg_style_score", "hallucination_rate",
-                 "per_category", "total_samples")
-
+# -- reading ------------------------------------------------------------------------------
 
 def _read_eval(run: StageRun, field: str) -> dict[str, Any]:
     raw = run.read_bytes(field)
@@ -104,16 +133,65 @@ def _read_eval(run: StageRun, field: str) -> dict[str, Any]:
         raise InputError(f"--{field}: {where} is not valid JSON") from exc
     if not isinstance(data, dict):
         raise InputError(f"--{field}: {where} is not a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in data]
-    if missing:
-        raise InputError(f"--{field}: {where} is not an eval.json (missing {', '.join(missing)})")
-    if not isinstance(data["per_category"], dict):
-        raise InputError(f"--{field}: {where}: per_category is not a mapping")
+    check_eval(data, f"--{field}: {where}")
     return data
 
 
+def check_eval(data: dict[str, Any], where: str) -> None:
+    """Raise InputError naming the first problem if ``data`` is not a version-2 eval.json."""
+    if "metric_version" not in data:
+        raise InputError(f"{where} has no 'metric_version' key: an eval.json from before "
+                         f"metric version {METRIC_VERSION}; score it again with `trackb score`")
+    if data["metric_version"] != METRIC_VERSION:
+        raise InputError(f"{where}: metric_version is {data['metric_version']!r}, compare "
+                         f"reads {METRIC_VERSION}")
+    for key, kind in (("headline", dict), ("per_category", dict), ("items", list)):
+        if key not in data:
+            raise InputError(f"{where} has no {key!r} key")
+        if not isinstance(data[key], kind):
+            raise InputError(f"{where}: {key!r} is not a {kind.__name__}")
+    for name, entry in data["headline"].items():
+        if not isinstance(entry, dict) or "value" not in entry or "ci" not in entry:
+            raise InputError(f"{where}: headline metric {name!r} needs 'value' and 'ci'")
+    for number, item in enumerate(data["items"], 1):
+        if not isinstance(item, dict) or "id" not in item:
+            raise InputError(f"{where}: items[{number}] has no 'id'")
+
+
+# -- numbers ------------------------------------------------------------------------------
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return None if math.isnan(value) else float(value)
+
+
+def _ci(entry: dict[str, Any] | None) -> list[float] | None:
+    ci = (entry or {}).get("ci")
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(_num(v) is not None for v in ci):
+        return [float(ci[0]), float(ci[1])]
+    return None
+
+
+def _side(entry: Any) -> dict[str, Any] | None:
+    if not isinstance(entry, dict):
+        return None
+    side = {"value": _num(entry.get("value")), "ci": _ci(entry), "n": entry.get("n")}
+    if side["value"] is None and entry.get("reason"):
+        side["reason"] = str(entry["reason"])
+    return side
+
+
+def higher_is_better(name: str) -> bool:
+    """False for metrics where a drop is an improvement (hallucination and the like)."""
+    return not any(word in name for word in LOWER_IS_BETTER_WORDS)
+
+
 def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion ``rate`` over ``n`` items ((0, 1) if n = 0)."""
+    """The Wilson score interval of a proportion ``rate`` over ``n`` items ((0, 1) if n = 0).
+
+    Used for the seed's published rates, which come without per-item data to resample.
+    """
     if n <= 0:
         return (0.0, 1.0)
     denom = 1 + z * z / n
@@ -122,186 +200,359 @@ def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]
     return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
 
 
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+def seed_key(name: str, data: dict[str, Any] | None = None) -> str | None:
+    """The seed-compatible field a headline metric corresponds to, or None.
 
-
-def _delta(before: float | None, after: float | None) -> float | None:
-    if before is None or after is None:
+    A headline of section "seed" names its seed-compatible field (``pass_at_1``) with
+    or without a ``seed_`` prefix, or records it as ``seed_key``.
+    """
+    if isinstance(data, dict) and data.get("seed_key") in SEED_PUBLISHED:
+        return data["seed_key"]
+    if isinstance(data, dict) and data.get("section") not in (None, "seed"):
         return None
-    return round(after - before, 4)
+    bare = name.removeprefix("seed_")
+    aliases = {"pass_at_3": "pass_at_k", "style": "avg_style_score",
+               "style_score": "avg_style_score", "hallucination": "hallucination_rate"}
+    bare = aliases.get(bare, bare)
+    return bare if bare in SEED_PUBLISHED else None
 
 
-def compare(baseline: dict[str, Any], post: dict[str, Any]) -> dict[str, Any]:
-    """The comparison of two eval.json dicts (what compare.json holds). Raises nothing."""
-    overall = {}
-    for key, label, better in OVERALL_METRICS:
-        before, after = _num(baseline.get(key)), _num(post.get(key))
-        overall[key] = {
-            "label": label,
-            "higher_is_better": better > 0,
+def _seed_reference(key: str | None) -> dict[str, Any] | None:
+    if key is None:
+        return None
+    published = SEED_PUBLISHED[key]
+    proportion = key != "avg_style_score"  # style is a mean of fractions, not a rate
+    reference = {"label": published["label"], "n": SEED_N}
+    for side in ("baseline", "post_sft"):
+        value = published[side]
+        reference[side] = value
+        reference[f"{side}_ci"] = (list(wilson_interval(value, SEED_N))
+                                   if proportion and value is not None else None)
+    return reference
+
+
+def compare(baseline: dict[str, Any], post: dict[str, Any], *, n_boot: int = 1000,
+            seed: int = 0) -> dict[str, Any]:
+    """The comparison of two version-2 eval.json dicts (what compare.json holds).
+
+    Raises nothing (inputs are checked by :func:`check_eval`).
+    """
+    headline = {}
+    names = list(baseline["headline"]) + [n for n in post["headline"]
+                                          if n not in baseline["headline"]]
+    for name in names:
+        before = _side(baseline["headline"].get(name))
+        after = _side(post["headline"].get(name))
+        entry = baseline["headline"].get(name) or post["headline"].get(name)
+        values = (before or {}).get("value"), (after or {}).get("value")
+        headline[name] = {
+            "section": entry.get("section"),
+            "higher_is_better": higher_is_better(name),
             "baseline": before,
             "post": after,
-            "delta": _delta(before, after),
-            "seed_baseline": SEED_BASELINE[key],
+            "difference": (None if None in values else round(values[1] - values[0], 6)),
+            "seed_published": _seed_reference(seed_key(name, entry)),
         }
 
+    base_items = {str(i["id"]): i for i in baseline["items"]}
+    post_items = {str(i["id"]): i for i in post["items"]}
+    matched = sorted(set(base_items) & set(post_items))
+    pairs = [(base_items[i], post_items[i]) for i in matched]
+    paired = paired_tests(pairs, n_boot=n_boot, seed=seed)
+
+    counts = {"baseline": Counter(str(i.get("category", "")) for i in baseline["items"]),
+              "post": Counter(str(i.get("category", "")) for i in post["items"])}
+    categories = sorted(set(baseline["per_category"]) | set(post["per_category"])
+                        | set(counts["baseline"]) | set(counts["post"]))
     per_category = {}
     small = []
-    for category in sorted(set(baseline["per_category"]) | set(post["per_category"])):
-        sides = {}
-        for side, data in (("baseline", baseline), ("post", post)):
-            stats = data["per_category"].get(category)
-            sides[side] = None if not isinstance(stats, dict) else {
-                "count": int(stats.get("count", 0)),
-                **{key: _num(stats.get(key)) for key, _ in CATEGORY_METRICS},
-            }
-        deltas = {
-            key: _delta((sides["baseline"] or {}).get(key), (sides["post"] or {}).get(key))
-            for key, _ in CATEGORY_METRICS
-        }
-        counts = [s["count"] for s in sides.values() if s is not None]
-        n = min(counts) if counts else 0
-        if n < SMALL_CATEGORY:
+    for category in categories:
+        sides = {side: (data["per_category"].get(category) or {})
+                 for side, data in (("baseline", baseline), ("post", post))}
+        metric_names = list(sides["baseline"]) + [m for m in sides["post"]
+                                                  if m not in sides["baseline"]]
+        n = {side: counts[side].get(category, 0) for side in ("baseline", "post")}
+        # a category scored on one side only is as small as that side's count
+        present = [count for count in n.values() if count > 0]
+        smallest = min(present) if present else 0
+        if smallest < SMALL_CATEGORY:
             small.append(category)
-        per_category[category] = {**sides, "delta": deltas, "n": n}
-
-    intervals = {
-        side: {
-            key: wilson_interval(_num(data.get(key)) or 0.0, int(data.get("total_samples", 0)))
-            for key in ("pass_at_1", "pass_at_k")
+        per_category[category] = {
+            "n": n,
+            "small": smallest < SMALL_CATEGORY,
+            "metrics": {
+                metric: {"baseline": _side(sides["baseline"].get(metric)),
+                         "post": _side(sides["post"].get(metric)),
+                         "higher_is_better": higher_is_better(metric)}
+                for metric in metric_names
+            },
+            "paired": paired_tests([p for p in pairs
+                                    if str(p[0].get("category", "")) == category],
+                                   n_boot=n_boot, seed=seed),
+            "seed_published": SEED_PUBLISHED_PER_CATEGORY.get(category),
         }
-        for side, data in (("baseline", baseline), ("post", post))
-    }
+
+    pairing = {"matched": len(matched),
+               "baseline_only": len(set(base_items) - set(post_items)),
+               "post_only": len(set(post_items) - set(base_items))}
     return {
+        "metric_version": METRIC_VERSION,
         "baseline": _describe(baseline),
         "post": _describe(post),
-        "overall": overall,
+        "headline": headline,
+        "paired": paired,
+        "pairing": pairing,
         "per_category": per_category,
         "small_categories": small,
-        "wilson_95": intervals,
-        "summary": _summary(overall, per_category),
-        "seed_baseline_note": "seed's published baseline: for reference, different data/model",
+        "summary": _summary(headline, paired, per_category, pairing),
+        "seed_published_note": SEED_NOTE,
+        "bootstrap": {"n_boot": n_boot, "seed": seed, "confidence": 0.95},
     }
+
+
+def _group(item: dict[str, Any]) -> str:
+    return str(item.get("group") or item["id"])
+
+
+def paired_tests(pairs: list[tuple[dict[str, Any], dict[str, Any]]], *, n_boot: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
+    """Per paired field: ``{"label", "n", "baseline_mean", "post_mean", "delta", "ci",
+    "mcnemar"}`` over the (baseline, post) item pairs where both sides carry it.
+
+    ``mcnemar`` (``{"b", "c", "p_value"}``) only for boolean fields. Groups for the
+    bootstrap are the baseline item's ``group`` (its source function). Raises nothing.
+    """
+    from trackb_core.stats import mcnemar_exact, paired_bootstrap_delta
+
+    results = {}
+    for field, label in PAIRED_FIELDS:
+        usable = [(b, p) for b, p in pairs
+                  if _pair_value(b.get(field)) is not None
+                  and _pair_value(p.get(field)) is not None]
+        if not usable:
+            continue
+        before = [_pair_value(b[field]) for b, _ in usable]
+        after = [_pair_value(p[field]) for _, p in usable]
+        boolean = all(isinstance(b[field], bool) and isinstance(p[field], bool)
+                      for b, p in usable)
+        delta = paired_bootstrap_delta(before, after, [_group(b) for b, _ in usable],
+                                       n_boot=n_boot, seed=seed)
+        results[field] = {
+            "label": label,
+            "n": len(usable),
+            "baseline_mean": sum(before) / len(before),
+            "post_mean": sum(after) / len(after),
+            "delta": delta["delta"],
+            "ci": [float(v) for v in delta["ci"]],
+            "mcnemar": (mcnemar_exact([bool(v) for v in before], [bool(v) for v in after])
+                        if boolean else None),
+        }
+    return results
+
+
+def _pair_value(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    return _num(value)
 
 
 def _describe(data: dict[str, Any]) -> dict[str, Any]:
     extra = data.get("trackb") if isinstance(data.get("trackb"), dict) else {}
     return {
         "tag": data.get("tag"),
-        "metric_set": data.get("metric_set", "seed-compatible"),
-        "total_samples": data.get("total_samples"),
+        "n_items": data.get("n_items", len(data["items"])),
         "model": extra.get("model"),
         "adapter": extra.get("adapter"),
+        "backend": extra.get("backend"),
+        "n_samples": extra.get("n_samples"),
+        "temperature": extra.get("temperature"),
     }
 
 
-def _direction(delta: float | None, higher_is_better: bool) -> str:
-    if delta is None:
-        return "not comparable"
-    if abs(delta) <= EPSILON:
-        return "unchanged"
-    return "improved" if (delta > 0) == higher_is_better else "got worse"
+def _verdict(test: dict[str, Any], higher: bool = True) -> str:
+    low, high = test["ci"]
+    p_value = (test["mcnemar"] or {}).get("p_value")
+    significant = (p_value < SIGNIFICANCE) if p_value is not None else (low > 0 or high < 0)
+    if not significant:
+        return "no significant change"
+    return "improved" if (test["delta"] > 0) == higher else "got worse"
 
 
-def _summary(overall: dict[str, Any], per_category: dict[str, Any]) -> list[str]:
+def _summary(headline: dict[str, Any], paired: dict[str, Any], per_category: dict[str, Any],
+             pairing: dict[str, int]) -> list[str]:
     lines = []
-    for row in overall.values():
-        direction = _direction(row["delta"], row["higher_is_better"])
-        if row["delta"] is None:
-            lines.append(f"{row['label']}: {direction} (missing on one side).")
-        elif direction == "unchanged":
-            lines.append(f"{row['label']}: unchanged at {row['baseline']:.3f}.")
-        else:
-            lines.append(f"{row['label']}: {direction}, {row['baseline']:.3f} -> "
-                         f"{row['post']:.3f} ({row['delta']:+.3f}).")
-    better = sorted(c for c, r in per_category.items() if (r["delta"]["pass_at_1"] or 0) > EPSILON)
-    worse = sorted(c for c, r in per_category.items() if (r["delta"]["pass_at_1"] or 0) < -EPSILON)
-    lines.append("pass@1 rose in: " + (", ".join(better) or "no category") + "; fell in: "
-                 + (", ".join(worse) or "no category") + ".")
+    for test in paired.values():
+        mcnemar = test["mcnemar"]
+        lines.append(
+            f"{test['label']}: change {test['delta']:+.3f} "
+            f"[{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}]"
+            + (f", McNemar p = {mcnemar['p_value']:.3g} (b = {mcnemar['b']}, "
+               f"c = {mcnemar['c']})" if mcnemar else "")
+            + f" over {test['n']} paired items: {_verdict(test)}.")
+    if not paired:
+        lines.append("No paired test: the two evaluations share no scored item ids.")
+    if pairing["baseline_only"] or pairing["post_only"]:
+        lines.append(f"Unpaired items: {pairing['baseline_only']} only in the baseline, "
+                     f"{pairing['post_only']} only in post-SFT (left out of the paired test).")
+    primary = PAIRED_FIELDS[0][0]
+    moved = {"improved": [], "got worse": []}
+    for category, row in per_category.items():
+        test = row["paired"].get(primary)
+        if test is not None and _verdict(test) in moved:
+            moved[_verdict(test)].append(category)
+    lines.append(f"Per category ({PAIRED_FIELDS[0][1]}), significant at {SIGNIFICANCE}: "
+                 "improved in " + (", ".join(moved["improved"]) or "no category")
+                 + "; got worse in " + (", ".join(moved["got worse"]) or "no category") + ".")
     return lines
 
+
+# -- report.md ----------------------------------------------------------------------------
 
 def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-def _fmt_delta(value: float | None) -> str:
-    return "—" if value is None else f"{value:+.3f}"
+def _with_ci(side: dict[str, Any] | None) -> str:
+    """``0.565 [0.420, 0.700]``; a value without its interval is marked, not hidden."""
+    if side is None:
+        return "—"
+    if side.get("value") is None:
+        return f"n/a ({side['reason']})" if side.get("reason") else "—"
+    ci = side.get("ci")
+    if ci is None:
+        return f"{side['value']:.3f} [CI missing]"
+    return f"{side['value']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _delta_with_ci(test: dict[str, Any]) -> str:
+    return f"{test['delta']:+.3f} [{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}]"
+
+
+def _p(test: dict[str, Any]) -> str:
+    mcnemar = test.get("mcnemar")
+    if not mcnemar:
+        return "— (not pass/fail)"
+    return f"{mcnemar['p_value']:.3g} (b={mcnemar['b']}, c={mcnemar['c']})"
+
+
+def _paired_table(paired: dict[str, Any]) -> list[str]:
+    lines = ["| Paired change (post − baseline) | n pairs | Change [95% paired CI] | "
+             "McNemar exact p |",
+             "|---|---|---|---|"]
+    for test in paired.values():
+        lines.append(f"| {test['label']} | {test['n']} | {_delta_with_ci(test)} | "
+                     f"{_p(test)} |")
+    return lines
+
+
+def _seed_cell(reference: dict[str, Any] | None, side: str) -> str:
+    if reference is None or reference.get(side) is None:
+        return "—"
+    ci = reference.get(f"{side}_ci")
+    return (f"{reference[side]:.3f}" if ci is None
+            else f"{reference[side]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+
+
+def _n_of(*sides: dict[str, Any] | None) -> str:
+    ns = [str(s["n"]) for s in sides
+          if s is not None and s.get("n") is not None and s.get("value") is not None]
+    return " / ".join(ns) if ns else "—"
 
 
 def render_markdown(comparison: dict[str, Any], title: str = "trackb: baseline vs post-SFT") -> str:
     """``report.md`` for a :func:`compare` result. Raises nothing."""
-    base, post = comparison["baseline"], comparison["post"]
     lines = [f"# {title}", ""]
-    for name, side in (("Baseline", base), ("Post-SFT", post)):
+    for name, key in (("Baseline", "baseline"), ("Post-SFT", "post")):
+        side = comparison[key]
         who = side["model"] or "(model not recorded)"
         if side["adapter"]:
             who += f" + adapter {side['adapter']}"
-        lines.append(f"- **{name}** (tag `{side['tag']}`): {who}, {side['total_samples']} items")
+        facts = [f"{side['n_items']} items"]
+        if side.get("backend"):
+            facts.append(f"backend {side['backend']}")
+        if side.get("n_samples") is not None:
+            facts.append(f"{side['n_samples']} samples at T = {side['temperature']}")
+        lines.append(f"- **{name}** (tag `{side['tag']}`): {who}; " + ", ".join(facts))
+    boot = comparison["bootstrap"]
     lines += [
         "",
-        "Metrics are **seed-compatible**: computed exactly as the seed's scorer defined them "
-        "(pass = code compiles, or style ≥ 0.5 for docstring/explain; pass@3 = any of greedy "
-        "+ 2 samples at T=0.6).",
+        "Every number is shown with its 95% confidence interval `[low, high]`: bootstrap "
+        "intervals resampling whole source functions (eval.json), and for the paired "
+        f"changes a paired bootstrap ({boot['n_boot']} resamples, seed {boot['seed']}). "
+        "Sections: **seed** = the seed's own lenient definitions (pass = compiles), "
+        "**unbiased** = Chen et al. pass@k over the samples with execution-checked pass, "
+        "**execution** = execution-based checks of the greedy answer.",
         "",
-        "## Overall",
-        "",
-        "| Metric | Baseline | Post-SFT | Δ | Seed baseline* |",
-        "|---|---|---|---|---|",
-    ]
-    for row in comparison["overall"].values():
-        lines.append(f"| {row['label']} | {_fmt(row['baseline'])} | {_fmt(row['post'])} | "
-                     f"{_fmt_delta(row['delta'])} | {_fmt(row['seed_baseline'])} |")
-    lines += [
-        "",
-        "\\* Seed baseline: the published Qwen2.5-Coder-1.5B numbers, for reference, "
-        "different data/model — not comparable item by item.",
+        "## Paired test (same items, matched by id)",
         "",
     ]
-    wilson = comparison["wilson_95"]
-    for key, label in (("pass_at_1", "pass@1"), ("pass_at_k", "pass@3")):
-        (b_lo, b_hi), (p_lo, p_hi) = wilson["baseline"][key], wilson["post"][key]
-        overlap = b_lo <= p_hi and p_lo <= b_hi
-        lines.append(f"- {label} 95% Wilson interval: baseline [{b_lo:.3f}, {b_hi:.3f}], "
-                     f"post-SFT [{p_lo:.3f}, {p_hi:.3f}]"
-                     + (" — they overlap: the difference is within noise." if overlap else "."))
+    pairing = comparison["pairing"]
+    lines.append(f"{pairing['matched']} items scored on both sides"
+                 + (f" ({pairing['baseline_only']} only in the baseline, "
+                    f"{pairing['post_only']} only in post-SFT: left out)"
+                    if pairing["baseline_only"] or pairing["post_only"] else "") + ".")
+    lines.append("")
+    if comparison["paired"]:
+        lines += _paired_table(comparison["paired"])
+    else:
+        lines.append("No paired test: the two evaluations share no scored item ids.")
     lines += [
+        "",
+        "## Headline metrics",
+        "",
+        "| Metric | Section | n (base / post) | Baseline [95% CI] | Post-SFT [95% CI] | "
+        "Seed published baseline* | Seed published post-SFT* |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in comparison["headline"].items():
+        reference = row["seed_published"]
+        lines.append(
+            f"| {name}{'' if row['higher_is_better'] else ' (lower is better)'} | "
+            f"{row['section'] or '—'} | {_n_of(row['baseline'], row['post'])} | "
+            f"{_with_ci(row['baseline'])} | {_with_ci(row['post'])} | "
+            f"{_seed_cell(reference, 'baseline')} | {_seed_cell(reference, 'post_sft')} |")
+    lines += [
+        "",
+        f"\\* {comparison['seed_published_note']}. Their intervals are Wilson intervals "
+        f"over the seed's {SEED_N} items (style has none: it is not a rate).",
         "",
         "## Per category",
         "",
-        "| Category | n (base) | n (post) | pass@1 base | pass@1 post | Δ pass@1 | "
-        "pass@3 base | pass@3 post | style base | style post | Δ style |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for category, row in comparison["per_category"].items():
-        b, p = row["baseline"] or {}, row["post"] or {}
-        lines.append(
-            f"| {category} | {b.get('count', '—')} | {p.get('count', '—')} | "
-            f"{_fmt(b.get('pass_at_1'))} | {_fmt(p.get('pass_at_1'))} | "
-            f"{_fmt_delta(row['delta']['pass_at_1'])} | "
-            f"{_fmt(b.get('pass_at_k'))} | {_fmt(p.get('pass_at_k'))} | "
-            f"{_fmt(b.get('avg_style'))} | {_fmt(p.get('avg_style'))} | "
-            f"{_fmt_delta(row['delta']['avg_style'])} |"
-        )
-    lines.append("")
-    for category in comparison["small_categories"]:
-        n = comparison["per_category"][category]["n"]
-        lines.append(f"> ⚠ **{category}**: n = {n} < {SMALL_CATEGORY} — one item moves its "
-                     "rates by ≥ 0.1; read these numbers as anecdotes.")
-    if comparison["small_categories"]:
+        n = row["n"]
+        lines.append(f"### {category} (n = {n['baseline']} baseline, {n['post']} post-SFT)")
         lines.append("")
+        if row["small"]:
+            lines.append(f"> ⚠ **{category}**: n < {SMALL_CATEGORY} — one item moves its "
+                         "rates by more than 0.1; read these numbers as anecdotes.")
+            lines.append("")
+        lines += ["| Metric | n (base / post) | Baseline [95% CI] | Post-SFT [95% CI] |",
+                  "|---|---|---|---|"]
+        for metric, cell in row["metrics"].items():
+            lines.append(f"| {metric}{'' if cell['higher_is_better'] else ' (lower is better)'}"
+                         f" | {_n_of(cell['baseline'], cell['post'])} | "
+                         f"{_with_ci(cell['baseline'])} | {_with_ci(cell['post'])} |")
+        reference = row["seed_published"]
+        if reference:
+            low, high = wilson_interval(reference["pass_at_1"], reference["n"])
+            lines.append(f"| seed published baseline pass@1* (the seed's items) | "
+                         f"{reference['n']} | {reference['pass_at_1']:.3f} "
+                         f"[{low:.3f}, {high:.3f}] | — |")
+        lines.append("")
+        if row["paired"]:
+            lines += _paired_table(row["paired"]) + [""]
     lines += ["## What moved", ""]
     lines += [f"- {line}" for line in comparison["summary"]]
-    lines += ["", "![per-category pass@1 and style](report.png)", ""]
+    lines += ["", "![per-category metrics with 95% CI whiskers](report.png)", ""]
     return "\n".join(lines)
 
 
-def render_png(comparison: dict[str, Any], title: str = "trackb: baseline vs post-SFT") -> bytes:
-    """``report.png``: per-category grouped bars (baseline vs post) of pass@1 and style.
+# -- report.png ---------------------------------------------------------------------------
 
-    Raises nothing beyond matplotlib's own errors.
-    """
+def render_png(comparison: dict[str, Any], title: str = "trackb: baseline vs post-SFT") -> bytes:
+    """``report.png``: per metric, grouped bars (baseline vs post) per category, with
+    95% CI whiskers. Raises nothing beyond matplotlib's own errors."""
     import io
 
     import matplotlib
@@ -310,26 +561,53 @@ def render_png(comparison: dict[str, Any], title: str = "trackb: baseline vs pos
     import matplotlib.pyplot as plt
 
     categories = list(comparison["per_category"])
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(categories) + 4), 4.2))
+    metrics: list[str] = []
+    for row in comparison["per_category"].values():
+        metrics += [m for m in row["metrics"] if m not in metrics]
+    metrics = metrics or ["(no per-category metrics)"]
+    columns = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / columns)
+    fig, axes = plt.subplots(rows, columns, squeeze=False,
+                             figsize=(max(4.5 * columns, 1.4 * len(categories) * columns / 2),
+                                      3.6 * rows))
     width = 0.38
-    positions = range(len(categories))
-    for ax, (key, label) in zip(axes, (("pass_at_1", "pass@1"), ("avg_style", "style score")),
-                                strict=True):
-        for offset, side, colour in ((-width / 2, "baseline", "#9aa5b1"),
-                                     (width / 2, "post", "#2f7ed8")):
-            values = [((comparison["per_category"][c][side] or {}).get(key) or 0.0)
-                      for c in categories]
-            ax.bar([x + offset for x in positions], values, width,
-                   label="Baseline" if side == "baseline" else "Post-SFT", color=colour)
-        ax.set_xticks(list(positions))
-        ax.set_xticklabels(
-            [f"{c}\n(n={comparison['per_category'][c]['n']})" for c in categories], fontsize=8)
-        ax.set_ylim(0, 1.05)
-        ax.set_title(label)
+    positions = list(range(len(categories)))
+    for index, metric in enumerate(metrics):
+        ax = axes[index // columns][index % columns]
+        top = 1.0
+        for offset, side, colour, name in ((-width / 2, "baseline", "#9aa5b1", "Baseline"),
+                                           (width / 2, "post", "#2f7ed8", "Post-SFT")):
+            values, lower, upper, missing = [], [], [], []
+            for category in categories:
+                cell = (comparison["per_category"][category]["metrics"].get(metric) or {})
+                side_cell = cell.get(side) or {}
+                value = side_cell.get("value")
+                ci = side_cell.get("ci")
+                values.append(value or 0.0)
+                if value is None and cell.get(side) is not None:
+                    missing.append(positions[categories.index(category)] + offset)
+                if value is not None and ci is not None:
+                    lower.append(max(0.0, value - ci[0]))
+                    upper.append(max(0.0, ci[1] - value))
+                    top = max(top, ci[1])
+                else:
+                    lower.append(0.0)
+                    upper.append(0.0)
+            ax.bar([x + offset for x in positions], values, width, label=name, color=colour,
+                   yerr=[lower, upper], capsize=3, error_kw={"elinewidth": 1})
+            for x in missing:  # measured as unavailable, not zero
+                ax.text(x, 0.02, "n/a", ha="center", fontsize=6, rotation=90)
+        ax.set_xticks(positions)
+        ax.set_xticklabels([f"{c}\n(n={comparison['per_category'][c]['n']['post']})"
+                            for c in categories], fontsize=7)
+        ax.set_ylim(0, top * 1.05)
+        ax.set_title(metric, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(loc="upper left", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
+    for index in range(len(metrics), rows * columns):
+        axes[index // columns][index % columns].axis("off")
+    axes[0][0].legend(loc="upper left", fontsize=7)
+    fig.suptitle(f"{title} (whiskers: 95% CI)")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.6 * rows)))  # room for the suptitle
     buffer = io.BytesIO()
     # No "Software" stamp: the same numbers give the same bytes.
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})

@@ -1,14 +1,26 @@
 """``trackb eval`` and ``trackb score``: generate answers for the test split and score them.
 
-Recipe, top to bottom (:func:`run`): pick the test items, load the base model (and the
-LoRA adapter, if given), render every prompt with the one prompt builder training used
-(:func:`trackb_core.prompts.render_prompt`), generate in left-padded batches — one
-greedy answer per item, then ``n_samples`` seeded samples at ``temperature``/``top_p``
-— and score them with the seed-compatible scorer (:mod:`trackb_core.metrics`).
+Recipe, top to bottom (:func:`run`): pick the test items, render every prompt with the
+one prompt builder training used (:func:`trackb_core.prompts.render_prompt`), generate
+one greedy answer per item and ``n_samples`` seeded samples at one
+``temperature``/``top_p``, and score them with the one scorer
+(:func:`trackb_core.metrics.score_all`: seed-compatible, unbiased pass@k, execution
+metrics, each headline with a bootstrap CI).
+
+Two generation backends give the same kind of answers (:func:`choose_backend`):
+
+- ``hf``: Hugging Face ``generate`` in left-padded batches (the LoRA adapter merged
+  into the weights), seeded with ``torch.manual_seed``; runs anywhere.
+- ``vllm``: vLLM offline inference with the adapter per request (``LoRARequest``), see
+  :mod:`trackb_core.vllm_backend`; needs vllm and a CUDA GPU. ``auto`` picks it
+  exactly when both are present.
+
+Samples: with the default ``n_samples = 3`` at T = 0.6, the seed's pass@3 uses the
+greedy answer + the first 2 samples (as the seed did), and the unbiased pass@1/pass@3
+(Chen et al.) use all 3 samples; the unbiased pass@k needs ``n_samples >= k``.
 
 The seed generated one item at a time, unbatched and unseeded (422.7 s for 46 items
-on a T4). Batching with left padding and a fixed seed gives the same kind of answers,
-reproducibly, in a fraction of the time.
+on a T4); ``benchmarks/bench_eval.py`` measures that loop against the batched one.
 
 :func:`score` scores ``predictions.jsonl`` made elsewhere (another server, vLLM) with
 the same scorer, so its numbers mean exactly what ``trackb eval``'s do.
@@ -19,23 +31,24 @@ from __future__ import annotations
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from trackb_core.config import StageConfig, input_field
-from trackb_core.errors import ConfigError, InputError
-from trackb_core.metrics import index_predictions, score_seed
+from trackb_core.errors import ConfigError, InputError, TrackbError
+from trackb_core.metrics import index_predictions, score_all
 from trackb_core.prompts import render_prompt
-from trackb_core.stage import StageRun, say, stage_run
+from trackb_core.stage import StageRun, say, stage_run, upstream_corpus
 from trackb_core.store import Store
 
 STAGE = "eval"
-SEED_K = 3  # the seed's pass@3: greedy + 2 samples
 # ChatML's end of turn: a model taught the chat format stops here, even when the
 # tokenizer's eos is <|endoftext|> (as for the Qwen2.5 base models).
 END_OF_TURN = "<|im_end|>"
+BACKENDS = ("auto", "hf", "vllm")
 
 
 class EvalConfig(StageConfig):
@@ -43,12 +56,15 @@ class EvalConfig(StageConfig):
 
     Reads test.jsonl from build-dataset (--dataset), the base model (--model: a local
     folder, a store URI or a hub id) and optionally the train stage's output (--adapter).
-    Prompts are built by the same function training used. Generation is batched with
-    left padding: one greedy answer per item, then --n-samples samples at
-    --temperature/--top-p, seeded. Writes predictions.jsonl ({"id", "greedy", "samples"},
-    sorted by id) and eval.json (the seed-compatible metrics: pass_at_1, pass_at_k,
-    avg_style_score, hallucination_rate, execution_rate, per_category, plus a "trackb"
-    key with generation facts).
+    Prompts are built by the same function training used. Per item: one greedy answer
+    and --n-samples samples at one --temperature/--top-p, seeded. --backend hf batches
+    Hugging Face generate with left padding; vllm runs vLLM offline with the adapter as a
+    LoRARequest (needs vllm and a GPU); auto picks vllm exactly when both are present.
+    The seed's pass@3 uses greedy + the first 2 samples; the unbiased pass@3 needs
+    --n-samples >= 3. Writes predictions.jsonl ({"id", "greedy", "samples"}, sorted by id)
+    and eval.json (metric_version 2: headline metrics with 95% bootstrap CIs, the
+    seed-compatible block, unbiased pass@k, execution metrics, per-item flags for
+    paired tests, and a "trackb" key with generation facts).
     """
 
     dataset: str | None = input_field(
@@ -62,19 +78,29 @@ class EvalConfig(StageConfig):
         description="LoRA adapter: the train stage's folder (holding adapter/) or the adapter "
                     "folder itself; none evaluates the base model.", required=False)
     tag: str = Field("eval", description="Name of this evaluation in eval.json (e.g. baseline).")
-    n_samples: int = Field(2, ge=0, description="Sampled answers per item besides the greedy one.")
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="Generation backend: hf (transformers, batched), vllm (vLLM "
+        "offline + LoRARequest; needs vllm and a CUDA GPU) or auto (vllm when both are "
+        "present, else hf).")
+    n_samples: int = Field(
+        3, ge=0, description="Sampled answers per item besides the greedy one, all at one "
+        "temperature. The seed's pass@3 uses the first 2; the unbiased pass@k needs >= k.")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature of the samples.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling top-p of the samples.")
     max_new_tokens: int = Field(384, ge=1, description="Most tokens generated per answer.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate() call (hf backend).")
     max_items: int | None = Field(
         None, ge=1,
         description="Evaluate a seeded random sample of at most this many items (all if unset).")
     seed: int = Field(42, description="Seed of the item sample and of sampling.")
+    corpus: str | None = Field(
+        None, description="Corpus the test items come from (a folder or pypi:NAME==VERSION), "
+        "for executing unit-test answers; unset: found by following the dataset's manifests "
+        "upstream (best effort; without it unit tests count as not executable).")
 
 
 class ScoreConfig(StageConfig):
-    """Score predictions made elsewhere with the seed-compatible metrics.
+    """Score predictions made elsewhere with the same scorer as `trackb eval`.
 
     Reads test.jsonl (--dataset) and a predictions.jsonl (--predictions) whose rows are
     {"id", "greedy": str, "samples": [str, ...]}; every test item needs a prediction.
@@ -88,6 +114,23 @@ class ScoreConfig(StageConfig):
         None, kind="file", filename="predictions.jsonl",
         description="predictions.jsonl, or the folder holding it.")
     tag: str = Field("score", description="Name of this evaluation in eval.json.")
+    temperature: float | None = Field(
+        None, gt=0, description="Temperature the samples were drawn at (recorded with the "
+        "unbiased pass@k; unset if unknown).")
+    corpus: str | None = Field(
+        None, description="Corpus the test items come from, for executing unit-test answers; "
+        "unset: found from the dataset's manifests (best effort).")
+
+
+@dataclass
+class Generations:
+    """What a backend produced: per prompt one greedy answer and the samples."""
+
+    greedy: list[str]
+    samples: list[list[str]]
+    tokens: int
+    device: str
+    backend: str
 
 
 # -- inputs -----------------------------------------------------------------------------
@@ -112,6 +155,27 @@ def load_items(run: StageRun, max_items: int | None = None, seed: int = 42
     if max_items is not None and max_items < len(rows):
         rows = random.Random(seed).sample(rows, max_items)
     return sorted(rows, key=lambda r: str(r["id"]))
+
+
+def corpus_dir_for(corpus: str | None, dataset_uri: str) -> Path | None:
+    """The local corpus folder unit-test answers run against, or None if unknown.
+
+    An explicit ``corpus`` must resolve (its errors propagate: ConfigError,
+    MissingInputError, InputError, UnavailableError); otherwise the corpus recorded
+    upstream of the dataset is used when it can be resolved, else None.
+    """
+    from trackb_core.corpus import resolve_corpus
+
+    if corpus:
+        return Path(resolve_corpus(corpus).path)
+    spec = upstream_corpus(dataset_uri, "test.jsonl")
+    if not spec or not spec.get("uri"):
+        return None
+    try:
+        return Path(resolve_corpus(spec["uri"]).path)
+    except TrackbError as exc:
+        say(STAGE, f"corpus {spec['uri']} not available ({exc}); unit tests are not executed")
+        return None
 
 
 def _model_source(uri: str) -> tuple[str, bool]:
@@ -140,7 +204,30 @@ def _tokenizer_source(adapter_dir: Path | None, adapter_root: Path | None, model
     return model_path
 
 
-# -- model --------------------------------------------------------------------------------
+def choose_backend(requested: str, adapter_dir: Path | None = None) -> str:
+    """``"hf"`` or ``"vllm"`` for the ``backend`` option (auto|hf|vllm).
+
+    auto -> vllm only if vllm is importable, a CUDA GPU is present and the adapter (if
+    any) is one vLLM can serve. Raises ConfigError if vllm is asked for and cannot run
+    here, or if ``requested`` is not a backend.
+    """
+    from trackb_core import vllm_backend
+
+    if requested not in BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {requested!r}")
+    if requested == "hf":
+        return "hf"
+    problem = vllm_backend.vllm_unusable()
+    if problem is None and adapter_dir is not None:
+        problem = vllm_backend.adapter_problem(adapter_dir)
+    if problem is None:
+        return "vllm"
+    if requested == "vllm":
+        raise ConfigError(f"--backend vllm: {problem}; use --backend hf (or auto)")
+    return "hf"
+
+
+# -- the Hugging Face backend ------------------------------------------------------------
 
 def load_model(model_path: str, adapter_dir: Path | None, tokenizer_path: str):
     """``(model, tokenizer, device)`` ready for batched generation (left padding).
@@ -178,15 +265,32 @@ def load_model(model_path: str, adapter_dir: Path | None, tokenizer_path: str):
     return model, tokenizer, device
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's eos, the model's generation eos ids and ChatML's end of turn."""
+def stop_ids_for(tokenizer, configured_eos: int | list[int] | None) -> list[int]:
+    """The tokenizer's eos, the model's configured eos ids and ChatML's end of turn."""
     ids = {tokenizer.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
+    ids.update(configured_eos if isinstance(configured_eos, list) else [configured_eos])
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
         ids.add(end_of_turn)
     return sorted(i for i in ids if isinstance(i, int))
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """:func:`stop_ids_for` with the eos ids of ``model``'s generation config."""
+    return stop_ids_for(tokenizer, getattr(model.generation_config, "eos_token_id", None))
+
+
+def decode_answer(tokenizer, ids: list[int], stops: list[int] | set[int]) -> tuple[str, int]:
+    """``(text, tokens generated)`` of new token ids cut at the first stop token.
+
+    The stop token counts as generated but is not decoded; both backends use this, so
+    their answers are post-processed identically.
+    """
+    stop_set = set(stops)
+    cut = next((j for j, t in enumerate(ids) if t in stop_set), None)
+    kept = ids if cut is None else ids[:cut]
+    used = len(kept) + (0 if cut is None else 1)
+    return tokenizer.decode(kept, skip_special_tokens=True), used
 
 
 def generate(model, tokenizer, device, prompts: list[str], *, batch_size: int,
@@ -206,7 +310,6 @@ def generate(model, tokenizer, device, prompts: list[str], *, batch_size: int,
     order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
     answers: list[list[str]] = [[] for _ in prompts]
     tokens = 0
-    stops = set(stop_ids)
     options: dict[str, Any] = {"do_sample": sample, "num_return_sequences": num_return}
     if sample:
         options.update(temperature=temperature, top_p=top_p)
@@ -222,12 +325,35 @@ def generate(model, tokenizer, device, prompts: list[str], *, batch_size: int,
                                  pad_token_id=tokenizer.pad_token_id, **options)
         new = out[:, enc["input_ids"].shape[1] :].tolist()
         for row, ids in enumerate(new):
-            cut = next((j for j, t in enumerate(ids) if t in stops), None)
-            kept = ids if cut is None else ids[:cut]
-            tokens += len(kept) + (0 if cut is None else 1)
-            text = tokenizer.decode(kept, skip_special_tokens=True)
+            text, used = decode_answer(tokenizer, ids, stop_ids)
+            tokens += used
             answers[batch[row // num_return]].append(text)
     return answers, tokens
+
+
+def generate_hf(model, tokenizer, device, prompts: list[str], *, n_samples: int,
+                temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
+                seed: int) -> Generations:
+    """Greedy answers, then ``n_samples`` samples per prompt, with HF generate.
+
+    Sampling is seeded (``torch.manual_seed(seed)`` before each pass), so the same
+    seed, prompts and batch size give the same samples. Raises nothing of its own.
+    """
+    import torch
+
+    common = {"batch_size": batch_size, "max_new_tokens": max_new_tokens,
+              "stop_ids": stop_token_ids(model, tokenizer)}
+    torch.manual_seed(seed)
+    greedy, tokens = generate(model, tokenizer, device, prompts, desc="greedy", **common)
+    samples: list[list[str]] = [[] for _ in prompts]
+    if n_samples:
+        torch.manual_seed(seed)
+        samples, sample_tokens = generate(
+            model, tokenizer, device, prompts, num_return=n_samples, sample=True,
+            temperature=temperature, top_p=top_p, desc="samples", **common)
+        tokens += sample_tokens
+    return Generations(greedy=[g[0] for g in greedy], samples=samples, tokens=tokens,
+                       device=str(device), backend="hf")
 
 
 # -- the stages ---------------------------------------------------------------------------
@@ -235,74 +361,83 @@ def generate(model, tokenizer, device, prompts: list[str], *, batch_size: int,
 def run(config: EvalConfig, out: Store) -> dict[str, Any]:
     """Generate and score; writes predictions.jsonl and eval.json into ``out``.
 
-    Raises ConfigError if --dataset is not given, MissingInputError if an input is
-    absent, InputError if the dataset, model or adapter is unusable, StoreError if
-    ``out`` cannot be written.
+    Raises ConfigError if --dataset is not given or --backend vllm cannot run here,
+    MissingInputError if an input is absent, InputError if the dataset, model or
+    adapter is unusable, StoreError if ``out`` cannot be written.
     """
-    import torch
-
     if not config.dataset:
         raise ConfigError("--dataset is required: test.jsonl or the build-dataset folder")
     with stage_run(STAGE, config, out) as run:
         items = load_items(run, config.max_items, config.seed)
         say(STAGE, f"{len(items)} test items")
+        corpus_dir = corpus_dir_for(config.corpus, run.input_uri("dataset"))
 
-        with run.timed("load_model"):
-            model_path, hub = _model_source(config.model)
-            if not hub:
-                model_path = str(run.local_dir("model"))
-            adapter_dir = adapter_root = None
-            if config.adapter:
-                adapter_root = run.local_dir("adapter")
-                adapter_dir = find_adapter(adapter_root, config.adapter)
-            tokenizer_path = _tokenizer_source(adapter_dir, adapter_root, model_path)
-            model, tokenizer, device = load_model(model_path, adapter_dir, tokenizer_path)
-        say(STAGE, f"model {config.model}" + (f" + adapter {adapter_dir}" if adapter_dir else "")
-            + f" on {device}")
+        model_path, hub = _model_source(config.model)
+        if not hub:
+            model_path = str(run.local_dir("model"))
+        adapter_dir = adapter_root = None
+        if config.adapter:
+            adapter_root = run.local_dir("adapter")
+            adapter_dir = find_adapter(adapter_root, config.adapter)
+        tokenizer_path = _tokenizer_source(adapter_dir, adapter_root, model_path)
+        backend = choose_backend(config.backend, adapter_dir)
+        options = {"n_samples": config.n_samples, "temperature": config.temperature,
+                   "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
+                   "seed": config.seed}
 
-        prompts = [render_prompt(tokenizer, item["instruction"]) for item in items]
-        stop_ids = stop_token_ids(model, tokenizer)
-        common = {"batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens,
-                  "stop_ids": stop_ids}
-        started = time.perf_counter()
-        with run.timed("greedy"):
-            torch.manual_seed(config.seed)
-            greedy, greedy_tokens = generate(model, tokenizer, device, prompts, desc="greedy",
-                                             **common)
-        samples: list[list[str]] = [[] for _ in items]
-        sample_tokens = 0
-        if config.n_samples:
-            with run.timed("samples"):
-                torch.manual_seed(config.seed)
-                samples, sample_tokens = generate(
-                    model, tokenizer, device, prompts, num_return=config.n_samples, sample=True,
-                    temperature=config.temperature, top_p=config.top_p, desc="samples", **common)
+        if backend == "vllm":
+            from transformers import AutoTokenizer
+
+            from trackb_core.vllm_backend import generate_vllm
+
+            prompts = [render_prompt(AutoTokenizer.from_pretrained(tokenizer_path),
+                                     item["instruction"]) for item in items]
+            say(STAGE, f"model {config.model}" + (f" + adapter {adapter_dir}" if adapter_dir
+                                                  else "") + " on vllm")
+            started = time.perf_counter()
+            with run.timed("generate"):
+                generations = generate_vllm(model_path, tokenizer_path, adapter_dir, prompts,
+                                            **options)
+        else:
+            with run.timed("load_model"):
+                model, tokenizer, device = load_model(model_path, adapter_dir, tokenizer_path)
+            say(STAGE, f"model {config.model}" + (f" + adapter {adapter_dir}" if adapter_dir
+                                                  else "") + f" on {device} (hf)")
+            prompts = [render_prompt(tokenizer, item["instruction"]) for item in items]
+            started = time.perf_counter()
+            with run.timed("generate"):
+                generations = generate_hf(model, tokenizer, device, prompts,
+                                          batch_size=config.batch_size, **options)
         seconds = round(time.perf_counter() - started, 3)
 
         predictions = [
-            {"id": str(item["id"]), "greedy": g[0], "samples": s}
-            for item, g, s in zip(items, greedy, samples, strict=True)
+            {"id": str(item["id"]), "greedy": g, "samples": s}
+            for item, g, s in zip(items, generations.greedy, generations.samples, strict=True)
         ]
         run.write_jsonl("predictions.jsonl", predictions)
-        by_id = {p["id"]: p for p in predictions}
-        result = score_seed(items, by_id, config.tag, k=min(SEED_K, 1 + config.n_samples))
+        with run.timed("score"):
+            result = score_all(items, {p["id"]: p for p in predictions}, config.tag,
+                               corpus_dir=corpus_dir, seed=config.seed,
+                               temperature=config.temperature if config.n_samples else None)
         result["trackb"] = {
             "model": config.model,
             "adapter": config.adapter,
+            "backend": generations.backend,
             "n_items": len(items),
             "n_samples": config.n_samples,
             "temperature": config.temperature,
             "top_p": config.top_p,
             "max_new_tokens": config.max_new_tokens,
             "seed": config.seed,
-            "device": str(device),
+            "device": generations.device,
+            "corpus_dir": str(corpus_dir) if corpus_dir else None,
             "generation_seconds": seconds,
-            "tokens_generated": greedy_tokens + sample_tokens,
+            "tokens_generated": generations.tokens,
         }
         run.write_json("eval.json", result)
-        run.counts.update({"items": len(items), "tokens_generated": greedy_tokens + sample_tokens})
-        run.extra["metrics"] = _headline(result)
-        say(STAGE, _summary_line(result, seconds))
+        run.counts.update({"items": len(items), "tokens_generated": generations.tokens})
+        run.extra["metrics"] = headline_summary(result)
+        say(STAGE, summary_line(result, seconds))
     return run.manifest
 
 
@@ -320,28 +455,41 @@ def score(config: ScoreConfig, out: Store) -> dict[str, Any]:
         items = load_items(run)
         predictions = index_predictions(run.read_jsonl("predictions"),
                                         run.input_uri("predictions"))
-        result = score_seed(items, predictions, config.tag)
+        corpus_dir = corpus_dir_for(config.corpus, run.input_uri("dataset"))
+        result = score_all(items, predictions, config.tag, corpus_dir=corpus_dir,
+                           temperature=config.temperature)
         wanted = {str(item["id"]) for item in items}
         result["trackb"] = {
             "predictions": config.predictions,
             "n_items": len(items),
             "unused_predictions": len(set(predictions) - wanted),
+            "temperature": config.temperature,
+            "corpus_dir": str(corpus_dir) if corpus_dir else None,
         }
         run.write_json("eval.json", result)
         run.counts.update({"items": len(items), "predictions": len(predictions)})
-        run.extra["metrics"] = _headline(result)
-        say("score", _summary_line(result))
+        run.extra["metrics"] = headline_summary(result)
+        say("score", summary_line(result))
     return run.manifest
 
 
-def _headline(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("pass_at_1", "pass_at_k", "avg_style_score", "hallucination_rate", "execution_rate")
-    return {key: round(result[key], 4) for key in keys}
+def headline_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """``{name: {"value", "ci"}}`` of eval.json's headline metrics (for the manifest)."""
+    return {name: {"value": _round(entry.get("value")),
+                   "ci": [_round(v) for v in entry["ci"]] if entry.get("ci") else None}
+            for name, entry in result["headline"].items()}
 
 
-def _summary_line(result: dict[str, Any], seconds: float | None = None) -> str:
-    line = (f"{result['tag']}: pass@1 {result['pass_at_1']:.3f}, pass@{result['k']} "
-            f"{result['pass_at_k']:.3f}, style {result['avg_style_score']:.3f}, "
-            f"hallucination {result['hallucination_rate']:.3f} over "
-            f"{result['total_samples']} items")
+def _round(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def summary_line(result: dict[str, Any], seconds: float | None = None) -> str:
+    """One line: every available headline metric with its 95% CI, and the item count."""
+    parts = []
+    for name, entry in result["headline"].items():
+        value, ci = entry.get("value"), entry.get("ci")
+        if isinstance(value, int | float) and ci:
+            parts.append(f"{name} {value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+    line = f"{result['tag']}: " + ", ".join(parts) + f" over {result['n_items']} items"
     return line + (f" ({seconds:.1f} s generating)" if seconds is not None else "")

@@ -1,0 +1,163 @@
+"""vLLM offline generation for ``trackb eval``: the fast path on a GPU.
+
+One :class:`vllm.LLM` per evaluation, the LoRA adapter applied per request with
+``LoRARequest`` (no merge, no second copy of the weights). It answers exactly what the
+Hugging Face path answers: the same prompt token ids (tokenized here without special
+tokens, as the HF path does), one greedy answer (temperature 0, n = 1) and
+``n_samples`` samples at one temperature/top-p with a fixed seed, every answer cut at
+the first stop token and decoded by the same function
+(:func:`trackb_core.evaluate.decode_answer`).
+
+vLLM is imported inside the functions, so this module imports on any machine;
+:func:`vllm_unusable` says why the backend cannot run here (not installed, no GPU),
+and :func:`adapter_problem` why an adapter cannot be served (vLLM rejects adapters
+that carry ``embed_tokens``/``lm_head``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from trackb_core.errors import InputError
+
+# Ranks vLLM's LoRA kernels accept for max_lora_rank; the adapter's rank is rounded up.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# Modules vLLM refuses to load from a LoRA adapter (field notes §4).
+UNSUPPORTED_LORA_MODULES = ("embed_tokens", "lm_head")
+# Turing (T4, compute capability 7.5) has no bfloat16.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def vllm_unusable() -> str | None:
+    """Why the vLLM backend cannot run on this machine, or None when it can."""
+    try:
+        installed = importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        return "vllm is not installed (pip install vllm, or use the vllm image)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available (vLLM needs one)"
+    return None
+
+
+def _adapter_config(adapter_dir: Path) -> dict:
+    try:
+        data = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {adapter_dir / 'adapter_config.json'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{adapter_dir / 'adapter_config.json'} is not a JSON object")
+    return data
+
+
+def adapter_problem(adapter_dir: Path) -> str | None:
+    """Why vLLM cannot serve this PEFT adapter, or None when it can.
+
+    Raises InputError if adapter_config.json is unreadable.
+    """
+    config = _adapter_config(adapter_dir)
+    named = []
+    for key in ("modules_to_save", "target_modules"):
+        value = config.get(key) or []
+        named += [value] if isinstance(value, str) else list(value)
+    carried = sorted({m for m in UNSUPPORTED_LORA_MODULES if any(m in str(n) for n in named)})
+    if carried:
+        return (f"the adapter carries {', '.join(carried)}, which vLLM's LoRA support "
+                "rejects")
+    return None
+
+
+def max_lora_rank(adapter_dir: Path) -> int:
+    """The smallest rank vLLM accepts that fits the adapter's largest LoRA rank.
+
+    Raises InputError if adapter_config.json is unreadable or its rank is beyond vLLM's.
+    """
+    config = _adapter_config(adapter_dir)
+    ranks = [config.get("r") or 0]
+    pattern = config.get("rank_pattern") or {}
+    if isinstance(pattern, dict):
+        ranks += list(pattern.values())
+    largest = max(int(r) for r in ranks if isinstance(r, int | float))
+    for allowed in VLLM_LORA_RANKS:
+        if largest <= allowed:
+            return allowed
+    raise InputError(f"{adapter_dir}: LoRA rank {largest} is above vLLM's largest "
+                     f"({VLLM_LORA_RANKS[-1]})")
+
+
+def vllm_dtype() -> str:
+    """``"half"`` on GPUs without bfloat16 (T4), else ``"auto"`` (the model's own dtype)."""
+    import torch
+
+    capability = tuple(torch.cuda.get_device_capability())
+    return "half" if capability < BF16_MIN_CAPABILITY else "auto"
+
+
+def generate_vllm(model_path: str, tokenizer_path: str, adapter_dir: Path | None,
+                  prompts: list[str], *, n_samples: int, temperature: float, top_p: float,
+                  max_new_tokens: int, seed: int):
+    """Greedy answers and ``n_samples`` seeded samples per prompt, with vLLM.
+
+    Returns a :class:`trackb_core.evaluate.Generations`. Raises InputError if the
+    tokenizer or the adapter cannot be read or the adapter cannot be served by vLLM.
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from trackb_core.evaluate import Generations, decode_answer, stop_ids_for
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load tokenizer {tokenizer_path}: "
+                         f"{str(exc).splitlines()[0]}") from exc
+    try:
+        configured_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except (OSError, ValueError):
+        configured_eos = None  # a model without generation_config.json: tokenizer eos only
+    stops = stop_ids_for(tokenizer, configured_eos)
+
+    engine_options: dict = {"model": model_path, "tokenizer": tokenizer_path,
+                            "dtype": vllm_dtype(), "seed": seed}
+    lora_request = None
+    if adapter_dir is not None:
+        problem = adapter_problem(adapter_dir)
+        if problem:
+            raise InputError(f"--adapter: {problem}; use --backend hf")
+        engine_options.update(enable_lora=True, max_loras=1,
+                              max_lora_rank=max_lora_rank(adapter_dir))
+        lora_request = LoRARequest("adapter", 1, str(adapter_dir))
+    llm = LLM(**engine_options)
+
+    # Token ids, not text: vLLM would add the tokenizer's special tokens, the HF path does not.
+    requests = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]}
+                for p in prompts]
+    greedy_params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens,
+                                   stop_token_ids=stops)
+    tokens = 0
+    greedy: list[str] = []
+    for output in llm.generate(requests, greedy_params, lora_request=lora_request,
+                               use_tqdm=False):
+        text, used = decode_answer(tokenizer, list(output.outputs[0].token_ids), stops)
+        greedy.append(text)
+        tokens += used
+    samples: list[list[str]] = [[] for _ in prompts]
+    if n_samples:
+        sample_params = SamplingParams(n=n_samples, temperature=temperature, top_p=top_p,
+                                       seed=seed, max_tokens=max_new_tokens,
+                                       stop_token_ids=stops)
+        outputs = llm.generate(requests, sample_params, lora_request=lora_request,
+                               use_tqdm=False)
+        for index, output in enumerate(outputs):
+            for completion in output.outputs:
+                text, used = decode_answer(tokenizer, list(completion.token_ids), stops)
+                samples[index].append(text)
+                tokens += used
+    return Generations(greedy=greedy, samples=samples, tokens=tokens, device="cuda",
+                       backend="vllm")
