@@ -41,6 +41,14 @@ lint: install ## ruff over the code and tests
 bench: install ## Benchmarks: print measured ratios against a baseline run in-process
 	$(PY) -m benchmarks
 
+# The GPU benchmark runs on the machine's own CUDA python (GPU images pin their own
+# torch; .venv holds a CPU build), so it installs nothing. See BENCHMARKS.md.
+GPU_PYTHON ?= python3
+GPU_BENCH_ARGS ?= --shape qwen2.5-coder-1.5b --budget-seconds 480
+.PHONY: bench-gpu
+bench-gpu: ## GPU benchmark (LoRA train + eval generation at Qwen2.5-Coder-1.5B shape, <= 8 min)
+	$(GPU_PYTHON) -m benchmarks.gpu_bench $(GPU_BENCH_ARGS)
+
 clean: ## Remove the venv and local runs
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
 
