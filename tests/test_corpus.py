@@ -298,3 +298,24 @@ def test_real_pip_missing_package(tmp_path, monkeypatch):
     with pytest.raises(MissingInputError,
                        match=r"^pypi: no distribution no-such-package-trackb-xyz==0\.0\.1 \(pip: "):
         resolve_corpus("pypi:no-such-package-trackb-xyz==0.0.1")
+
+
+def test_snapshot_is_byte_stable_and_holds_sources_and_metadata(tmp_path):
+    import io
+    import tarfile
+    import time
+
+    from trackb_core.corpus import snapshot_bytes
+
+    root = tmp_path / "c"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "a.py").write_text("x = 1\n")
+    (root / "pkg" / "data.bin").write_bytes(b"\0")  # not source: left out
+    (root / "pkg-1.0.dist-info").mkdir()
+    (root / "pkg-1.0.dist-info" / "METADATA").write_text("Name: pkg\n")
+    first = snapshot_bytes(root)
+    time.sleep(0.01)
+    (root / "pkg" / "a.py").touch()  # a newer mtime must not change the bytes
+    assert snapshot_bytes(root) == first
+    with tarfile.open(fileobj=io.BytesIO(first)) as tf:
+        assert tf.getnames() == ["pkg-1.0.dist-info/METADATA", "pkg/a.py"]

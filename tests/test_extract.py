@@ -181,7 +181,7 @@ def test_stage_writes_functions_tasks_and_manifest(stdlib_run, stdlib_corpus):
     functions = _jsonl(out, "functions.jsonl")
     tasks = _jsonl(out, "tasks.jsonl")
     assert json.loads(out.get_bytes(MANIFEST)) == manifest
-    assert set(manifest["outputs"]) == {"functions.jsonl", "tasks.jsonl"}
+    assert set(manifest["outputs"]) == {"functions.jsonl", "tasks.jsonl", "corpus.tar.gz"}
     counts = manifest["counts"]
     assert counts["files"] == 10
     assert counts["files_skipped"] == dict.fromkeys(extract.SKIP_REASONS, 0)

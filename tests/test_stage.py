@@ -21,6 +21,8 @@ from trackb_core.stage import (
     resolve_file,
     stage_run,
     tree_sha256,
+    upstream_corpus,
+    upstream_corpus_dir,
 )
 from trackb_core.store import LocalStore, S3Store, Store
 
@@ -369,3 +371,58 @@ def test_parse_jsonl_reads_back_what_write_jsonl_writes(tmp_path, upstream):
         run.write_jsonl("rows.jsonl", rows)
 
     assert parse_jsonl(out.get_bytes("rows.jsonl"), "rows.jsonl") == rows
+
+
+# -- provenance: the corpus upstream of a stage output -----------------------------------
+
+
+@pytest.fixture
+def extracted(tmp_path, monkeypatch):
+    """A small corpus (with wheel metadata) run through extract and generate."""
+    from trackb_core import extract, generate
+    from trackb_core.extract import ExtractConfig
+    from trackb_core.generate import GenerateConfig
+
+    monkeypatch.setenv("TRACKB_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    (corpus / "pkg").mkdir(parents=True)
+    (corpus / "pkg" / "__init__.py").write_text("")
+    (corpus / "pkg" / "maths.py").write_text(
+        "def clamp(x, low, high):\n    if x < low:\n        return low\n"
+        "    if x > high:\n        return high\n    return x\n")
+    (corpus / "pkg-1.0.dist-info").mkdir()
+    (corpus / "pkg-1.0.dist-info" / "METADATA").write_text("Name: pkg\nLicense: MIT\n")
+    root = LocalStore(tmp_path / "run")
+    extract.run(ExtractConfig(corpus=str(corpus)), root.child("extract"))
+    generate.run(GenerateConfig(tasks=root.child("extract").uri), root.child("generate"))
+    return corpus, root
+
+
+def test_upstream_corpus_follows_manifests_to_the_corpus_spec(extracted):
+    corpus, root = extracted
+    spec = upstream_corpus(root.child("generate").uri, "responses.jsonl")
+    assert spec["uri"] == str(corpus) and spec["sha256"]
+    assert upstream_corpus(root.child("nothing").uri, "responses.jsonl") is None
+
+
+def test_upstream_corpus_dir_uses_the_stored_snapshot_without_the_original(extracted):
+    import shutil
+
+    corpus, root = extracted
+    shutil.rmtree(corpus)  # e.g. a pod that cannot reach PyPI: only the store is left
+    folder = upstream_corpus_dir(root.child("generate").uri, "responses.jsonl")
+    assert folder is not None and folder != corpus
+    assert (folder / "pkg" / "maths.py").read_text().startswith("def clamp(")
+    assert (folder / "pkg-1.0.dist-info" / "METADATA").read_text().endswith("MIT\n")
+    # unpacked once, then reused from the cache
+    assert upstream_corpus_dir(root.child("generate").uri, "responses.jsonl") == folder
+
+
+def test_a_corrupt_snapshot_falls_back_to_the_corpus_spec(extracted):
+    corpus, root = extracted
+    snapshot = root.child("extract").local_path("corpus.tar.gz")
+    snapshot.write_bytes(b"not a tarball")
+    manifest = json.loads(root.child("extract").get_bytes("manifest.json"))
+    manifest["outputs"]["corpus.tar.gz"]["sha256"] = "0" * 64  # force a fresh unpack
+    root.child("extract").put_text("manifest.json", json.dumps(manifest))
+    assert upstream_corpus_dir(root.child("generate").uri, "responses.jsonl") == corpus

@@ -112,6 +112,62 @@ def python_files(root: Path) -> list[Path]:
     )
 
 
+SNAPSHOT_FILE = "corpus.tar.gz"
+
+
+def snapshot_bytes(root: Path) -> bytes:
+    """A byte-stable ``.tar.gz`` of the corpus' ``.py`` files and package metadata.
+
+    The extract stage stores it beside its outputs so that later stages (unit tests run
+    against the original functions in build-dataset and eval) find the exact corpus in
+    the object store, also in pods whose egress reaches nothing else. Fixed order, zero
+    mtimes and owners, so the same corpus always gives the same bytes.
+    """
+    import gzip
+    import io
+
+    files = python_files(root) + sorted(
+        p for p in root.glob("*.dist-info/*") if p.is_file() and p.stat().st_size < 1 << 20)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for path in sorted(set(files), key=lambda p: p.relative_to(root).as_posix()):
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue  # extract counts it as unreadable; nothing to run it against
+            info = tarfile.TarInfo(path.relative_to(root).as_posix())
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tf.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def unpack_snapshot(archive: Path, sha256: str) -> Path:
+    """The folder ``archive`` (from :func:`snapshot_bytes`) unpacks to, cached by hash.
+
+    Raises InputError for a corrupt or unsafe archive, StoreError when the cache
+    cannot be written.
+    """
+    target = cache_root() / "snapshots" / sha256
+    if target.is_dir():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{sha256[:12]}-", dir=target.parent))
+    except OSError as exc:
+        raise StoreError(f"cannot write the corpus cache {target.parent}: {exc}") from exc
+    try:
+        _unpack(archive, staging)
+        staging.rename(target)  # atomic: a half-unpacked folder never looks done
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not target.is_dir():  # a concurrent unpack that won the race is fine
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
 def _resolve_dir(root: Path) -> ResolvedCorpus:
     if not root.is_dir():
         raise MissingInputError(f"corpus folder not found: {root}")

@@ -35,8 +35,15 @@ from pydantic import Field
 
 from trackb_core import codeblocks, filters, neardup, prompts
 from trackb_core.config import StageConfig, declared_inputs, input_field
-from trackb_core.errors import InputError, TrackbError
-from trackb_core.stage import MANIFEST, resolve_file, say, stage_run, upstream_corpus
+from trackb_core.errors import InputError
+from trackb_core.stage import (
+    MANIFEST,
+    resolve_file,
+    say,
+    stage_run,
+    upstream_corpus,
+    upstream_corpus_dir,
+)
 from trackb_core.store import Store
 
 STAGE = "build-dataset"
@@ -363,18 +370,6 @@ def upstream_manifest(uri: str, filename: str) -> dict[str, Any] | None:
         return None
 
 
-def corpus_dir(spec: dict[str, Any] | None) -> Path | None:
-    """The local folder of the corpus ``spec`` (from :func:`upstream_corpus`), or None."""
-    if not spec or not spec.get("uri"):
-        return None
-    from trackb_core.corpus import resolve_corpus
-
-    try:
-        return resolve_corpus(str(spec["uri"])).path
-    except TrackbError:
-        return None
-
-
 def corpus_license(folder: Path | None) -> str | None:
     """The corpus' license from its package metadata, or None if it does not say.
 
@@ -421,7 +416,7 @@ def run(config: DatasetConfig, out: Store) -> dict:
         _check_rows(rows, where)
         rows.sort(key=lambda r: str(r["id"]))
         corpus = upstream_corpus(config.responses, "responses.jsonl")
-        folder = corpus_dir(corpus)
+        folder = upstream_corpus_dir(config.responses, "responses.jsonl")
         if folder is None:
             say(STAGE, "corpus folder not found upstream: unit tests count as not executable")
 

@@ -38,10 +38,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from trackb_core.config import StageConfig, input_field
-from trackb_core.errors import ConfigError, InputError, TrackbError
+from trackb_core.errors import ConfigError, InputError
 from trackb_core.metrics import index_predictions, score_all
 from trackb_core.prompts import render_prompt
-from trackb_core.stage import StageRun, say, stage_run, upstream_corpus
+from trackb_core.stage import StageRun, say, stage_run, upstream_corpus_dir
 from trackb_core.store import Store
 
 STAGE = "eval"
@@ -168,14 +168,10 @@ def corpus_dir_for(corpus: str | None, dataset_uri: str) -> Path | None:
 
     if corpus:
         return Path(resolve_corpus(corpus).path)
-    spec = upstream_corpus(dataset_uri, "test.jsonl")
-    if not spec or not spec.get("uri"):
-        return None
-    try:
-        return Path(resolve_corpus(spec["uri"]).path)
-    except TrackbError as exc:
-        say(STAGE, f"corpus {spec['uri']} not available ({exc}); unit tests are not executed")
-        return None
+    folder = upstream_corpus_dir(dataset_uri, "test.jsonl")
+    if folder is None:
+        say(STAGE, "corpus not found upstream of the dataset; unit tests are not executed")
+    return folder
 
 
 def _model_source(uri: str) -> tuple[str, bool]:

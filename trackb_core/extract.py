@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from trackb_core.config import StageConfig, input_field
-from trackb_core.corpus import python_files, resolve_corpus
+from trackb_core.corpus import SNAPSHOT_FILE, python_files, resolve_corpus, snapshot_bytes
 from trackb_core.errors import InputError
 from trackb_core.mutations import KINDS, ParsedFunction
 from trackb_core.stage import say, stage_run
@@ -116,6 +116,8 @@ def run(config: ExtractConfig, out: Store) -> dict[str, Any]:
 
         run.write_jsonl("functions.jsonl", functions)
         run.write_jsonl("tasks.jsonl", tasks)
+        # Later stages run unit tests against these exact files, maybe with no network.
+        run.write_bytes(SNAPSHOT_FILE, snapshot_bytes(corpus.path))
 
         per_category = {c: 0 for c in CATEGORIES if c in config.categories}
         mutation_kinds = dict.fromkeys(KINDS, 0)

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from typing import Any
 
 from trackb_core import __version__
 from trackb_core.config import StageConfig, declared_inputs, missing_inputs
-from trackb_core.errors import ConfigError, InputError, MissingInputError
+from trackb_core.errors import ConfigError, InputError, MissingInputError, TrackbError
 from trackb_core.store import LocalStore, Store, open_store, split_uri
 
 MANIFEST = "manifest.json"
@@ -56,29 +57,70 @@ def resolve_file(uri: str, filename: str) -> tuple[Store, str]:
     return open_store(uri), filename
 
 
-def upstream_corpus(uri: str, filename: str) -> dict[str, Any] | None:
-    """The corpus a stage output descends from, found by following manifests upstream.
-
-    E.g. responses -> generate's manifest -> its tasks input -> extract's manifest ->
-    its ``corpus`` input (``{"uri", "kind", "sha256", ...}``). Best effort: an unreadable
-    chain returns None, never raises. Pass the result's ``uri`` to
-    :func:`trackb_core.corpus.resolve_corpus` for a local folder.
-    """
+def _upstream_chain(uri: str, filename: str) -> Iterator[tuple[Store, str, dict[str, Any]]]:
+    """``(store, folder, manifest)`` of the stage that wrote ``uri``, then of its
+    upstream file input, and so on (at most 6 stages). Stops quietly where the chain
+    cannot be read."""
     for _ in range(6):
         try:
             store, key = resolve_file(uri, filename)
             folder = key.rpartition("/")[0]
             manifest = json.loads(store.get_bytes(f"{folder}/{MANIFEST}" if folder else MANIFEST))
         except Exception:  # noqa: BLE001 - provenance is optional
-            return None
+            return
+        if not isinstance(manifest, dict):
+            return
+        yield store, folder, manifest
         inputs = manifest.get("inputs") or {}
-        if isinstance(inputs.get("corpus"), dict):
-            return inputs["corpus"]
         upstream = next((info for info in inputs.values()
                          if isinstance(info, dict) and info.get("file")), None)
         if upstream is None:
-            return None
+            return
         uri, filename = upstream["uri"], upstream["file"]
+
+
+def upstream_corpus(uri: str, filename: str) -> dict[str, Any] | None:
+    """The corpus a stage output descends from, found by following manifests upstream.
+
+    E.g. responses -> generate's manifest -> its tasks input -> extract's manifest ->
+    its ``corpus`` input (``{"uri", "kind", "sha256", ...}``). Best effort: an unreadable
+    chain returns None, never raises.
+    """
+    for _, _, manifest in _upstream_chain(uri, filename):
+        corpus = (manifest.get("inputs") or {}).get("corpus")
+        if isinstance(corpus, dict):
+            return corpus
+    return None
+
+
+def upstream_corpus_dir(uri: str, filename: str) -> Path | None:
+    """A local folder holding the corpus a stage output descends from, or None.
+
+    Prefers the snapshot the extract stage stored beside its outputs (no network: pods
+    whose egress reaches only the object store can use it), else resolves the corpus
+    spec (a folder, or a PyPI download). Best effort: returns None, never raises.
+    """
+    from trackb_core.corpus import SNAPSHOT_FILE, resolve_corpus, unpack_snapshot
+
+    for store, folder, manifest in _upstream_chain(uri, filename):
+        corpus = (manifest.get("inputs") or {}).get("corpus")
+        if not isinstance(corpus, dict):
+            continue
+        snapshot = (manifest.get("outputs") or {}).get(SNAPSHOT_FILE)
+        if isinstance(snapshot, dict) and snapshot.get("sha256"):
+            try:
+                with tempfile.TemporaryDirectory(prefix="trackb-corpus-") as tmp:
+                    archive = Path(tmp) / SNAPSHOT_FILE
+                    store.get_file(f"{folder}/{SNAPSHOT_FILE}" if folder else SNAPSHOT_FILE,
+                                   archive)
+                    return unpack_snapshot(archive, str(snapshot["sha256"]))
+            except TrackbError as exc:
+                say("corpus", f"stored corpus snapshot unusable ({exc}); resolving "
+                              f"{corpus.get('uri')} instead")
+        try:
+            return resolve_corpus(str(corpus.get("uri", ""))).path
+        except TrackbError:
+            return None
     return None
 
 

@@ -526,8 +526,8 @@ def test_s3_credentials_only_through_secret_key_refs():
     assert "AWS_ACCESS_KEY_ID" not in env(irsa)
 
 
-@pytest.mark.parametrize("stage", ["eval-baseline", "eval-post"])
-def test_eval_egress_only_to_dns_and_the_object_store(stage):
+@pytest.mark.parametrize("stage", ["build-dataset", "eval-baseline", "eval-post"])
+def test_code_running_stages_reach_only_dns_and_the_object_store(stage):
     objects = build_stage(stage, config(GPU), RUN)
     (policy,) = kind(objects, "NetworkPolicy")
     spec = policy["spec"]

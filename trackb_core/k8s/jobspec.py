@@ -7,9 +7,11 @@ unit-tested and the rendered files are byte-for-byte reproducible.
 Each stage is a ConfigMap (the stage's config, exactly as
 :func:`trackb_core.pipeline.plan` wires it, as YAML) and a Job running
 ``python -m jobs.<stage> --config /etc/trackb/config.yaml --out <store>/runs/<id>/<stage>``.
-Eval stages add a NetworkPolicy (they execute model-written code); multi-node training
-adds a headless Service. The one change to plan()'s configs: with a vLLM server that
-the builder creates, generate's ``base_url`` points at that server.
+Every stage gets a NetworkPolicy that refuses ingress; the stages that execute
+model-written code (build-dataset runs teacher tests, eval runs model answers) may
+reach only DNS and the object store (the corpus comes from extract's snapshot there).
+Multi-node training adds a headless Service. The one change to plan()'s configs: with
+a vLLM server that the builder creates, generate's ``base_url`` points at that server.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from trackb_core.k8s.settings import KubernetesConfig, Resources
 from trackb_core.pipeline import RUN_ID, TINY, PipelineConfig, plan
 from trackb_core.store import open_store
 
+# Stages that run model-written code in the sandbox: their egress is locked.
+CODE_RUNNING_STAGES = ("build-dataset", "eval-baseline", "eval-post")
 STAGES = ("extract", "generate", "build-dataset", "tiny-model", "train", "eval-baseline",
           "eval-post", "compare")
 JOB_MODULES = {"extract": "extract", "generate": "generate", "build-dataset": "build_dataset",
@@ -421,11 +425,13 @@ def _wait_container(k8s: KubernetesConfig, url: str) -> dict[str, Any]:
     }
 
 
-def _check_eval_network(config: PipelineConfig) -> None:
+def _check_locked_network(config: PipelineConfig, stage: str) -> None:
     net = config.kubernetes.network
     if not (net.store_namespace or net.store_cidrs):
         raise ConfigError("kubernetes.network: set store_namespace or store_cidrs, or "
-                          "eval pods cannot reach the object store")
+                          f"{stage} pods cannot reach the object store")
+    if not stage.startswith("eval"):
+        return  # build-dataset loads no model
     hub_model = (config.model != TINY and "://" not in config.model
                  and not config.model.startswith("/"))
     if hub_model and not config.kubernetes.cache.pvc:
@@ -533,9 +539,9 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
     env = [*_s3_env(k8s), *_cache_env()]
     if on_gpu or stage == "tiny-model":
         env += _hf_env(k8s)
-    locked = stage.startswith("eval") and k8s.network.enabled
+    locked = stage in CODE_RUNNING_STAGES and k8s.network.enabled
     if locked:
-        _check_eval_network(config)
+        _check_locked_network(config, stage)
         # Egress is locked to the object store: never try the hub.
         env += [{"name": "HF_HUB_OFFLINE", "value": "1"}]
     if nodes > 1:
