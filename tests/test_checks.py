@@ -145,8 +145,8 @@ Returns:
 
 def test_complete_google_docstring_is_ok():
     verdict = checks.docstring_verdict(fenced(FULL_DOCSTRING), ITEM)
-    assert verdict == {"google_style": True, "args_coverage": 1.0, "has_returns": True,
-                       "ok": True}
+    assert verdict == {"has_docstring": True, "google_style": True, "args_coverage": 1.0,
+                       "has_returns": True, "ok": True}
 
 
 def test_missing_args_entry_lowers_coverage():
@@ -186,7 +186,7 @@ def test_docstring_inside_a_function_definition_and_derived_params():
 def test_explain_naming_every_parameter_and_the_return():
     text = ("**Purpose** Limits a number.\n**Parameters** `value`, `low` and `high`.\n"
             "**Returns**\n\nThe clamped number.")
-    assert checks.explain_verdict(text, ITEM) == {"param_coverage": 1.0,
+    assert checks.explain_verdict(text, ITEM) == {"substantive": True, "param_coverage": 1.0,
                                                   "mentions_return": True, "ok": True}
 
 
@@ -201,7 +201,23 @@ def test_explain_missing_a_parameter_and_saying_it_returns_nothing():
 
 def test_explain_of_a_function_that_returns_nothing_needs_no_return_text():
     item = {"params": ["path"], "returns_value": False, "source_function": "def f(path): pass"}
-    assert checks.explain_verdict("Deletes the file at path.", item)["ok"]
+    assert checks.explain_verdict("Deletes the file found at path, if it exists.", item)["ok"]
+
+
+@pytest.mark.parametrize("text", ["", "the the the the the the the", "0.0.0, 2.0.0 0.0"])
+def test_an_explanation_that_says_nothing_fails_even_with_nothing_to_cover(text):
+    item = {"params": [], "returns_value": False, "source_function": "def f(): pass"}
+    verdict = checks.explain_verdict(text, item)
+    assert not verdict["substantive"] and not verdict["ok"]
+
+
+@pytest.mark.parametrize("text", ["", "    # 2.0, 1.0.0\n    # the the", "Resets it."])
+def test_an_answer_without_a_docstring_literal_fails_even_with_nothing_to_cover(text):
+    item = {"source_function": "def reset(self):\n    self.count = 0\n", "params": [],
+            "returns_value": False}
+    verdict = checks.docstring_verdict(text, item)
+    assert not verdict["has_docstring"] and not verdict["google_style"]
+    assert not verdict["ok"]
 
 
 # -- placeholders -------------------------------------------------------------------------

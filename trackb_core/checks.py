@@ -355,6 +355,12 @@ _TRIPLE = re.compile(r'("""|\'\'\')(.*?)(\1|$)', re.DOTALL)
 
 def docstring_text(response: str) -> str:
     """The docstring a response gives: the string literal of its code, or its text."""
+    found = _docstring_literal(response)
+    return found if found is not None else str(response or "")
+
+
+def _docstring_literal(response: str) -> str | None:
+    """The docstring literal in a response's code, or a triple-quoted string in its text."""
     code = first_code(response)
     if code is not None:
         tree = codeblocks.parses(code)
@@ -367,7 +373,7 @@ def docstring_text(response: str) -> str:
     found = _TRIPLE.search(str(response or ""))
     if found:
         return found.group(2)
-    return str(response or "")
+    return None
 
 
 def _sections(lines: list[str]) -> dict[str, list[str]]:
@@ -407,8 +413,11 @@ def documented_args(section: list[str]) -> list[str]:
 
 
 def docstring_verdict(response: str, item: dict) -> dict:
-    """``{"google_style", "args_coverage", "has_returns", "ok"}`` for a docstring answer."""
-    text = docstring_text(response)
+    """``{"has_docstring", "google_style", "args_coverage", "has_returns", "ok"}`` for a
+    docstring answer. Without a docstring literal (in code or triple quotes) nothing is
+    Google style, so text that merely lacks sections to miss never passes."""
+    literal = _docstring_literal(response)
+    text = literal if literal is not None else str(response or "")
     lines = text.expandtabs().split("\n")
     content = [line.strip() for line in lines if line.strip()]
     summary = bool(content) and not _SECTION.match(content[0]) and len(content[0]) >= 3
@@ -420,9 +429,10 @@ def docstring_verdict(response: str, item: dict) -> dict:
         coverage = sum(p in named for p in params) / len(params)
     else:
         coverage = 1.0
-    google = summary and (not params or args_section is not None)
+    google = literal is not None and summary and (not params or args_section is not None)
     has_returns = (not item_returns_value(item)) or any(h in sections for h in RETURNS_HEADERS)
-    return {"google_style": google, "args_coverage": coverage, "has_returns": has_returns,
+    return {"has_docstring": literal is not None, "google_style": google,
+            "args_coverage": coverage, "has_returns": has_returns,
             "ok": google and coverage == 1.0 and has_returns}
 
 
@@ -441,9 +451,19 @@ def _says_something(text: str) -> bool:
     return len(re.findall(r"[A-Za-z0-9_]+", rest)) >= 1
 
 
+# An explanation says something: at least this many different words of two letters or
+# more (a function without parameters or return value would otherwise pass on anything,
+# an empty answer or "the the the" included).
+MIN_EXPLAIN_WORDS = 6
+
+
 def explain_verdict(response: str, item: dict) -> dict:
-    """``{"param_coverage", "mentions_return", "ok"}`` for an explanation of the item."""
+    """``{"substantive", "param_coverage", "mentions_return", "ok"}`` for an explanation:
+    it has at least :data:`MIN_EXPLAIN_WORDS` different words, names every parameter and,
+    when the function returns a value, says something about it."""
     text = str(response or "")
+    words = {w.lower() for w in re.findall(r"[A-Za-z][A-Za-z]+", text)}
+    substantive = len(words) >= MIN_EXPLAIN_WORDS
     params = item_params(item)
     if params:
         named = sum(bool(re.search(rf"(?<![\w]){re.escape(p)}(?![\w])", text)) for p in params)
@@ -465,8 +485,8 @@ def explain_verdict(response: str, item: dict) -> dict:
                 break
     else:
         mentions = True
-    return {"param_coverage": coverage, "mentions_return": mentions,
-            "ok": coverage == 1.0 and mentions}
+    return {"substantive": substantive, "param_coverage": coverage,
+            "mentions_return": mentions, "ok": substantive and coverage == 1.0 and mentions}
 
 
 # -- placeholders ------------------------------------------------------------------------
