@@ -106,8 +106,10 @@ GenerateResources = _sized("GenerateResources", "The generate client (HTTP to th
                            "250m", "512Mi", "1", "2Gi")
 VLLMResources = _sized("VLLMResources", "The vLLM teacher server of generate.",
                        "2", "12Gi", "4", "14Gi", disk="4Gi", shm="2Gi", gpus=1)
-BuildDatasetResources = _sized("BuildDatasetResources", "build-dataset.",
-                               "250m", "512Mi", "1", "2Gi")
+# build-dataset runs teacher-written unit tests: 4 filter processes, each with sandbox
+# children (dataset.filter_workers).
+BuildDatasetResources = _sized("BuildDatasetResources", "build-dataset (runs unit tests in "
+                               "the sandbox).", "1", "2Gi", "4", "6Gi")
 TinyModelResources = _sized("TinyModelResources", "tiny-model (CPU pretraining).",
                             "1", "2Gi", "4", "6Gi")
 TrainResources = _sized("TrainResources", "train.", "1", "4Gi", "4", "14Gi", disk="8Gi",
