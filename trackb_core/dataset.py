@@ -45,9 +45,9 @@ from trackb_core.stage import (
     upstream_corpus_dir,
 )
 from trackb_core.store import Store
+from trackb_core.tasks import CODE_CATEGORIES
 
 STAGE = "build-dataset"
-CODE_CATEGORIES = ("complete", "bugfix", "unit_test")
 REQUIRED_FIELDS = ("id", "category", "instruction", "response", "source_function")
 # What generate adds about how an answer was made: it describes the teacher (the card
 # records it), not the task, so published rows leave it out.

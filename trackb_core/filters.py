@@ -67,10 +67,9 @@ from typing import Any
 
 from trackb_core import checks, codeblocks
 from trackb_core.errors import ConfigError
+from trackb_core.tasks import CATEGORIES, CODE_CATEGORIES
 
 FILTER_SETS = ("seed", "strict")
-CATEGORIES = ("docstring", "explain", "bugfix", "complete", "unit_test")
-CODE_CATEGORIES = ("complete", "bugfix", "unit_test")
 
 SEED_REASONS = ("unknown_category", "too_short", "too_long", "placeholder", "no_code_block",
                 "code_does_not_compile", "no_test_function", "no_assert", "no_triple_quote")

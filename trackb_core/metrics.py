@@ -40,11 +40,9 @@ from trackb_core import checks
 from trackb_core.codeblocks import compiles, parses, seed_code_blocks
 from trackb_core.errors import InputError
 from trackb_core.stats import bootstrap_ci, pass_at_k
+from trackb_core.tasks import CATEGORIES, CODE_CATEGORIES
 
 METRIC_SET = "seed-compatible"
-CATEGORIES = ("docstring", "complete", "bugfix", "explain", "unit_test")
-# Categories whose pass is "the first code block compiles" (they count for execution rate).
-CODE_CATEGORIES = ("complete", "bugfix", "unit_test")
 MAX_FAILURES = 20
 FAILURE_TEXT_CHARS = 500
 

@@ -31,6 +31,8 @@ from trackb_core.mutations import (  # noqa: F401  (inject_bug: the one-function
 )
 
 CATEGORIES = ("docstring", "explain", "bugfix", "complete", "unit_test")
+# The families whose answer is code (its first block must compile, the seed said).
+CODE_CATEGORIES = ("complete", "bugfix", "unit_test")
 
 
 @contextmanager
