@@ -26,7 +26,8 @@ def main() -> None:
     from trackb_core.corpus import python_files, resolve_corpus
     from trackb_core.errors import TrackbError
     from trackb_core.extract import extract_functions
-    from trackb_core.tasks import CATEGORIES, build_tasks
+    from trackb_core.families import names
+    from trackb_core.tasks import build_tasks
 
     try:
         corpus = resolve_corpus(CORPUS)
@@ -49,7 +50,7 @@ def main() -> None:
         functions, _, _ = extract_functions(corpus.path, files, 5, 60, 1_000_000,
                                             parsed=parsed)
         middle = time.process_time()
-        tasks, _ = build_tasks(functions, list(CATEGORIES), 42, parsed=parsed)
+        tasks, _ = build_tasks(functions, list(names()), 42, parsed=parsed)
         phases["extract"].append(middle - started)
         phases["tasks"].append(time.process_time() - middle)
         del parsed, functions

@@ -14,9 +14,11 @@ from trackb_core import extract
 from trackb_core.config import build_config
 from trackb_core.errors import ConfigError, InputError, MissingInputError
 from trackb_core.extract import ExtractConfig, functions_in_source
+from trackb_core.families import names
 from trackb_core.stage import MANIFEST
 from trackb_core.store import LocalStore
-from trackb_core.tasks import CATEGORIES
+
+CATEGORIES = names()
 
 GOOD = textwrap.dedent('''\
     import functools

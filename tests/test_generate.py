@@ -21,7 +21,7 @@ import pytest
 from fault_server import FaultServer
 from test_teacher import REAL_FUNCTIONS, make_tasks
 
-from trackb_core import openai_teacher
+from trackb_core import families, openai_teacher
 from trackb_core.config import build_config
 from trackb_core.errors import ConfigError, InputError, MissingInputError, UnavailableError
 from trackb_core.generate import GenerateConfig, ResponseCache, cache_key, run
@@ -253,7 +253,7 @@ def test_cache_key_covers_instruction_model_sampling_and_prompt_template(monkeyp
     monkeypatch.setattr(openai_teacher, "TEACHER_PROMPT_VERSION", "v3")
     variants.append(key())
     monkeypatch.setattr(openai_teacher, "TEACHER_PROMPT_VERSION", "v2")
-    monkeypatch.setitem(openai_teacher.CATEGORY_GUIDANCE, "complete", "Just the code.")
+    monkeypatch.setattr(families.get("complete"), "guidance", "Just the code.")
     variants.append(key())
     assert base not in variants and len(set(variants)) == len(variants)
 

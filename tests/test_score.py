@@ -12,9 +12,11 @@ import json
 
 import pytest
 
-from trackb_core import checks, metrics
+from trackb_core import families, metrics
 from trackb_core.errors import InputError
-from trackb_core.metrics import score_all, score_seed, strict_pass
+from trackb_core.families import unit_test
+from trackb_core.metrics import score_all, strict_pass
+from trackb_core.seed_metrics import score_seed
 from trackb_core.stats import mcnemar_exact, paired_bootstrap_delta
 
 CLAMP = '''def clamp(value, low, high):
@@ -171,7 +173,7 @@ def test_unbiased_pass_at_k_and_greedy_by_hand(scored):
     assert unbiased["n_samples"] == 3 and unbiased["temperature"] == 0.6
     assert unbiased["pass_at_1"] == pytest.approx(13 / 36)
     assert unbiased["unavailable"] == {}
-    assert set(unbiased["correct_means"]) == set(metrics.CATEGORIES)
+    assert set(unbiased["correct_means"]) == set(families.names())
     per_category = unbiased["per_category"]
     assert per_category["bugfix"]["pass_at_1"] == pytest.approx(4 / 9)
     assert per_category["bugfix"]["pass_at_3"] == pytest.approx(2 / 3)
@@ -417,14 +419,14 @@ def test_bad_inputs_raise_input_error():
 # -- unit_test aggregation (verdicts stubbed: the sandbox has its own tests) -------------------
 
 def fake_unit_test_verdicts(monkeypatch, table):
-    """Make ``checks.unit_test_verdict`` answer from ``table[response]``."""
+    """Make the unit_test family's verdict answer from ``table[response]``."""
     calls = []
 
     def fake(response, item, corpus_dir, *, timeout=10.0):
         calls.append((item["id"], response))
         return dict(table[response])
 
-    monkeypatch.setattr(checks, "unit_test_verdict", fake)
+    monkeypatch.setattr(unit_test, "unit_test_verdict", fake)
     return calls
 
 

@@ -13,14 +13,12 @@ import pytest
 from trackb_core.codeblocks import seed_code_blocks
 from trackb_core.corpus import python_files
 from trackb_core.extract import extract_functions, functions_in_source
+from trackb_core.families import names
 from trackb_core.mutations import MAX_KIND_SHARE, ParsedFunction, mutation_sites
-from trackb_core.tasks import (
-    CATEGORIES,
-    build_tasks,
-    complete_stub,
-    module_path,
-    strip_docstring,
-)
+from trackb_core.pyast import complete_stub, module_path, strip_docstring
+from trackb_core.tasks import build_tasks
+
+CATEGORIES = names()
 
 ROW_KEYS = {"id", "category", "instruction", "source_function", "source_file", "function_id",
             "function_name", "qualname", "signature", "params", "returns_value", "line",

@@ -18,9 +18,11 @@ import textwrap
 import pytest
 
 from trackb_core import codeblocks
-from trackb_core.teacher import ReferenceTeacher, describe_mutation
+from trackb_core.families import names
+from trackb_core.families.bugfix import describe_mutation
+from trackb_core.teacher import ReferenceTeacher
 
-CATEGORIES = ("docstring", "explain", "bugfix", "complete", "unit_test")
+CATEGORIES = names()
 
 # Real functions from the standard library: with and without docstrings, with
 # comparisons to flip, a method, a generator-free loop-heavy function.

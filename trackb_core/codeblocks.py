@@ -1,6 +1,6 @@
 """Finding and checking the code in a model's answer.
 
-:func:`seed_code_blocks` reproduces the seed scorer's extraction *exactly*, quirks
+:func:`seed_code_blocks` (and :func:`first_code`, the block every check reads) reproduces the seed scorer's extraction *exactly*, quirks
 included (see ``shared/docs/seed-metrics.md``): the dataset's baseline filters and the
 seed-compatible metrics must agree with the published numbers' definition.
 """
@@ -46,3 +46,9 @@ def parses(code: str) -> ast.Module | None:
         return ast.parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
+
+
+def first_code(response: str) -> str | None:
+    """The first code block of ``response`` (the seed's extraction), or None if none."""
+    blocks = seed_code_blocks(str(response or ""))
+    return blocks[0] if blocks else None

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from trackb_core import codeblocks, filters, neardup, prompts
+from trackb_core import codeblocks, families, filters, neardup, prompts
 from trackb_core.config import StageConfig, declared_inputs, input_field
 from trackb_core.errors import InputError
 from trackb_core.stage import (
@@ -45,7 +45,6 @@ from trackb_core.stage import (
     upstream_corpus_dir,
 )
 from trackb_core.store import Store
-from trackb_core.tasks import CODE_CATEGORIES
 
 STAGE = "build-dataset"
 REQUIRED_FIELDS = ("id", "category", "instruction", "response", "source_function")
@@ -233,11 +232,12 @@ def deduplicate(rows: list[dict[str, Any]],
     for row in unique:
         by_category[row["category"]].append(row)
     kept: list[dict[str, Any]] = []
+    code_categories = families.code_names()
     for category in sorted(by_category):
         group = _drop_near_duplicates(by_category[category], lambda r: str(r["instruction"]),
                                       threshold)
         removed["near_instruction"] += len(by_category[category]) - len(group)
-        if category in CODE_CATEGORIES:
+        if category in code_categories:
             before = len(group)
             group = _drop_near_duplicates(group, response_code, threshold)
             removed["near_response_code"] += before - len(group)
@@ -484,8 +484,9 @@ def _per_category(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _mutation_kinds(rows: list[dict[str, Any]]) -> dict[str, int]:
+    shown = {family.name for family in families.all_families() if family.shows_mutant}
     kinds = Counter(str(r["mutation"].get("kind", "?")) for r in rows
-                    if r["category"] == "bugfix" and isinstance(r.get("mutation"), dict))
+                    if r["category"] in shown and isinstance(r.get("mutation"), dict))
     return dict(sorted(kinds.items()))
 
 
@@ -493,12 +494,14 @@ def _teacher_summary(generation: dict[str, Any], rows: list[dict[str, Any]]) -> 
     """Who wrote the gold and how: generate's ``teacher`` record and sampling settings."""
     teacher = dict(generation.get("teacher") or {})
     teacher.pop("base_url", None)  # where a server ran, not a property of the dataset
+    derives_from_source = bool(teacher.pop("derives_from_source", False))
     config = generation.get("config") or {}
     sampling = {k: config[k] for k in SAMPLING_FIELDS if config.get(k) is not None}
-    if config.get("teacher") == "reference":
-        sampling = {}  # the reference teacher derives answers from the source: no sampling
+    if derives_from_source:
+        sampling = {}  # answers derived from the source: nothing was sampled
     seen = sorted({f"{r.get('teacher', '?')} ({r.get('teacher_model', '?')})" for r in rows})
-    return {"record": teacher, "sampling": sampling, "seen": seen}
+    return {"record": teacher, "sampling": sampling, "seen": seen,
+            "derives_from_source": derives_from_source}
 
 
 def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str, Any] | None,
@@ -534,7 +537,7 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
         "",
         "# trackb code instruction dataset",
         "",
-        "Python code tasks (docstring, explain, bugfix, complete, unit_test) built from a "
+        f"Python code tasks ({', '.join(families.names())}) built from a "
         "source corpus by trackb, with gold responses from a teacher, for supervised "
         "fine-tuning of a code model. The same rows are in `data/*.parquet` (the Hub's "
         "default config) and `train.jsonl` / `test.jsonl`.",
@@ -560,8 +563,8 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
     sampling = teacher["sampling"]
     if sampling:
         described = ", ".join(f"{k}: {sampling[k]}" for k in sorted(sampling))
-    elif record.get("name") == "reference":
-        described = "none (the reference teacher derives answers from the source)"
+    elif teacher["derives_from_source"]:
+        described = f"none (the {record.get('name', '?')} teacher derives answers from the source)"
     else:
         described = "unknown"
     lines.append(f"- Sampling: {described}")

@@ -18,13 +18,14 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from trackb_core import families
 from trackb_core.config import StageConfig, input_field
 from trackb_core.corpus import SNAPSHOT_FILE, python_files, resolve_corpus, snapshot_bytes
 from trackb_core.errors import InputError
 from trackb_core.mutations import KINDS, ParsedFunction
 from trackb_core.stage import say, stage_run
 from trackb_core.store import Store
-from trackb_core.tasks import CATEGORIES, build_tasks, paused_gc
+from trackb_core.tasks import build_tasks, paused_gc
 
 SKIP_REASONS = ("not_utf8", "syntax_error", "too_deep", "too_large", "unreadable")
 
@@ -54,17 +55,20 @@ class ExtractConfig(StageConfig):
     )
     seed: int = Field(42, description="Seed for the function sample and bug injection.")
     categories: list[str] = Field(
-        list(CATEGORIES), description="Task families to build (comma-separated)."
+        default_factory=lambda: list(families.names()),
+        description="Task families to build (comma-separated); default: every registered "
+        "family."
     )
 
     @field_validator("categories")
     @classmethod
     def _known_categories(cls, value: list[str]) -> list[str]:
-        unknown = [c for c in value if c not in CATEGORIES]
+        known = list(families.names())
+        unknown = [c for c in value if c not in known]
         if unknown:
-            raise ValueError(f"unknown categories {unknown}; choose from {list(CATEGORIES)}")
+            raise ValueError(f"unknown categories {unknown}; choose from {known}")
         if not value:
-            raise ValueError(f"name at least one of {list(CATEGORIES)}")
+            raise ValueError(f"name at least one of {known}")
         return value
 
     @model_validator(mode="after")
@@ -119,11 +123,13 @@ def run(config: ExtractConfig, out: Store) -> dict[str, Any]:
         # Later stages run unit tests against these exact files, maybe with no network.
         run.write_bytes(SNAPSHOT_FILE, snapshot_bytes(corpus.path))
 
-        per_category = {c: 0 for c in CATEGORIES if c in config.categories}
+        wanted = families.resolve(config.categories)
+        per_category = {family.name: 0 for family in wanted}
+        shown = {family.name for family in wanted if family.shows_mutant}
         mutation_kinds = dict.fromkeys(KINDS, 0)
         for task in tasks:
             per_category[task["category"]] += 1
-            if task["category"] == "bugfix":
+            if task["category"] in shown:
                 mutation_kinds[task["mutation"]["kind"]] += 1
         run.counts.update({
             "files": len(files),
@@ -145,10 +151,11 @@ def run(config: ExtractConfig, out: Store) -> dict[str, Any]:
             "sha256": corpus.sha256,
         }
         say("extract", f"{len(tasks)} tasks {per_category}; skipped {tasks_skipped}")
-        if per_category.get("bugfix"):
+        bugs = sum(mutation_kinds.values())
+        if bugs:
             top = max(mutation_kinds, key=mutation_kinds.__getitem__)
             say("extract", f"bug kinds: {sum(n > 0 for n in mutation_kinds.values())} used, "
-                           f"largest {top} {mutation_kinds[top] / per_category['bugfix']:.0%}")
+                           f"largest {top} {mutation_kinds[top] / bugs:.0%}")
     return run.manifest
 
 

@@ -32,14 +32,17 @@ from pydantic import Field
 
 from trackb_core.config import StageConfig, input_field
 from trackb_core.errors import InputError, StoreError
-from trackb_core.openai_teacher import (
-    TEACHER_PROMPT_VERSION,
-    OpenAITeacher,
-    teacher_prompt_sha256,
-)
+from trackb_core.openai_teacher import OpenAITeacher
 from trackb_core.stage import say, stage_run
 from trackb_core.store import LocalStore, Store
-from trackb_core.teacher import OK, ReferenceTeacher, Teacher, TeacherResult
+from trackb_core.teacher import (
+    OK,
+    TEACHER_KINDS,
+    ReferenceTeacher,
+    Teacher,
+    TeacherKind,
+    TeacherResult,
+)
 
 STAGE = "generate"
 REQUIRED_TASK_FIELDS = ("id", "category", "instruction")
@@ -90,6 +93,12 @@ class GenerateConfig(StageConfig):
                         "it arrives, and reuse matching ones (openai teacher)")
     api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable "
                              "holding the server's API key (the key itself is never stored)")
+
+    @property
+    def kind(self) -> TeacherKind:
+        """What the chosen teacher is, for code that has no teacher object (a cluster run
+        needs a server when ``kind.needs_server``)."""
+        return TEACHER_KINDS[self.teacher]
 
 
 def make_teacher(config: GenerateConfig) -> Teacher:
@@ -142,9 +151,8 @@ def outcome(result: TeacherResult) -> dict[str, Any]:
     entry = {"id": result.id, "status": result.status, "reason": result.reason,
              "response": result.response, "finish_reason": result.finish_reason,
              "usage": dict(sorted(result.usage.items())), "model": result.model}
-    candidates = getattr(result, "candidates", ())
-    if candidates:
-        entry["candidates"] = list(candidates)
+    if result.candidates:
+        entry["candidates"] = list(result.candidates)
     return entry
 
 
@@ -279,23 +287,20 @@ def run(config: GenerateConfig, out: Store) -> dict:
         check_tasks(tasks, run.input_uri("tasks"))
         by_id = {str(t["id"]): t for t in tasks}
         teacher = make_teacher(config)
-        run.extra["teacher"] = {"name": teacher.name}
+        model = teacher.connect(lambda message: say(STAGE, message))
+        say(STAGE, f"teacher {teacher.name}: model {model}")
+        sampling = teacher.sampling()
+        run.extra["teacher"] = {"name": teacher.name, **teacher.describe(),
+                                **({"sampling": sampling} if sampling else {}),
+                                "model": teacher.model,
+                                "derives_from_source": config.kind.derives_from_source}
+        identity = teacher.identity()
         cache: ResponseCache | None = None
         outcomes: dict[str, dict[str, Any]] = {}
-        if isinstance(teacher, OpenAITeacher):
-            say(STAGE, f"waiting up to {config.ready_timeout:g} s for the teacher server "
-                       f"{teacher.base_url}")
-            say(STAGE, f"teacher server {teacher.base_url}: model {teacher.connect()}")
-            run.extra["teacher"].update({
-                "base_url": teacher.base_url, "sampling": teacher.sampling(),
-                "prompt_version": TEACHER_PROMPT_VERSION,
-                "prompt_sha256": teacher_prompt_sha256()})
-            if config.cache:
-                identity = teacher.identity()
-                keys = {task_id: cache_key(task, identity) for task_id, task in by_id.items()}
-                cache = ResponseCache(out)
-                outcomes = cache.load(keys)
-        run.extra["teacher"]["model"] = teacher.model
+        if config.cache and identity is not None:
+            keys = {task_id: cache_key(task, identity) for task_id, task in by_id.items()}
+            cache = ResponseCache(out)
+            outcomes = cache.load(keys)
         pending = [task for task in tasks if str(task["id"]) not in outcomes]
         say(STAGE, f"{len(tasks)} tasks, teacher {teacher.name}: {len(outcomes)} from the "
                    f"cache, {len(pending)} to ask")
@@ -310,7 +315,7 @@ def run(config: GenerateConfig, out: Store) -> dict:
                     outcomes[result.id] = entry
                     # A rejection another run would repeat (truncated at the cap, a 400) is
                     # cached too; one that ran out of retries (timeouts, 429, 5xx) is not.
-                    if cache is not None and not getattr(result, "transient", False):
+                    if cache is not None and not result.transient:
                         cache.append({"key": keys[result.id], **entry})
                     if result.status != OK:
                         failures[str(result.reason)] += 1
@@ -334,17 +339,11 @@ def run(config: GenerateConfig, out: Store) -> dict:
             "rejected": dict(sorted(rejected.items())),
             "usage": _sum_usage(row["usage"] for row in kept),
         })
-        if isinstance(teacher, OpenAITeacher):
-            run.counts.update({
-                "requested": len(pending),
-                "cached": len(tasks) - len(pending),
-                "retries": dict(sorted(teacher.retries.items())),
-                "truncated_retried": teacher.truncated_retried,
-                # every token the server reported in this run, truncated attempts included
-                "usage_spent": dict(sorted(teacher.usage_spent.items())),
-            })
-            if cache is not None:
-                run.counts["cache"] = dict(sorted(cache.stats.items()))
+        run.counts.update(teacher.run_counts())
+        if identity is not None:  # a teacher whose answers cost something
+            run.counts.update({"requested": len(pending), "cached": len(tasks) - len(pending)})
+        if cache is not None:
+            run.counts["cache"] = dict(sorted(cache.stats.items()))
         say(STAGE, f"{len(kept)} responses; skipped {dict(skipped) or 0}; "
                    f"rejected {dict(rejected) or 0}")
         if not kept:

@@ -38,8 +38,10 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlparse
 
+from trackb_core import families
 from trackb_core.errors import ConfigError, UnavailableError
-from trackb_core.teacher import OK, REJECTED, TeacherResult, short
+from trackb_core.pyast import short
+from trackb_core.teacher import OK, REJECTED, TeacherResult
 
 # -- the teacher's prompt templates (versioned: a change here must bump the version) ----
 
@@ -51,18 +53,6 @@ TEACHER_SYSTEM_PROMPT = (
     "```python fenced block. Never write placeholders such as TODO or <insert ...>."
 )
 
-CATEGORY_GUIDANCE = {
-    "docstring": "Answer with only the docstring: a triple-quoted Google-style docstring "
-                 "(summary, Args:, Returns:, Raises: when relevant) in one ```python block.",
-    "explain": "Explain in markdown: a **Purpose** line, then **Parameters**, **Returns** and "
-               "**Behavior** bullets. At most 250 words; do not repeat the code.",
-    "bugfix": "Say in one or two sentences which line is wrong and why, then give the whole "
-              "corrected function in one ```python block.",
-    "complete": "Give the whole completed function in one ```python block and nothing else.",
-    "unit_test": "Write self-contained pytest tests in one ```python block: import what you "
-                 "test, name the functions test_..., use plain assert statements.",
-}
-
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # A server asking for a longer pause than this is treated as asking for this long.
 RETRY_AFTER_CEILING = 300.0
@@ -71,16 +61,22 @@ SHUTDOWN_SECONDS = 10.0
 
 
 def teacher_messages(task: dict[str, Any]) -> list[dict[str, str]]:
-    """The chat messages a teacher model gets for ``task``: guidance + the instruction as is."""
-    guidance = CATEGORY_GUIDANCE.get(str(task.get("category")), "")
+    """The chat messages a teacher model gets for ``task``: its family's guidance
+    (:attr:`trackb_core.families.Family.guidance`) + the instruction as is."""
+    try:
+        guidance = families.get(str(task.get("category"))).guidance
+    except ValueError:
+        guidance = ""
     system = f"{TEACHER_SYSTEM_PROMPT} {guidance}".strip()
     return [{"role": "system", "content": system},
             {"role": "user", "content": str(task["instruction"])}]
 
 
 def teacher_prompt_sha256() -> str:
-    """sha256 over every teacher template: recorded in the manifest and the cache key."""
-    templates = {"system": TEACHER_SYSTEM_PROMPT, "guidance": CATEGORY_GUIDANCE}
+    """sha256 over every teacher template (the system prompt and each registered family's
+    guidance): recorded in the manifest and the cache key."""
+    guidance = {family.name: family.guidance for family in families.all_families()}
+    templates = {"system": TEACHER_SYSTEM_PROMPT, "guidance": guidance}
     return hashlib.sha256(json.dumps(templates, sort_keys=True).encode()).hexdigest()
 
 
@@ -126,17 +122,13 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 @dataclass(frozen=True)
 class OpenAIResult(TeacherResult):
-    """A :class:`TeacherResult` with every candidate (``n > 1``) and truncation retries.
+    """A :class:`TeacherResult` that also counts its truncation retries.
 
     ``usage`` is the usage of the replies the kept candidates came from;
     ``truncated_retries`` counts the times the task was asked again with more tokens.
-    ``transient`` marks a rejection that a later run may not repeat (retries ran out
-    on a timeout, 429, 5xx or dropped connection), so it is not cached.
     """
 
-    candidates: tuple[str, ...] = ()
     truncated_retries: int = 0
-    transient: bool = False
 
 
 class _Transient(Exception):
@@ -285,13 +277,28 @@ class OpenAITeacher:
         return True
 
     # -- readiness ------------------------------------------------------------------------
-    def connect(self) -> str:
+    def connect(self, progress: Callable[[str], None] | None = None) -> str:
         """Wait until the server lists a model (within ``ready_timeout``); returns the model.
 
-        Raises UnavailableError if it is not ready in time, ConfigError on refused
-        credentials or a model the server does not serve.
+        ``progress`` hears what is waited for. Raises UnavailableError if it is not ready
+        in time, ConfigError on refused credentials or a model the server does not serve.
         """
+        if progress is not None:
+            progress(f"waiting up to {self.ready_timeout:g} s for the teacher server "
+                     f"{self.base_url}")
         return asyncio.run(self._connect())
+
+    def describe(self) -> dict[str, Any]:
+        """Where the teacher ran and which prompt templates it used (for the manifest)."""
+        return {"base_url": self.base_url, "prompt_version": TEACHER_PROMPT_VERSION,
+                "prompt_sha256": teacher_prompt_sha256()}
+
+    def run_counts(self) -> dict[str, Any]:
+        """Retries, truncation retries and every token the server reported in this run
+        (truncated attempts included)."""
+        return {"retries": dict(sorted(self.retries.items())),
+                "truncated_retried": self.truncated_retried,
+                "usage_spent": dict(sorted(self.usage_spent.items()))}
 
     async def _connect(self) -> str:
         deadline = time.monotonic() + self.ready_timeout

@@ -1,7 +1,8 @@
 """Run untrusted Python (model or teacher output) in a contained child process.
 
-Used by the unit_test check (:func:`trackb_core.checks.unit_test_verdict`), which both
-the dataset's strict filters and eval's execution metrics call. Human-eval style
+Used to run tests against corpus modules (:mod:`trackb_core.testrun`, for the unit_test
+family's verdict), which both the dataset's strict filters and eval's execution metrics
+call. Human-eval style
 guards are not a sandbox (field notes §2); this one layers what a single process on
 Linux can do without privileges it may not have:
 

@@ -1,4 +1,4 @@
-"""The per-category checks, pinned on crafted responses."""
+"""Each task family's verdict, pinned on crafted responses."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from trackb_core import checks
+from trackb_core.families import bugfix, complete, docstring, explain, unit_test
+from trackb_core.placeholders import has_placeholder
 
 ORIGINAL = '''def clamp(value, low, high):
     """Clamp value into [low, high]."""
@@ -37,29 +38,29 @@ def fenced(code: str, prose: str = "The comparison was wrong; fixed below.") -> 
 def test_correct_fix_with_other_formatting_and_comments_is_exact():
     reformatted = ORIGINAL.replace('"""Clamp value into [low, high]."""',
                                    "# clamps").replace("return value", "return (value)  # ok")
-    verdict = checks.bugfix_verdict(fenced(reformatted), ITEM)
+    verdict = bugfix.bugfix_verdict(fenced(reformatted), ITEM)
     assert verdict == {"parses": True, "exact_fix": True, "site_fix": True}
 
 
 def test_fix_inside_its_class_is_found():
     method = "class Holder:\n" + textwrap.indent(ORIGINAL, "    ")
-    assert checks.bugfix_verdict(fenced(method), ITEM)["exact_fix"]
+    assert bugfix.bugfix_verdict(fenced(method), ITEM)["exact_fix"]
 
 
 def test_partial_fix_restores_the_site_with_other_edits():
     edited = ORIGINAL.replace("return value", "return int(value)")
-    verdict = checks.bugfix_verdict(fenced(edited), ITEM)
+    verdict = bugfix.bugfix_verdict(fenced(edited), ITEM)
     assert verdict == {"parses": True, "exact_fix": False, "site_fix": True}
 
 
 def test_wrong_fix_leaves_the_site_broken():
     wrong = BUGGY.replace("value > high", "value >= high")
-    assert checks.bugfix_verdict(fenced(wrong), ITEM) == {
+    assert bugfix.bugfix_verdict(fenced(wrong), ITEM) == {
         "parses": True, "exact_fix": False, "site_fix": False}
 
 
 def test_echoing_the_buggy_code_is_no_fix():
-    verdict = checks.bugfix_verdict(fenced(BUGGY), ITEM)
+    verdict = bugfix.bugfix_verdict(fenced(BUGGY), ITEM)
     assert not verdict["exact_fix"] and not verdict["site_fix"]
 
 
@@ -68,7 +69,7 @@ def test_echoing_the_buggy_code_is_no_fix():
     "```python\ndef clamp(value, low, high):\n    if value < low:\n```",  # truncated
 ])
 def test_empty_prose_only_and_truncated_answers_do_not_parse(response):
-    assert checks.bugfix_verdict(response, ITEM) == {
+    assert bugfix.bugfix_verdict(response, ITEM) == {
         "parses": False, "exact_fix": False, "site_fix": False}
 
 
@@ -76,54 +77,54 @@ def test_removed_return_value_site():
     original = "def first(items):\n    for item in items:\n        return item\n    return None\n"
     buggy = original.replace("return item", "return")
     edited = original.replace("for item in items", "for item in list(items)")
-    assert checks.restores_site(edited, original, buggy, {})
-    assert not checks.restores_site(buggy.replace("in items", "in list(items)"), original,
+    assert bugfix.restores_site(edited, original, buggy, {})
+    assert not bugfix.restores_site(buggy.replace("in items", "in list(items)"), original,
                                     buggy, {})
 
 
 def test_site_falls_back_to_the_mutation_lines_when_the_mutant_does_not_parse():
     mutation = {"before": "    if value < low:", "after": "    if value >= low:"}
     edited = ORIGINAL.replace("return value", "return int(value)")
-    assert checks.restores_site(edited, ORIGINAL, "not python (", mutation)
-    assert not checks.restores_site(BUGGY, ORIGINAL, "not python (", mutation)
+    assert bugfix.restores_site(edited, ORIGINAL, "not python (", mutation)
+    assert not bugfix.restores_site(BUGGY, ORIGINAL, "not python (", mutation)
 
 
 # -- complete -----------------------------------------------------------------------------
 
 
 def test_complete_exact_answer():
-    verdict = checks.complete_verdict(fenced(ORIGINAL), ITEM)
+    verdict = complete.complete_verdict(fenced(ORIGINAL), ITEM)
     assert verdict == {"parses": True, "keeps_signature": True, "not_echo": True,
                        "exact_match": True, "edit_similarity": 1.0}
 
 
 def test_complete_echoing_the_stub_is_an_echo():
     stub = 'def clamp(value, low, high):\n    """Clamp value into [low, high]."""\n    ...\n'
-    verdict = checks.complete_verdict(fenced(stub), ITEM)
+    verdict = complete.complete_verdict(fenced(stub), ITEM)
     assert verdict["parses"] and verdict["keeps_signature"]
     assert not verdict["not_echo"] and not verdict["exact_match"]
     raising = "def clamp(value, low, high):\n    raise NotImplementedError\n"
-    assert not checks.complete_verdict(fenced(raising), ITEM)["not_echo"]
+    assert not complete.complete_verdict(fenced(raising), ITEM)["not_echo"]
 
 
 def test_complete_with_changed_arguments_does_not_keep_the_signature():
     changed = "def clamp(value, low=0, high=1):\n    return max(low, min(value, high))\n"
-    verdict = checks.complete_verdict(fenced(changed), ITEM)
+    verdict = complete.complete_verdict(fenced(changed), ITEM)
     assert verdict["parses"] and verdict["not_echo"] and not verdict["keeps_signature"]
     assert 0.0 < verdict["edit_similarity"] < 1.0
 
 
 def test_complete_different_but_valid_body_scores_partial_similarity():
     other = "def clamp(value, low, high):\n    return max(low, min(value, high))\n"
-    verdict = checks.complete_verdict(fenced(other), ITEM)
+    verdict = complete.complete_verdict(fenced(other), ITEM)
     assert verdict["keeps_signature"] and verdict["not_echo"] and not verdict["exact_match"]
     close = ORIGINAL.replace("return value", "return value + 0")
-    assert checks.complete_verdict(fenced(close), ITEM)["edit_similarity"] \
+    assert complete.complete_verdict(fenced(close), ITEM)["edit_similarity"] \
         > verdict["edit_similarity"]
 
 
 def test_complete_empty_output():
-    verdict = checks.complete_verdict("", ITEM)
+    verdict = complete.complete_verdict("", ITEM)
     assert verdict == {"parses": False, "keeps_signature": False, "not_echo": False,
                        "exact_match": False, "edit_similarity": 0.0}
 
@@ -144,30 +145,30 @@ Returns:
 
 
 def test_complete_google_docstring_is_ok():
-    verdict = checks.docstring_verdict(fenced(FULL_DOCSTRING), ITEM)
+    verdict = docstring.docstring_verdict(fenced(FULL_DOCSTRING), ITEM)
     assert verdict == {"has_docstring": True, "google_style": True, "args_coverage": 1.0,
                        "has_returns": True, "ok": True}
 
 
 def test_missing_args_entry_lowers_coverage():
     missing = FULL_DOCSTRING.replace("    low: Lower bound.\n", "")
-    verdict = checks.docstring_verdict(fenced(missing), ITEM)
+    verdict = docstring.docstring_verdict(fenced(missing), ITEM)
     assert verdict["google_style"] and not verdict["ok"]
     assert verdict["args_coverage"] == pytest.approx(2 / 3)  # continuation lines don't count
 
 
 def test_missing_returns_and_missing_args_section():
     no_returns = FULL_DOCSTRING.split("Returns:")[0] + '"""'
-    assert not checks.docstring_verdict(fenced(no_returns), ITEM)["has_returns"]
+    assert not docstring.docstring_verdict(fenced(no_returns), ITEM)["has_returns"]
     summary_only = '"""Clamp a value into a closed range."""'
-    verdict = checks.docstring_verdict(fenced(summary_only), ITEM)
+    verdict = docstring.docstring_verdict(fenced(summary_only), ITEM)
     assert not verdict["google_style"] and verdict["args_coverage"] == 0.0
 
 
 def test_docstring_for_a_function_without_params_or_return():
     item = {"source_function": "def reset(self):\n    self.count = 0\n", "params": [],
             "returns_value": False}
-    verdict = checks.docstring_verdict('"""Reset the counter to zero."""', item)
+    verdict = docstring.docstring_verdict('"""Reset the counter to zero."""', item)
     assert verdict["ok"]
 
 
@@ -177,7 +178,7 @@ def test_docstring_inside_a_function_definition_and_derived_params():
     answer = fenced('def area(self, width, *args, **kwargs):\n    """Area.\n\n    Args:\n'
                     '        width: W.\n        *args: More.\n        **kwargs: Options.\n\n'
                     '    Yields:\n        W.\n    """\n    return width\n')
-    assert checks.docstring_verdict(answer, item)["ok"]
+    assert docstring.docstring_verdict(answer, item)["ok"]
 
 
 # -- explain ------------------------------------------------------------------------------
@@ -186,28 +187,28 @@ def test_docstring_inside_a_function_definition_and_derived_params():
 def test_explain_naming_every_parameter_and_the_return():
     text = ("**Purpose** Limits a number.\n**Parameters** `value`, `low` and `high`.\n"
             "**Returns**\n\nThe clamped number.")
-    assert checks.explain_verdict(text, ITEM) == {"substantive": True, "param_coverage": 1.0,
+    assert explain.explain_verdict(text, ITEM) == {"substantive": True, "param_coverage": 1.0,
                                                   "mentions_return": True, "ok": True}
 
 
 def test_explain_missing_a_parameter_and_saying_it_returns_nothing():
     text = "Takes value and low. Returns nothing."
-    verdict = checks.explain_verdict(text, ITEM)
+    verdict = explain.explain_verdict(text, ITEM)
     assert verdict["param_coverage"] == pytest.approx(2 / 3)
     assert not verdict["mentions_return"] and not verdict["ok"]
     # a parameter name inside a longer word does not count
-    assert checks.explain_verdict("lowest values", ITEM)["param_coverage"] == 0.0
+    assert explain.explain_verdict("lowest values", ITEM)["param_coverage"] == 0.0
 
 
 def test_explain_of_a_function_that_returns_nothing_needs_no_return_text():
     item = {"params": ["path"], "returns_value": False, "source_function": "def f(path): pass"}
-    assert checks.explain_verdict("Deletes the file found at path, if it exists.", item)["ok"]
+    assert explain.explain_verdict("Deletes the file found at path, if it exists.", item)["ok"]
 
 
 @pytest.mark.parametrize("text", ["", "the the the the the the the", "0.0.0, 2.0.0 0.0"])
 def test_an_explanation_that_says_nothing_fails_even_with_nothing_to_cover(text):
     item = {"params": [], "returns_value": False, "source_function": "def f(): pass"}
-    verdict = checks.explain_verdict(text, item)
+    verdict = explain.explain_verdict(text, item)
     assert not verdict["substantive"] and not verdict["ok"]
 
 
@@ -215,7 +216,7 @@ def test_an_explanation_that_says_nothing_fails_even_with_nothing_to_cover(text)
 def test_an_answer_without_a_docstring_literal_fails_even_with_nothing_to_cover(text):
     item = {"source_function": "def reset(self):\n    self.count = 0\n", "params": [],
             "returns_value": False}
-    verdict = checks.docstring_verdict(text, item)
+    verdict = docstring.docstring_verdict(text, item)
     assert not verdict["has_docstring"] and not verdict["google_style"]
     assert not verdict["ok"]
 
@@ -228,12 +229,12 @@ def test_an_answer_without_a_docstring_literal_fails_even_with_nothing_to_cover(
     "```python\ndef f(x):\n    ...\n```", "    # rest of the code here", "<insert code>",
 ])
 def test_placeholders_are_found(text):
-    assert checks.has_placeholder(text)
+    assert has_placeholder(text)
 
 
 def test_real_code_has_no_placeholder():
-    assert not checks.has_placeholder(fenced(ORIGINAL))
-    assert not checks.has_placeholder(fenced("def f(x):\n    return x[...]\n"))
+    assert not has_placeholder(fenced(ORIGINAL))
+    assert not has_placeholder(fenced("def f(x):\n    return x[...]\n"))
 
 
 # -- unit_test ----------------------------------------------------------------------------
@@ -294,7 +295,7 @@ KILLING_TESTS = fenced("""
 
 
 def test_passing_tests_that_kill_the_mutant(corpus):
-    verdict = checks.unit_test_verdict(KILLING_TESTS, unit_item(buggy_source=BUGGY.rstrip()),
+    verdict = unit_test.unit_test_verdict(KILLING_TESTS, unit_item(buggy_source=BUGGY.rstrip()),
                                        corpus, timeout=5)
     assert verdict["status"] == "passed" and verdict["tests"] == 3
     assert verdict["passes_original"] is True and verdict["kills_mutant"] is True
@@ -307,7 +308,7 @@ def test_tests_that_miss_the_mutant(corpus):
         def test_at_the_lower_bound():
             assert clamp(0, 0, 10) == 0  # the mutant returns low here too
     """)
-    verdict = checks.unit_test_verdict(weak, unit_item(buggy_source=BUGGY.rstrip()), corpus,
+    verdict = unit_test.unit_test_verdict(weak, unit_item(buggy_source=BUGGY.rstrip()), corpus,
                                        timeout=5)
     assert verdict["status"] == "passed" and verdict["kills_mutant"] is False
 
@@ -319,7 +320,7 @@ def test_tests_failing_on_the_original(corpus):
         def test_wrong():
             assert clamp(50, 0, 10) == 50
     """)
-    verdict = checks.unit_test_verdict(wrong, unit_item(), corpus, timeout=5)
+    verdict = unit_test.unit_test_verdict(wrong, unit_item(), corpus, timeout=5)
     assert verdict["status"] == "failed" and verdict["passes_original"] is False
     assert verdict["tests"] == 1
 
@@ -336,9 +337,9 @@ def test_a_method_using_a_sibling_module_runs_without_mutant(corpus):
                 assert tmp_path.is_dir()
                 assert Basket().total(2) == 5
     """)
-    verdict = checks.unit_test_verdict(tests, item, corpus, timeout=5)
+    verdict = unit_test.unit_test_verdict(tests, item, corpus, timeout=5)
     assert verdict["status"] == "passed" and verdict["kills_mutant"] is None
-    mutated = checks.unit_test_verdict(
+    mutated = unit_test.unit_test_verdict(
         tests, {**item, "buggy_source": "def total(self, n):\n    return double(n)"}, corpus,
         timeout=5)
     assert mutated["kills_mutant"] is True
@@ -348,7 +349,7 @@ def test_heavy_import_is_not_executable(corpus):
     item = {"source_function": "def ident(x):\n    return x", "source_file": "shop/heavy.py",
             "qualname": "ident", "function_name": "ident", "line": 4, "end_line": 5}
     tests = fenced("from shop.heavy import ident\n\ndef test_ident():\n    assert ident(1) == 1")
-    verdict = checks.unit_test_verdict(tests, item, corpus, timeout=5)
+    verdict = unit_test.unit_test_verdict(tests, item, corpus, timeout=5)
     assert verdict["status"] == "not_executable" and verdict["passes_original"] is None
     assert "torch_nonexistent" in verdict["reason"]
 
@@ -356,19 +357,19 @@ def test_heavy_import_is_not_executable(corpus):
 def test_tests_needing_a_missing_library_are_not_executable(corpus):
     tests = fenced("import numpy_nonexistent\nfrom shop.util.maths import clamp\n\n"
                    "def test_x():\n    assert clamp(1, 0, 2) == 1")
-    assert checks.unit_test_verdict(tests, unit_item(), corpus, timeout=5)["status"] \
+    assert unit_test.unit_test_verdict(tests, unit_item(), corpus, timeout=5)["status"] \
         == "not_executable"
 
 
 def test_tests_importing_a_wrong_name_are_an_error(corpus):
     tests = fenced("from shop.util.maths import nothing\n\ndef test_x():\n    assert nothing()")
-    verdict = checks.unit_test_verdict(tests, unit_item(), corpus, timeout=5)
+    verdict = unit_test.unit_test_verdict(tests, unit_item(), corpus, timeout=5)
     assert verdict["status"] == "error" and verdict["passes_original"] is False
 
 
 def test_hanging_tests_time_out(corpus):
     tests = fenced("def test_hang():\n    while True:\n        pass\n    assert False")
-    assert checks.unit_test_verdict(tests, unit_item(), corpus, timeout=1.5)["status"] \
+    assert unit_test.unit_test_verdict(tests, unit_item(), corpus, timeout=1.5)["status"] \
         == "timeout"
 
 
@@ -379,11 +380,11 @@ def test_hanging_tests_time_out(corpus):
     (fenced("def helper():\n    assert True"), "no_tests"),
 ])
 def test_unrunnable_responses(corpus, response, status):
-    assert checks.unit_test_verdict(response, unit_item(), corpus)["status"] == status
+    assert unit_test.unit_test_verdict(response, unit_item(), corpus)["status"] == status
 
 
 def test_no_corpus_or_file_is_not_executable(corpus):
-    assert checks.unit_test_verdict(KILLING_TESTS, unit_item(), None)["reason"] == "no corpus"
+    assert unit_test.unit_test_verdict(KILLING_TESTS, unit_item(), None)["reason"] == "no corpus"
     missing = unit_item(source_file="shop/absent.py")
-    assert checks.unit_test_verdict(KILLING_TESTS, missing, corpus)["status"] \
+    assert unit_test.unit_test_verdict(KILLING_TESTS, missing, corpus)["status"] \
         == "not_executable"

@@ -5,12 +5,9 @@ from __future__ import annotations
 import pytest
 
 from trackb_core.errors import InputError
-from trackb_core.metrics import (
-    hallucinates,
-    index_predictions,
-    score_response,
-    score_seed,
-)
+from trackb_core.metrics import index_predictions
+from trackb_core.placeholders import hallucinates
+from trackb_core.seed_metrics import score_response, score_seed
 
 GOOD_CODE = "```python\ndef f(x):\n    return x + 1\n```"
 BAD_CODE = "```python\ndef f(x:\n    return\n```"

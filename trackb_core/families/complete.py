@@ -1,0 +1,167 @@
+"""The ``complete`` family: write the body of a function from its signature and docstring.
+
+- Task: the function's signature and docstring (cut from its source at AST positions);
+  the answer is the whole function.
+- Reference answer: the original function.
+- Verdict: ``parses``; ``keeps_signature`` = a function of that name with the same
+  arguments (names, defaults, annotations) as ``item["signature"]``; ``not_echo`` = the
+  body has a statement beyond the docstring, ``pass``, ``...`` and ``raise
+  NotImplementedError``; ``exact_match`` = AST-equal to the original;
+  ``edit_similarity`` = difflib ratio over the tokens of both functions, normalised by
+  :func:`ast.unparse` (docstrings dropped), in [0, 1].
+- Strict filter reasons: ``complete_unparsable`` / ``complete_signature_changed`` /
+  ``complete_echo``; facts ``complete_exact_match``, ``complete_edit_similarity``.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+from typing import Any
+
+from trackb_core.codeblocks import first_code, parses
+from trackb_core.families.base import CheckContext, Family, FunctionSource, Metric, verdict_fact
+from trackb_core.pyast import (
+    FunctionNode,
+    complete_stub,
+    dump,
+    first_function,
+    functions_in,
+    functions_named,
+    normalised,
+    python_block,
+    restores_original,
+)
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def _signature_args(item: dict) -> tuple[str, str] | None:
+    """``(name, dumped arguments)`` of the item's signature (or its original function)."""
+    signature = str(item.get("signature") or "").rstrip()
+    node = None
+    if signature:
+        node = first_function(signature + "\n    pass\n")
+    if node is None:
+        node = first_function(str(item.get("source_function", "")))
+    if node is None:
+        return None
+    return node.name, dump(node.args)
+
+
+def _is_trivial(statement: ast.stmt) -> bool:
+    if isinstance(statement, ast.Pass):
+        return True
+    if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+        return True  # a docstring, `...`, or a bare string
+    if isinstance(statement, ast.Raise) and statement.exc is not None:
+        exc = statement.exc.func if isinstance(statement.exc, ast.Call) else statement.exc
+        return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
+    return False
+
+
+def _comparable_text(code: str, name: str | None) -> str:
+    """Code as compared for similarity: the named function, unparsed without docstrings
+    (formatting and comments gone); whitespace-collapsed text when it does not parse."""
+    tree = parses(code)
+    if tree is None:
+        return " ".join(code.split())
+    found = functions_named(tree, name) if name else []
+    node = found[0] if found else tree
+    try:
+        return ast.unparse(normalised(node))
+    except (ValueError, RecursionError):
+        return " ".join(code.split())
+
+
+def edit_similarity(code: str, original: str, name: str | None = None) -> float:
+    """difflib ratio, in [0, 1], of the tokens of ``code`` and ``original`` (normalised)."""
+    if not code.strip() or not original.strip():
+        return 0.0
+    a = _TOKEN.findall(_comparable_text(code, name))
+    b = _TOKEN.findall(_comparable_text(original, name))
+    if not a or not b:
+        return 0.0
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def complete_verdict(response: str, item: dict) -> dict:
+    """``{"parses", "keeps_signature", "not_echo", "exact_match", "edit_similarity"}``."""
+    code = first_code(response)
+    original = str(item.get("source_function", ""))
+    name = str(item.get("function_name") or "") or None
+    verdict = {"parses": False, "keeps_signature": False, "not_echo": False,
+               "exact_match": False,
+               "edit_similarity": round(edit_similarity(code or "", original, name), 4)}
+    if code is None or parses(code) is None:
+        return verdict
+    verdict["parses"] = True
+    wanted = _signature_args(item)
+    if wanted is None:
+        return verdict
+    wanted_name, wanted_args = wanted
+    candidates = functions_in(code, wanted_name)
+    keeping = [c for c in candidates if dump(c.args) == wanted_args]
+    verdict["keeps_signature"] = bool(keeping)
+    verdict["not_echo"] = any(not all(_is_trivial(s) for s in c.body)
+                              for c in (keeping or candidates))
+    verdict["exact_match"] = restores_original(code, original)
+    return verdict
+
+
+class Complete(Family):
+    name = "complete"
+    answers_with_code = True
+    guidance = "Give the whole completed function in one ```python block and nothing else."
+    pass_rule = ("the answer's code parses, keeps the signature and is not an echo of the "
+                 "stub (parses & keeps_signature & not_echo)")
+    filter_reasons = ("complete_unparsable", "complete_signature_changed", "complete_echo")
+    metrics = tuple(Metric(fact, verdict_fact(fact)) for fact in (
+        "parses", "keeps_signature", "not_echo", "exact_match", "edit_similarity"))
+
+    def build_task(self, source: FunctionSource) -> dict[str, Any] | str:
+        row = source.row
+        stub = complete_stub(source.source, row["signature"], source.view)
+        documented = row.get("docstring") is not None
+        given = "signature and docstring are" if documented else "signature is"
+        instruction = (
+            f"Complete the Python function `{source.name}` below: its {given} given, "
+            "the body is missing.\n\n"
+            f"{python_block(stub)}\n\n"
+            "Write the body. Return the whole function (signature"
+            f"{', docstring' if documented else ''} and body) in one "
+            "```python block."
+        )
+        return {"instruction": instruction}
+
+    def reference_answer(self, task: dict[str, Any], source: str, function: FunctionNode
+                         ) -> tuple[str | None, str | None]:
+        return python_block(source), None
+
+    def verdict(self, response: str, item: dict[str, Any], context: CheckContext
+                ) -> dict[str, Any]:
+        return complete_verdict(response, item)
+
+    def filter(self, verdict: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        facts = {"complete_exact_match": verdict["exact_match"],
+                 "complete_edit_similarity": verdict["edit_similarity"]}
+        if not verdict["parses"]:
+            return "complete_unparsable", facts
+        if not verdict["keeps_signature"]:
+            return "complete_signature_changed", facts
+        if not verdict["not_echo"]:
+            return "complete_echo", facts
+        return None, facts
+
+    def passes(self, verdict: dict[str, Any]) -> bool:
+        return bool(verdict["parses"] and verdict["keeps_signature"] and verdict["not_echo"])
+
+    def format_check(self, verdict: dict[str, Any]) -> bool:
+        return bool(verdict["parses"] and verdict["keeps_signature"])
+
+    def functional_check(self, verdict: dict[str, Any]) -> bool | None:
+        return None  # no hidden tests run for a completion yet
+
+
+FAMILY = Complete()

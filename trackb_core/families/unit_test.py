@@ -1,0 +1,276 @@
+"""The ``unit_test`` family: write pytest tests for a function of the corpus.
+
+- Task: the function and the import it lives under (``from <module> import <top>``);
+  a nested function has no import path and is skipped (``unit_test_not_importable``).
+  Rows of a function that has a mutant carry it (``buggy_source``, ``mutation``), not
+  shown to the model: a checker asks whether the tests catch that bug.
+- Reference answer: none (the source holds no tests): ``no_reference_unit_test``.
+- Verdict (:func:`unit_test_verdict`): the tests run in the sandbox
+  (:mod:`trackb_core.testrun`) against the original function and, where the item has a
+  mutant, against the mutant.
+- Strict filter reasons: ``unit_test_unparsable`` / ``unit_test_no_tests`` /
+  ``unit_test_not_executable`` (counted, never kept on a guess) / ``unit_test_failed``
+  / ``unit_test_error`` / ``unit_test_timeout`` / ``unit_test_misses_mutant`` (they
+  pass on the original and on the mutant); facts ``unit_test_status``,
+  ``unit_test_kills_mutant``, ``unit_test_tests``, ``unit_test_reason``.
+- Seed filters: ``no_test_function`` / ``no_assert``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Any
+
+from trackb_core.codeblocks import first_code, parses
+from trackb_core.families.base import CheckContext, Family, FunctionSource, Metric
+from trackb_core.pyast import FunctionNode, module_path, python_block
+from trackb_core.testrun import (
+    TEST_MODULE,
+    corpus_names,
+    locate,
+    module_files,
+    replace_function,
+    run_tests,
+)
+
+# The verdict's status -> the strict filter's reason for rejecting it.
+STATUS_REASONS = {
+    "unparsable": "unit_test_unparsable", "no_tests": "unit_test_no_tests",
+    "not_executable": "unit_test_not_executable", "failed": "unit_test_failed",
+    "error": "unit_test_error", "timeout": "unit_test_timeout",
+}
+
+
+# -- the verdict ----------------------------------------------------------------------
+
+
+def _test_functions(tree: ast.Module) -> list[FunctionNode]:
+    found = [n for n in tree.body if isinstance(n, FunctionNode) and n.name.startswith("test_")]
+    for cls in tree.body:
+        if isinstance(cls, ast.ClassDef) and cls.name.startswith("Test"):
+            found += [n for n in cls.body
+                      if isinstance(n, FunctionNode) and n.name.startswith("test_")]
+    return found
+
+
+def _asserts(function: FunctionNode) -> bool:
+    """An ``assert``, or a ``with pytest.raises(...)`` (an assertion about an exception)."""
+    for node in ast.walk(function):
+        if isinstance(node, ast.Assert):
+            return True
+        if isinstance(node, ast.With | ast.AsyncWith):
+            for item in node.items:
+                call = item.context_expr
+                if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) \
+                        and call.func.attr == "raises":
+                    return True
+    return False
+
+
+def _verdict(status: str, reason: str, passes: bool | None = None, kills: bool | None = None,
+             tests: int = 0) -> dict:
+    return {"status": status, "passes_original": passes, "kills_mutant": kills,
+            "tests": tests, "reason": reason}
+
+
+def unit_test_verdict(response: str, item: dict, corpus_dir: Path | None, *,
+                      timeout: float = 10.0) -> dict:
+    """Run a unit_test response's tests in the sandbox against the item's function.
+
+    Returns ``{"status", "passes_original", "kills_mutant", "tests", "reason"}``. The
+    status is about the run against the original: ``passed`` (every test case passed),
+    ``failed`` (a case failed or raised), ``error`` (the tests did not import, or the
+    sandbox killed the run), ``timeout``, ``not_executable`` (no corpus, the module does
+    not import here, e.g. a missing heavy dependency, the tests need a library that is
+    not installed or only fixtures the runner lacks), ``no_tests`` (no ``test_*``
+    function with an ``assert`` or ``pytest.raises``), ``unparsable``. When the original
+    passes and the item has ``buggy_source``, the tests run again on the module with the
+    function replaced by the mutant: ``kills_mutant`` is True if any case fails, errors
+    or times out there (None when not run). ``tests`` counts cases run on the original.
+
+    The sandbox tree holds the module (lines ``line..end_line`` of ``source_file``
+    replaced for the mutant run), ``__init__.py`` files along its path that only extend
+    ``__path__`` to the corpus (so package inits do not run and siblings import), and
+    the corpus on ``sys.path``, read-only. Raises nothing for a bad response.
+    """
+    code = first_code(response)
+    tree = parses(code) if code is not None else None
+    if tree is None:
+        return _verdict("unparsable", "no code block" if code is None else "does not parse")
+    if not any(_asserts(f) for f in _test_functions(tree)):
+        return _verdict("no_tests", "no test_* function with an assert")
+    if corpus_dir is None:
+        return _verdict("not_executable", "no corpus")
+    corpus = Path(corpus_dir).resolve()
+    source_file = str(item.get("source_file") or "")
+    if "<locals>" in str(item.get("qualname", "")):
+        return _verdict("not_executable", "a nested function has no import path")
+    path = corpus / source_file
+    if not source_file or not path.is_file():
+        return _verdict("not_executable", f"source file not in corpus: {source_file!r}")
+    file_text = path.read_text(encoding="utf-8", errors="replace")
+    module = module_path(source_file)
+
+    files = {**module_files(corpus, source_file, file_text), f"{TEST_MODULE}.py": code}
+    original = run_tests(files, module, corpus, timeout)
+    if original["outcome"] == "timeout":
+        return _verdict("timeout", f"no result within {timeout:g} s", passes=False)
+    if original["outcome"] == "error":
+        sandbox = original["sandbox"]
+        return _verdict("error", f"sandbox {sandbox.status}: {sandbox.reason or 'no report'}",
+                        passes=False)
+    failure = original["failure"]
+    if original["outcome"] == "import_module":
+        return _verdict("not_executable", f"import {module} failed: {failure['error']}"
+                        + (f": {failure['name']}" if failure.get("name") else
+                           f": {failure['message'][:120]}"))
+    if original["outcome"] == "import_tests":
+        if failure["error"] == "ModuleNotFoundError" \
+                and not corpus_names(corpus, failure.get("name")):
+            return _verdict("not_executable", f"the tests need {failure['name']!r}, "
+                                              "which is not installed here")
+        return _verdict("error", f"the tests do not import: {failure['error']}: "
+                                 f"{failure['message'][:160]}", passes=False)
+    results = original["results"]
+    if not results:
+        why = "; ".join(f"{name}: {what}" for name, what in original["skipped"][:3])
+        return _verdict("not_executable", f"no runnable test case ({why or 'none found'})")
+    bad = [r for r in results if r[1] != "passed"]
+    if bad:
+        name, kind, message = bad[0]
+        return _verdict("failed", f"{len(bad)}/{len(results)} failed on the original; "
+                                  f"{name}: {kind}: {message}", passes=False,
+                        tests=len(results))
+
+    buggy = item.get("buggy_source")
+    if not buggy:
+        return _verdict("passed", f"{len(results)} passed", passes=True, tests=len(results))
+    span = locate(file_text, item)
+    if isinstance(span, str):
+        return _verdict("passed", f"{len(results)} passed; mutant not run: {span}",
+                        passes=True, tests=len(results))
+    mutant_files = {**files, **module_files(corpus, source_file,
+                                             replace_function(file_text, span, str(buggy)))}
+    mutant = run_tests(mutant_files, module, corpus, timeout)
+    if mutant["outcome"] == "ran":
+        caught = [r for r in mutant["results"] if r[1] != "passed"]
+        kills = bool(caught) or len(mutant["results"]) != len(results)
+        detail = f"{len(caught)} failed on the mutant" if kills else "all pass on the mutant"
+    else:
+        kills, detail = True, f"the mutant run ended in {mutant['outcome']}"
+    return _verdict("passed", f"{len(results)} passed; {detail}", passes=True, kills=kills,
+                    tests=len(results))
+
+
+def executable(record: dict[str, Any]) -> bool:
+    """Whether a scored item's greedy tests could be executed here at all."""
+    return record["verdict"].get("status") != "not_executable"
+
+
+def kills_mutant(record: dict[str, Any]) -> bool | None:
+    """Whether the greedy tests kill the item's mutant; None where that cannot count: no
+    mutant, tests not executable, or the original passed but the mutant could not be run.
+    Tests that fail the original count as not killing it."""
+    facts = record["verdict"]
+    if not record["has_mutant"] or not executable(record):
+        return None
+    if facts.get("passes_original") is True and facts.get("kills_mutant") is None:
+        return None
+    return facts.get("kills_mutant") is True
+
+
+class UnitTest(Family):
+    name = "unit_test"
+    answers_with_code = True
+    needs_mutants = True
+    runs_code = True
+    guidance = ("Write self-contained pytest tests in one ```python block: import what you "
+                "test, name the functions test_..., use plain assert statements.")
+    pass_rule = ("the tests run and pass against the original function and, where the item "
+                 "has a mutant that was run, fail against it (passes_original & "
+                 "kills_mutant); tests that cannot be executed do not pass")
+    seed_reasons = ("no_test_function", "no_assert")
+    filter_reasons = (*STATUS_REASONS.values(), "unit_test_misses_mutant")
+    metrics = (
+        Metric("passes_original", lambda r: r["verdict"].get("passes_original") is True
+               if executable(r) else None),
+        Metric("kills_mutant", kills_mutant),
+    )
+
+    def build_task(self, source: FunctionSource) -> dict[str, Any] | str:
+        qualname = source.row["qualname"]
+        if "<locals>" in qualname:
+            return "unit_test_not_importable"  # a nested function has no import path
+        module = module_path(source.row["file"])
+        top = qualname.split(".")[0]
+        where = "" if top == qualname else \
+            f" (`{source.name}` is a method of class `{top}`)"
+        instruction = (
+            f"Write pytest unit tests for the Python function `{qualname}` below, defined "
+            f"in module `{module}`{where}.\n\n"
+            f"{python_block(source.source)}\n\n"
+            f"Import it with `from {module} import {top}`. Write test functions named "
+            "`def test_...` that use plain `assert` statements and cover normal use and "
+            "edge cases. Return the tests in one ```python block."
+        )
+        row: dict[str, Any] = {"instruction": instruction}
+        if source.mutant is not None:
+            # Not shown to the model: lets a checker ask whether the tests catch this bug.
+            row["buggy_source"], row["mutation"] = source.mutant[0], dict(source.mutant[1])
+        return row
+
+    def reference_answer(self, task: dict[str, Any], source: str, function: FunctionNode
+                         ) -> tuple[str | None, str | None]:
+        return None, "no_reference_unit_test"
+
+    def verdict(self, response: str, item: dict[str, Any], context: CheckContext
+                ) -> dict[str, Any]:
+        return unit_test_verdict(response, item, context.corpus_dir, timeout=context.timeout)
+
+    def filter(self, verdict: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        facts = {"unit_test_status": verdict["status"],
+                 "unit_test_kills_mutant": verdict["kills_mutant"],
+                 "unit_test_tests": verdict["tests"],
+                 "unit_test_reason": verdict["reason"]}
+        if verdict["status"] != "passed":
+            return STATUS_REASONS.get(verdict["status"], "unit_test_error"), facts
+        if verdict["kills_mutant"] is False:
+            return "unit_test_misses_mutant", facts
+        return None, facts
+
+    def passes(self, verdict: dict[str, Any]) -> bool:
+        # kills_mutant is None when there was no mutant to run (none, or it could not be
+        # placed in the module): the item then asks only for passing the original
+        return verdict.get("passes_original") is True and verdict.get("kills_mutant") is not False
+
+    def format_check(self, verdict: dict[str, Any]) -> bool:
+        return verdict.get("status") not in ("unparsable", "no_tests")
+
+    def functional_check(self, verdict: dict[str, Any]) -> bool | None:
+        if verdict.get("status") == "not_executable":
+            return None
+        return self.passes(verdict)
+
+    def seed_reason(self, response: str) -> str | None:
+        if "def test_" not in response:
+            return "no_test_function"
+        if "assert" not in response:
+            return "no_assert"
+        return None
+
+    def summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        ran = [r for r in records if executable(r)]
+        statuses: dict[str, int] = {}
+        for r in records:
+            status = str(r["verdict"].get("status"))
+            statuses[status] = statuses.get(status, 0) + 1
+        return {
+            "n_executable": len(ran),
+            "not_executable": len(records) - len(ran),
+            "n_with_mutant": sum(r["has_mutant"] for r in ran),
+            "statuses": dict(sorted(statuses.items())),
+        }
+
+
+FAMILY = UnitTest()
