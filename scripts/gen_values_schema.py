@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trackb_core.stages import sections
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "trackb"
 SCHEMA_PATH = CHART / "values.schema.json"
@@ -34,9 +36,10 @@ END = "# <<< generated"
 # command line (--run-id from launcher.runId, --backend k8s), and the Kubernetes settings
 # come from the chart's own `kubernetes:` section.
 PIPELINE_SKIPPED = ("run_id", "backend", "kubernetes")
-# Stage sections: overrides only. An empty mapping means "trackb's defaults" (shown by
-# `trackb <stage> --help`), so the defaults are not copied into the chart a second time.
-PIPELINE_STAGES = ("extract", "generate", "dataset", "tiny_model", "train", "eval")
+# Stage sections (one per section of the step table, trackb_core.stages): overrides
+# only. An empty mapping means "trackb's defaults" (shown by `trackb <stage> --help`), so
+# the defaults are not copied into the chart a second time.
+PIPELINE_STAGES = tuple(sections())
 # In a cluster every stage runs in its own pod: a local store would vanish with it.
 STORE_DESCRIPTION = (
     "Store root, s3://bucket/prefix. Empty: kubernetes.s3.store (or s3://<minio.bucket> "

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from trackb_core.cli import STAGE_COMMANDS, main
+from trackb_core.cli import main
 from trackb_core.errors import EXIT_CANT_CREATE, EXIT_CONFIG, EXIT_DATA, EXIT_NO_INPUT
+from trackb_core.stages import COMMANDS as STAGE_COMMANDS
 
 COMMANDS = [spec.name for spec in STAGE_COMMANDS] + ["run-all", "render", "status", "logs",
                                                     "delete"]
@@ -39,8 +40,7 @@ def test_every_command_help_explains_inputs_outputs_and_defaults(name):
         assert "[default:" in text
     for spec in STAGE_COMMANDS:
         if spec.name == name:
-            module = __import__(f"trackb_core.{spec.module}", fromlist=[spec.config_class])
-            cls = getattr(module, spec.config_class)
+            _, cls = spec.load()
             for field, info in cls.model_fields.items():
                 assert info.description, f"{cls.__name__}.{field} has no description"
                 if field not in spec.positional:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import yaml
 
 from trackb_core.cli import main
 from trackb_core.config import build_config
-from trackb_core.pipeline import PipelineConfig, plan, run_pipeline
+from trackb_core.pipeline import PipelineConfig, plan, run_pipeline, run_step
 from trackb_core.store import LocalStore
 
 pytestmark = pytest.mark.integration
@@ -61,11 +60,9 @@ def test_run_all_writes_a_report_with_both_columns_per_category(finished_run):
 def test_rerun_of_same_run_id_is_all_cached_and_fast(finished_run, capsys):
     config, store, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in (store / "runs" / "e2e").rglob("manifest.json")}
-    started = time.perf_counter()
     run_pipeline(config)
-    elapsed = time.perf_counter() - started
     err = capsys.readouterr().err
-    assert elapsed < 30, f"cached rerun took {elapsed:.1f}s"
+    # Fast because nothing runs again: every stage is cached and no manifest is rewritten.
     assert err.count("cached:") == 8, err
     after = {p: p.stat().st_mtime_ns for p in (store / "runs" / "e2e").rglob("manifest.json")}
     assert before == after
@@ -78,8 +75,8 @@ def test_changed_config_reruns_the_first_stage_that_differs(finished_run, capsys
     # Only see which stages would run: stop the runner at the first stage it is asked for.
     asked = []
 
-    def runner(module, stage_config, out):
-        asked.append(out.uri.rsplit("/", 1)[-1])
+    def runner(step, stage_config, out):
+        asked.append(step.folder)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -92,12 +89,10 @@ def test_changed_config_reruns_the_first_stage_that_differs(finished_run, capsys
 
 def test_same_seed_and_corpus_give_byte_identical_data(finished_run, tmp_path):
     config, store, _ = finished_run
-    import importlib
-
     other = LocalStore(tmp_path).child("runs/again")
-    for folder, module, stage_config in plan(config.model_copy(update={"run_id": "again"}), other):
-        if folder in ("extract", "generate", "build-dataset"):
-            importlib.import_module(f"trackb_core.{module}").run(stage_config, other.child(folder))
+    for step, stage_config in plan(config.model_copy(update={"run_id": "again"}), other):
+        if step.folder in ("extract", "generate", "build-dataset"):
+            run_step(step, stage_config, other.child(step.folder))
     first = store / "runs" / "e2e"
     for rel in ("extract/tasks.jsonl", "build-dataset/train.jsonl", "build-dataset/test.jsonl"):
         assert (first / rel).read_bytes() == (tmp_path / "runs" / "again" / rel).read_bytes(), rel

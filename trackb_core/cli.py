@@ -9,10 +9,8 @@ leave as one line on stderr and the error's exit code.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -29,6 +27,7 @@ from trackb_core.config import (
 )
 from trackb_core.errors import TrackbError
 from trackb_core.publish import PublishConfig
+from trackb_core.stages import COMMANDS, Command
 
 EPILOG_URIS = (
     "URIs are local paths, file:// or s3://bucket/prefix (endpoint from "
@@ -60,29 +59,6 @@ def reports_errors(func):
     return wrapper
 
 
-@dataclass(frozen=True)
-class StageCommand:
-    """How one stage appears on the command line."""
-
-    name: str  # the command
-    module: str  # trackb_core.<module>
-    config_class: str
-    runner: str = "run"  # the function in module
-    positional: tuple[str, ...] = ()  # config fields taken as arguments
-
-
-STAGE_COMMANDS = (
-    StageCommand("extract", "extract", "ExtractConfig"),
-    StageCommand("generate", "generate", "GenerateConfig"),
-    StageCommand("build-dataset", "dataset", "DatasetConfig"),
-    StageCommand("train", "train", "TrainConfig"),
-    StageCommand("eval", "evaluate", "EvalConfig"),
-    StageCommand("score", "evaluate", "ScoreConfig", runner="score"),
-    StageCommand("compare", "compare", "CompareConfig", positional=("baseline", "post")),
-    StageCommand("tiny-model", "tinymodel", "TinyModelConfig"),
-)
-
-
 def load_stage_config(cls: type[StageConfig], config_file: str | None,
                       overrides: dict[str, Any]) -> StageConfig:
     """YAML file (optional) + overrides -> validated config. Raises ConfigError."""
@@ -95,9 +71,9 @@ def _help_text(cls: type[StageConfig]) -> str:
     return inspect.cleandoc(cls.__doc__ or "") + "\n\n" + EPILOG_URIS
 
 
-def make_stage_command(spec: StageCommand) -> click.Command:
-    module = importlib.import_module(f"trackb_core.{spec.module}")
-    cls: type[StageConfig] = getattr(module, spec.config_class)
+def make_stage_command(spec: Command) -> click.Command:
+    """The click command of one row of :data:`trackb_core.stages.COMMANDS`."""
+    module, cls = spec.load()
 
     @click.pass_context
     @reports_errors
@@ -133,14 +109,7 @@ def main() -> None:
 
     \b
     Stages (each writes its files and, last, manifest.json into --out):
-      extract        corpus -> functions.jsonl, tasks.jsonl
-      generate       tasks -> responses.jsonl (reference or OpenAI-compatible teacher)
-      build-dataset  responses -> train.jsonl, test.jsonl, README.md (dataset card)
-      train          dataset + base model -> adapter/ (LoRA), metrics.json, loss_curve.png
-      eval           dataset + model [+ adapter] -> predictions.jsonl, eval.json
-      score          dataset + predictions made elsewhere -> eval.json
-      compare        two eval.json -> report.md, compare.json, report.png
-      tiny-model     corpus -> a tiny pretrained model for CPU runs
+      {stages}
       run-all        all of the above under <store>/runs/<run_id>/, skipping finished stages
                      (--backend local: this machine; --backend k8s: Kubernetes Jobs)
 
@@ -159,7 +128,10 @@ def main() -> None:
     """
 
 
-for _spec in STAGE_COMMANDS:
+# The stage list comes from the command table, so a new command shows up by itself.
+main.help = (main.help or "").replace(
+    "{stages}", "\n      ".join(f"{c.name:<14} {c.summary}" for c in COMMANDS))
+for _spec in COMMANDS:
     main.add_command(make_stage_command(_spec))
 
 
@@ -191,7 +163,7 @@ def run_all(config_file: str, run_id: str | None, store: str | None, backend: st
     downstream of a changed output. The report ends up in
     <store>/runs/<run_id>/compare/report.md.
     """
-    from trackb_core.pipeline import PipelineConfig, run_pipeline
+    from trackb_core.pipeline import PipelineConfig, new_run_id, run_pipeline
 
     values = load_yaml(config_file)
     overrides = parse_dotted_overrides(sets)
@@ -199,7 +171,13 @@ def run_all(config_file: str, run_id: str | None, store: str | None, backend: st
         if value is not None:
             overrides[key] = value
     config = build_config(PipelineConfig, merge(values, overrides), source=f"config {config_file}")
-    report = run_pipeline(config)
+    config = config.model_copy(update={"run_id": new_run_id(config)})
+    if config.backend == "k8s":
+        from trackb_core.k8s.launcher import run_on_kubernetes
+
+        report = run_on_kubernetes(config, config.run_id)
+    else:
+        report = run_pipeline(config)
     click.echo(f"report: {report}")
 
 

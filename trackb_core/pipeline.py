@@ -1,8 +1,11 @@
-"""``trackb run-all``: every stage in order, on one machine, resumable by run id.
+"""``trackb run-all``: every step of a run in order, wired from the one step table.
 
-The pipeline only wires stages together: it fills each stage config's input fields
-with the upstream stage's output folder and calls the stage's ``run``. A stage whose
-manifest already records the same config and input hashes is skipped as cached.
+The pipeline only wires steps together: for each row of :data:`trackb_core.stages.STEPS`
+it takes the step's section of :class:`PipelineConfig`, fills its input fields with the
+outputs of earlier steps (:func:`plan`), and, on this machine, calls the step's
+command (:func:`run_pipeline`). A step whose manifest already records the same config
+and input hashes is skipped as cached. The CLI chooses where the steps run: here, or
+as Kubernetes Jobs (:mod:`trackb_core.k8s.launcher`, from the same :func:`plan`).
 """
 
 from __future__ import annotations
@@ -13,28 +16,21 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator
 
-from trackb_core.compare import CompareConfig
 from trackb_core.config import StageConfig
-from trackb_core.dataset import DatasetConfig
 from trackb_core.errors import ConfigError
-from trackb_core.evaluate import EvalConfig
-from trackb_core.extract import ExtractConfig
-from trackb_core.generate import GenerateConfig
 from trackb_core.k8s.settings import KubernetesConfig
 from trackb_core.stage import MANIFEST, cached_manifest, say
+from trackb_core.stages import STEPS, BaseModelRef, Input, Output, Setting, Step, sections
 from trackb_core.store import Store, open_store
-from trackb_core.tinymodel import TinyModelConfig
-from trackb_core.train import TrainConfig
 
 RUN_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 TINY = "tiny"
 
 
-class PipelineConfig(StageConfig):
-    """The whole pipeline. Each section holds that stage's options; the pipeline wires
-    the input fields (corpus, tasks, responses, dataset, model, adapter) itself."""
+class PipelineSettings(StageConfig):
+    """The settings of a whole run, besides each step's options."""
 
     run_id: str | None = Field(None, description="Run id; the run lives in <store>/runs/<run_id>/. "
                                "Default: the current UTC time (YYYYMMDD-HHMMSS).")
@@ -48,19 +44,6 @@ class PipelineConfig(StageConfig):
     model: str = Field(TINY, description="Base model to fine-tune and evaluate: a hub id, a "
                        "local folder or store URI, or 'tiny' to build a tiny model from the "
                        "corpus inside the run (CPU demo).")
-    extract: ExtractConfig = Field(default_factory=ExtractConfig, description="extract options.")
-    generate: GenerateConfig = Field(default_factory=GenerateConfig,
-                                     description="generate options.")
-    dataset: DatasetConfig = Field(default_factory=DatasetConfig,
-                                   description="build-dataset options.")
-    tiny_model: TinyModelConfig = Field(default_factory=TinyModelConfig,
-                                        description="tiny-model options (model: tiny only).")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="train options.")
-    eval: EvalConfig = Field(default_factory=EvalConfig,
-                             description="eval options, used for baseline and post-SFT alike.")
-    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig,
-                                         description="Cluster settings of the k8s backend "
-                                         "and of trackb render (one schema with the Helm chart).")
 
     @field_validator("run_id")
     @classmethod
@@ -69,6 +52,40 @@ class PipelineConfig(StageConfig):
             raise ValueError("must be 1-63 lowercase letters, digits or '-', starting and "
                              "ending with a letter or digit")
         return value
+
+
+def _section_fields() -> dict[str, Any]:
+    """One field per section of the step table (its command's config), then kubernetes."""
+    fields: dict[str, Any] = {}
+    for section, steps in sections().items():
+        _, cls = steps[0].cli.load()
+        folders = " and ".join(s.folder for s in steps)
+        note = " (the same for each)" if len(steps) > 1 else ""
+        if any(s.when == "tiny_model" for s in steps):
+            note += " (model: tiny only)"
+        fields[section] = (cls, Field(default_factory=cls,
+                                      description=f"{folders} options{note}."))
+    fields["kubernetes"] = (KubernetesConfig, Field(
+        default_factory=KubernetesConfig, description="Cluster settings of the k8s backend "
+        "and of trackb render (one schema with the Helm chart)."))
+    return fields
+
+
+PipelineConfig = create_model(
+    "PipelineConfig", __base__=PipelineSettings, **_section_fields(),
+    __doc__="The whole pipeline. Each section holds its steps' options (the step table, "
+            "trackb_core.stages.STEPS); the pipeline wires the input fields (corpus, tasks, "
+            "responses, dataset, model, adapter) itself.")
+
+
+def new_run_id(config: PipelineSettings) -> str:
+    """``config.run_id``, or the current UTC time as ``YYYYMMDD-HHMMSS``."""
+    return config.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+
+
+def steps_for(config: PipelineSettings) -> list[Step]:
+    """The steps of ``config``'s run, in run order (tiny-model only for model 'tiny')."""
+    return [s for s in STEPS if s.when == "always" or config.model == TINY]
 
 
 def _wired(section: StageConfig, **inputs: Any) -> StageConfig:
@@ -91,73 +108,95 @@ def _wired(section: StageConfig, **inputs: Any) -> StageConfig:
     return section.model_copy(update=inputs)
 
 
-def plan(config: PipelineConfig, run: Store) -> list[tuple[str, str, StageConfig]]:
-    """``(folder, module, config)`` for every stage, in the order they run."""
-    uri = lambda folder: run.child(folder).uri  # noqa: E731
-    stages: list[tuple[str, str, StageConfig]] = [
-        ("extract", "extract", _wired(config.extract, corpus=config.corpus)),
-        ("generate", "generate", _wired(config.generate, tasks=uri("extract"))),
-        ("build-dataset", "dataset", _wired(config.dataset, responses=uri("generate"))),
-    ]
-    model = config.model
-    if model == TINY:
-        stages.append(("tiny-model", "tinymodel", _wired(config.tiny_model, corpus=config.corpus)))
-        model = uri("tiny-model")
-    dataset = uri("build-dataset")
-    stages += [
-        ("train", "train", _wired(config.train, dataset=dataset, model=model)),
-        ("eval-baseline", "evaluate",
-         _wired(config.eval, dataset=dataset, model=model, adapter=None).model_copy(
-             update={"tag": "baseline"})),
-        ("eval-post", "evaluate",
-         _wired(config.eval, dataset=dataset, model=model, adapter=uri("train")).model_copy(
-             update={"tag": "post_sft"})),
-        ("compare", "compare", CompareConfig(baseline=uri("eval-baseline"), post=uri("eval-post"))),
-    ]
-    return stages
+def _resolve(ref: Input, config: PipelineSettings, run: Store) -> str | None:
+    if isinstance(ref, Output):
+        return run.child(ref.step).uri
+    if isinstance(ref, Setting):
+        return getattr(config, ref.name)
+    if isinstance(ref, BaseModelRef):
+        return run.child(ref.builder).uri if config.model == TINY else config.model
+    return None
 
 
-def run_pipeline(config: PipelineConfig,
-                 runner: Callable[[str, StageConfig, Store], dict] | None = None) -> str:
-    """Run every stage of ``config`` not already done; returns the report's URI.
+def step_config(step: Step, config: PipelineSettings, run: Store) -> StageConfig:
+    """``step``'s config in the run at ``run``: its section (or its command's defaults)
+    with the inputs wired and the step's fixed fields set. Raises ConfigError (see
+    :func:`_wired`)."""
+    if step.section is not None:
+        section = getattr(config, step.section)
+    else:
+        section = step.cli.load()[1]()
+    inputs = {name: _resolve(ref, config, run) for name, ref in step.inputs.items()}
+    return _wired(section, **inputs).model_copy(update=dict(step.fixed))
 
-    Raises whatever the failing stage raises (a TrackbError); the stages before it
-    keep their outputs and manifests, so rerunning the same run id resumes there.
+
+def plan(config: PipelineSettings, run: Store) -> list[tuple[Step, StageConfig]]:
+    """``(step, config)`` for every step of the run at ``run``, in the order they run.
+
+    Raises ConfigError if a section sets a field the pipeline wires.
     """
-    import importlib
+    return [(step, step_config(step, config, run)) for step in steps_for(config)]
 
-    run_id = config.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    if config.backend == "k8s":
-        from trackb_core.k8s.launcher import run_on_kubernetes
 
-        return run_on_kubernetes(config, run_id)
+def dependencies(config: PipelineSettings) -> dict[str, list[str]]:
+    """For each step of the run, the steps whose outputs it reads, in run order."""
+    order = [s.folder for s in steps_for(config)]
+    found: dict[str, list[str]] = {}
+    for step in steps_for(config):
+        needs = set()
+        for ref in step.inputs.values():
+            if isinstance(ref, Output):
+                needs.add(ref.step)
+            elif isinstance(ref, BaseModelRef) and config.model == TINY:
+                needs.add(ref.builder)
+        found[step.folder] = sorted(needs, key=order.index)
+    return found
+
+
+def run_step(step: Step, stage_config: StageConfig, out: Store) -> dict:
+    """Run one step here: its command's runner; returns the manifest."""
+    module, _ = step.cli.load()
+    return getattr(module, step.cli.runner)(stage_config, out)
+
+
+def run_pipeline(config: PipelineSettings,
+                 runner: Callable[[Step, StageConfig, Store], dict] = run_step) -> str:
+    """Run every step of ``config`` not already done, on this machine, one after
+    another; returns the report's URI.
+
+    Raises whatever the failing step raises (a TrackbError); the steps before it keep
+    their outputs and manifests, so rerunning the same run id resumes there.
+    """
+    run_id = new_run_id(config)
     root = open_store(config.store)
     run = root.child(f"runs/{run_id}")
     run.check_writable()
     say("run-all", f"run {run_id} in {run.uri}")
-    run.put_text("pipeline.yaml", _dump_yaml(config.model_copy(update={"run_id": run_id})))
+    run.put_text("pipeline.yaml", dump_yaml(config.model_copy(update={"run_id": run_id})))
 
-    def default_runner(module: str, stage_config: StageConfig, out: Store) -> dict:
-        return importlib.import_module(f"trackb_core.{module}").run(stage_config, out)
-
-    runner = runner or default_runner
     started = time.perf_counter()
-    for folder, module, stage_config in plan(config, run):
-        out = run.child(folder)
+    for step, stage_config in plan(config, run):
+        out = run.child(step.folder)
         if cached_manifest(stage_config, out) is not None:
-            say(folder, "cached: manifest matches this config and these inputs; skipped")
+            say(step.folder, "cached: manifest matches this config and these inputs; skipped")
             continue
         if out.exists(MANIFEST):
-            say(folder, "config or inputs changed since its last run: running again")
+            say(step.folder, "config or inputs changed since its last run: running again")
         else:
-            say(folder, "running")
-        manifest = runner(module, stage_config, out)
-        say(folder, f"done in {manifest['timings']['total_seconds']:.1f}s")
+            say(step.folder, "running")
+        manifest = runner(step, stage_config, out)
+        say(step.folder, f"done in {manifest['timings']['total_seconds']:.1f}s")
     say("run-all", f"finished in {time.perf_counter() - started:.1f}s")
-    return run.child("compare").child("report.md").uri
+    return report_uri(run)
 
 
-def _dump_yaml(config: PipelineConfig) -> str:
+def report_uri(run: Store) -> str:
+    """Where a run's report is: ``report.md`` of its last step (compare)."""
+    return run.child(STEPS[-1].folder).child("report.md").uri
+
+
+def dump_yaml(config: PipelineSettings) -> str:
+    """The pipeline config as YAML (every field, in declaration order)."""
     import yaml
 
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

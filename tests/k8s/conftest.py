@@ -232,7 +232,9 @@ class FakeJobController(BackgroundLoop):
         import yaml
 
         from trackb_core.k8s import jobspec
+        from trackb_core.pipeline import run_step
         from trackb_core.stage import stage_run
+        from trackb_core.stages import step
         from trackb_core.store import open_store
 
         container = job["spec"]["template"]["spec"]["containers"][0]
@@ -245,8 +247,7 @@ class FakeJobController(BackgroundLoop):
         stage_config = type(expected).model_validate(
             yaml.safe_load(config_map["data"][jobspec.CONFIG_FILE]))
         if not self.fake(stage):
-            module = {"build-dataset": "dataset"}.get(stage, stage)
-            __import__(f"trackb_core.{module}", fromlist=["run"]).run(stage_config, out)
+            run_step(step(stage), stage_config, out)
             return
         with stage_run(stage, stage_config, out) as run:
             for filename in FAKE_OUTPUTS.get(stage, ["result.txt"]):

@@ -22,11 +22,12 @@ from trackb_core.k8s.jobspec import (
     build_rbac,
     build_stage,
     build_vllm_service,
-    dependencies,
     stage_names,
+    stage_uri,
 )
 from trackb_core.k8s.settings import KubernetesConfig, kubernetes_json_schema
-from trackb_core.pipeline import PipelineConfig, plan
+from trackb_core.pipeline import PipelineConfig, dependencies, plan
+from trackb_core.stages import STEPS, step
 from trackb_core.store import open_store
 
 ROOT = Path(__file__).parents[2]
@@ -155,7 +156,7 @@ def test_builder_imports_nothing_from_kubernetes():
 
 # -- stages and their arguments --------------------------------------------------------------
 def test_stage_lists_follow_the_model():
-    assert stage_names(config(DEMO)) == list(jobspec.STAGES)
+    assert stage_names(config(DEMO)) == [row.folder for row in STEPS]
     assert "tiny-model" not in stage_names(config(GPU))
     with pytest.raises(ConfigError, match="unknown stage"):
         build_stage("tiny-model", config(GPU), RUN)
@@ -179,19 +180,19 @@ def test_container_args_are_exactly_what_plan_wires(path, tmp_path):
 
     cfg = config(path)
     run = open_store("s3://trackb-artifacts").child(f"runs/{RUN}")
-    planned = {folder: c for folder, _m, c in plan(cfg, run)}
+    planned = {row.folder: c for row, c in plan(cfg, run)}
     assert list(planned) == stage_names(cfg)
     for stage, wanted in planned.items():
         objects = build_stage(stage, cfg, RUN)
         (config_map,) = kind(objects, "ConfigMap")
         container = main_container(objects)
-        module = jobspec.JOB_MODULES[stage]
-        assert container["command"] == ["python", "-m", f"jobs.{module}"]
-        assert importlib.util.find_spec(f"jobs.{module}") is not None
+        module = step(stage).cli.job_module
+        assert container["command"] == ["python", "-m", module]
+        assert importlib.util.find_spec(module) is not None
         file = tmp_path / f"{stage}.yaml"
         file.write_text(config_map["data"]["config.yaml"])
         args = [str(file) if a == "/etc/trackb/config.yaml" else a for a in container["args"]]
-        command_name = {"eval-baseline": "eval", "eval-post": "eval"}.get(stage, stage)
+        command_name = step(stage).command
         command = main.commands[command_name]
         ctx = command.make_context(command_name, list(args))
         assert ctx.params["out"] == f"s3://trackb-artifacts/runs/{RUN}/{stage}"
@@ -215,8 +216,21 @@ def test_the_store_is_the_clusters_s3_store():
                          "s3://other/prefix/runs/r1/eval-post"]
 
 
+@pytest.mark.parametrize("path", [DEMO, GPU], ids=lambda p: p.stem)
+def test_declared_dependencies_are_exactly_the_outputs_each_config_reads(path):
+    """The step table's wiring, read back from the wired configs: a step depends on the
+    steps whose output URIs appear among its config's values, and on nothing else."""
+    cfg = config(path)
+    configs = jobspec.stage_configs(cfg, RUN)
+    outputs = {stage_uri(cfg, RUN, stage): stage for stage in configs}
+    for stage, stage_config in configs.items():
+        read = {outputs[v] for v in stage_config.model_dump().values()
+                if isinstance(v, str) and v in outputs}
+        assert set(dependencies(cfg)[stage]) == read, stage
+
+
 def test_dependencies_come_from_the_wiring():
-    deps = dependencies(config(DEMO), RUN)
+    deps = dependencies(config(DEMO))
     assert deps["extract"] == [] and deps["generate"] == ["extract"]
     assert deps["train"] == ["build-dataset", "tiny-model"]
     assert "train" not in deps["eval-baseline"]  # train and eval-baseline run side by side
@@ -345,7 +359,7 @@ def test_train_and_eval_are_scheduled_on_t4s_from_config(stage):
     assert "/dev/shm" in mounts
 
 
-@pytest.mark.parametrize("stage", list(jobspec.STAGES))
+@pytest.mark.parametrize("stage", [row.folder for row in STEPS])
 def test_job_policy(stage):
     cfg = config(DEMO, "kubernetes.job.backoff_limit=3",
                  "kubernetes.job.ttl_seconds_after_finished=600",
@@ -354,7 +368,7 @@ def test_job_policy(stage):
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
     assert spec["backoffLimit"] == 3
     assert spec["ttlSecondsAfterFinished"] == 600
-    key = {"eval-baseline": "eval", "eval-post": "eval"}.get(stage, stage.replace("-", "_"))
+    key = step(stage).resources
     assert spec["activeDeadlineSeconds"] == getattr(cfg.kubernetes.job.deadlines, key)
     if stage == "train":
         assert spec["activeDeadlineSeconds"] == 7200

@@ -3,18 +3,17 @@
 The launcher uses the official client against kmock's KubernetesEmulator; the fake
 controller (conftest.py) plays the Job controller and runs extract, generate and
 build-dataset for real into an S3 store (moto), the heavy stages as fake-but-valid
-results. Every launch runs in a thread with a hard limit, so a hang fails the test
-instead of stalling the suite.
+results. Every launch runs in a thread guarded against hangs, so a hang fails the test
+instead of stalling the suite; no assertion depends on the machine's speed.
 """
 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import yaml
-from k8s_launch import launch_within
+from k8s_launch import HANG_GUARD, launch_within, wait_until
 
 from trackb_core.config import build_config
 from trackb_core.k8s.launcher import LauncherConfig, StageFailed, delete, logs, status
@@ -25,10 +24,12 @@ pytest.importorskip("kmock", reason="kmock (the Kubernetes API emulator) is not 
 pytest.importorskip("kubernetes", reason="the kubernetes client is not installed")
 
 NAMESPACE = "trackb-test"
-# Short budgets: each fault must reach the user within its budget plus a little.
+# Short budgets: a fault reaches the user once its budget has passed.
 BUDGETS = LauncherConfig(poll_seconds=0.2, image_pull_seconds=1.5, unschedulable_seconds=1.5,
                          replace_seconds=10)
-LIMIT = 60.0  # seconds: no launch in this file may take longer
+# Longer than any launch here could take, however loaded the machine: waiting for a
+# budget this long means the launcher did not fail at once.
+PATIENT = 10 * HANG_GUARD
 
 
 def pipeline(corpus, bucket: str, run_id: str) -> PipelineConfig:
@@ -40,8 +41,8 @@ def pipeline(corpus, bucket: str, run_id: str) -> PipelineConfig:
 
 
 def launch(config, run_id, client, budgets=BUDGETS):
-    """``(report URI or exception, seconds)`` within this file's LIMIT."""
-    return launch_within(LIMIT, config, run_id, client, budgets)
+    """``(report URI or exception, seconds)``, guarded against hangs."""
+    return launch_within(HANG_GUARD, config, run_id, client, budgets)
 
 
 def run_store(bucket: str, run_id: str):
@@ -84,11 +85,10 @@ def test_happy_path_runs_every_stage_in_order_and_a_rerun_is_all_cached(
 
         # Same run id again: every manifest verifies, no Job is created.
         before = list(ctl.started)
-        report2, seconds = launch(config, "happy", emulator.client())
+        report2, _ = launch(config, "happy", emulator.client())
         assert report2 == report
         assert ctl.started == before
         assert capsys.readouterr().err.count("cached:") == 8
-        assert seconds < 30
 
         # Everything the launcher called over HTTP is granted by RBAC_RULES (the Role).
         from trackb_core.k8s.client import RBAC_RULES
@@ -105,8 +105,10 @@ def test_happy_path_runs_every_stage_in_order_and_a_rerun_is_all_cached(
         gone = delete(config, "happy", api=emulator.client())
         assert "Job/trackb-happy-extract" in gone
         assert any(name.startswith("ConfigMap/") for name in gone)
-        # With the pods gone, logs come from the copy in the store.
-        time.sleep(0.3)
+        # With the pods gone (the controller collects them), logs come from the store.
+        client = emulator.client()
+        wait_until(lambda: not client.list_pods(NAMESPACE, {"trackb/run-id": "happy"}),
+                   "the deleted Jobs' pods are collected")
         assert "(saved)" in logs(config, "happy", "extract", api=emulator.client())
 
 
@@ -126,7 +128,7 @@ def test_image_pull_backoff_fails_after_its_budget(emulator, controller, bucket,
         emulator, controller, bucket, stdlib_corpus, "pull", {"extract": "image-pull"})
     assert message.startswith("extract: pod trackb-pull-extract-")
     assert "ImagePullBackOff" in message and "for over 2s" in message
-    assert BUDGETS.image_pull_seconds <= seconds < BUDGETS.image_pull_seconds + 8
+    assert seconds >= BUDGETS.image_pull_seconds  # not before its budget ran out
     assert "generate" not in ctl.started
     # The stuck Job was deleted; why it was stuck is in the store.
     jobs, _ = emulator.client().list_jobs(NAMESPACE, {"trackb/stage": "extract"})
@@ -141,23 +143,23 @@ def test_image_pull_backoff_fails_after_its_budget(emulator, controller, bucket,
 ])
 def test_permanent_causes_fail_at_once_not_after_the_budget(
         emulator, controller, bucket, stdlib_corpus, behaviour, cause):
-    patient = BUDGETS.model_copy(update={"image_pull_seconds": 60})
-    _, _, message, seconds = _fault(emulator, controller, bucket, stdlib_corpus, behaviour,
-                                    {"extract": behaviour}, patient)
+    # The pull budget is longer than the hang guard: a launch that waited for it fails.
+    patient = BUDGETS.model_copy(update={"image_pull_seconds": PATIENT})
+    _, _, message, _ = _fault(emulator, controller, bucket, stdlib_corpus, behaviour,
+                              {"extract": behaviour}, patient)
     assert message.startswith("extract: pod trackb-")
     assert message.endswith(f"cannot start: container stage: {cause}")
-    assert seconds < 10  # the budget is 60 s; slack for a loaded machine
 
 
 def test_unschedulable_reports_the_schedulers_message(emulator, controller, bucket, stdlib_corpus, capsys):
     _, ctl, message, seconds = _fault(
         emulator, controller, bucket, stdlib_corpus, "nogpu", {"train": "unschedulable"})
+    assert seconds >= BUDGETS.unschedulable_seconds  # not before its budget ran out
     assert message.startswith("train: pod ")
     assert "Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in message
     assert "eval-post" not in ctl.started and "compare" not in ctl.started
-    # The user hears why at once, long before the budget runs out.
+    # The user hears why at once, before the budget runs out.
     assert "[train] pod trackb-nogpu-train-" in capsys.readouterr().err
-    assert seconds < LIMIT
 
 
 def test_oomkilled_is_reported_by_name_and_stops_the_chain(emulator, controller, bucket, stdlib_corpus):
@@ -184,16 +186,34 @@ def test_ctrl_c_deletes_the_active_jobs_and_exits_130(emulator, controller, buck
 
     config = pipeline(stdlib_corpus, bucket, "ctrlc")
     client = emulator.client()
-    watch = client.watch_jobs
+    list_jobs, watch = client.list_jobs, client.watch_jobs
+    seen = {"tiny-model done": False}
+
+    def note(job):
+        conditions = job.get("status", {}).get("conditions", [])
+        if job["metadata"]["labels"]["trackb/stage"] == "tiny-model" and any(
+                c["type"] == "Complete" and c["status"] == "True" for c in conditions):
+            seen["tiny-model done"] = True
+
+    def listing(*args, **kwargs):
+        jobs, version = list_jobs(*args, **kwargs)
+        for job in jobs:
+            note(job)
+        return jobs, version
 
     def interrupted_watch(*args, **kwargs):
-        yield from watch(*args, **kwargs)
-        raise KeyboardInterrupt  # as if the user pressed Ctrl-C while waiting
+        # Ctrl-C while waiting, once the launcher has seen tiny-model finish and is
+        # waiting again (extract stays stuck pulling its image): an event, not a clock.
+        if seen["tiny-model done"]:
+            raise KeyboardInterrupt
+        for kind, job in watch(*args, **kwargs):
+            note(job)
+            yield kind, job
 
-    client.watch_jobs = interrupted_watch
+    client.list_jobs, client.watch_jobs = listing, interrupted_watch
     with controller(config, "ctrlc", behaviour={"extract": "image-pull"}, fake=lambda s: True):
         error, _ = launch(config, "ctrlc", client,
-                          BUDGETS.model_copy(update={"image_pull_seconds": 60}))
+                          BUDGETS.model_copy(update={"image_pull_seconds": PATIENT}))
     assert isinstance(error, Interrupted) and error.exit_code == 130
     assert "trackb-ctrlc-extract" in str(error)
     # The active Job is gone; finished ones (tiny-model) stay for their TTL.
@@ -253,6 +273,7 @@ def test_watch_relists_after_410_gone():
     from trackb_core.k8s.client import WatchExpired
     from trackb_core.k8s.launcher import _Active, _Run, _wait_for_finish
 
+    running = {"metadata": {"name": "job-a", "resourceVersion": "3"}, "status": {"active": 1}}
     done = {"metadata": {"name": "job-a", "resourceVersion": "7"},
             "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
 
@@ -262,7 +283,7 @@ def test_watch_relists_after_410_gone():
 
         def list_jobs(self, namespace, selector):
             self.lists += 1
-            return ([done] if self.lists > 1 else []), str(self.lists)
+            return ([done] if self.lists > 1 else [running]), str(self.lists)
 
         def list_pods(self, namespace, selector):
             return []
@@ -288,3 +309,24 @@ def test_connect_without_any_cluster_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(ConfigError, match="kubeconfig: .*in-cluster: "):
         connect()
+
+
+def test_a_job_deleted_between_two_rounds_is_reported_not_waited_for():
+    """A Job gone from the list (deleted while no watch was open) ends its stage."""
+    from trackb_core.k8s.launcher import _Active, _Run, _wait_for_finish
+
+    class Stub:
+        def list_jobs(self, namespace, selector):
+            return [], "5"
+
+        def list_pods(self, namespace, selector):
+            return []
+
+        def watch_jobs(self, namespace, selector, version, timeout):  # pragma: no cover
+            raise AssertionError("no watch needed: the list already tells")
+
+    run = _Run(config=None, run_id="r", client=Stub(), budgets=BUDGETS, store=None,
+               namespace="ns")
+    run.active["a"] = _Active("a", "job-a", [])
+    ((stage, cause),) = _wait_for_finish(run)
+    assert stage == "a" and "deleted while running" in cause

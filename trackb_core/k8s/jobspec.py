@@ -7,11 +7,14 @@ unit-tested and the rendered files are byte-for-byte reproducible.
 Each stage is a ConfigMap (the stage's config, exactly as
 :func:`trackb_core.pipeline.plan` wires it, as YAML) and a Job running
 ``python -m jobs.<stage> --config /etc/trackb/config.yaml --out <store>/runs/<id>/<stage>``.
+What differs between stages comes from their row of the step table
+(:data:`trackb_core.stages.STEPS`): entry module, resources and deadline, GPU or not.
 Every stage gets a NetworkPolicy that refuses ingress; the stages that execute
-model-written code (build-dataset runs teacher tests, eval runs model answers) may
-reach only DNS and the object store (the corpus comes from extract's snapshot there).
-Multi-node training adds a headless Service. The one change to plan()'s configs: with
-a vLLM server that the builder creates, generate's ``base_url`` points at that server.
+model-written code (``runs_model_code``: build-dataset runs teacher tests, eval runs
+model answers) may reach only DNS and the object store (the corpus comes from extract's
+snapshot there). Multi-node training adds a headless Service. The one change to
+plan()'s configs: with a vLLM server that the builder creates, the teacher client's
+``base_url`` points at that server.
 """
 
 from __future__ import annotations
@@ -24,18 +27,10 @@ from trackb_core import __version__
 from trackb_core.config import StageConfig
 from trackb_core.errors import ConfigError
 from trackb_core.k8s.settings import KubernetesConfig, Resources
-from trackb_core.pipeline import RUN_ID, TINY, PipelineConfig, plan
+from trackb_core.pipeline import RUN_ID, TINY, PipelineConfig, plan, steps_for
+from trackb_core.stages import STEPS, Step, step
 from trackb_core.store import open_store
 
-# Stages that run model-written code in the sandbox: their egress is locked.
-CODE_RUNNING_STAGES = ("build-dataset", "eval-baseline", "eval-post")
-STAGES = ("extract", "generate", "build-dataset", "tiny-model", "train", "eval-baseline",
-          "eval-post", "compare")
-JOB_MODULES = {"extract": "extract", "generate": "generate", "build-dataset": "build_dataset",
-               "tiny-model": "tiny_model", "train": "train", "eval-baseline": "eval",
-               "eval-post": "eval", "compare": "compare"}
-# Stages whose config fields are given as arguments (click positionals), in order.
-POSITIONAL = {"compare": ("baseline", "post")}
 MAIN_CONTAINER = "stage"  # the container whose exit code and logs are the stage's
 VLLM_CONTAINER = "vllm"
 WAIT_CONTAINER = "wait-for-teacher"
@@ -114,12 +109,22 @@ def run_uri(config: PipelineConfig, run_id: str) -> str:
     return open_store(cluster_store_uri(config)).child(f"runs/{run_id}").uri
 
 
-def serves_vllm(config: PipelineConfig) -> bool:
-    """Whether generate needs a vLLM server that trackb creates.
+def teacher_step() -> Step:
+    """The step that asks the teacher (generate)."""
+    return next(row for row in STEPS if row.asks_teacher)
 
-    Raises ConfigError for an openai teacher in the CPU profile with a server to create.
+
+def needs_teacher_server(config: PipelineConfig) -> bool:
+    """Whether the configured teacher answers from an OpenAI-compatible server."""
+    return getattr(config, teacher_step().section).kind.needs_server
+
+
+def serves_vllm(config: PipelineConfig) -> bool:
+    """Whether the teacher step needs a vLLM server that trackb creates.
+
+    Raises ConfigError for a server teacher in the CPU profile with a server to create.
     """
-    if config.generate.teacher != "openai" or config.kubernetes.vllm.serve == "external":
+    if not needs_teacher_server(config) or config.kubernetes.vllm.serve == "external":
         return False
     if not uses_gpu(config):
         raise ConfigError("the CPU profile cannot run vLLM: set kubernetes.vllm.serve=external "
@@ -132,7 +137,7 @@ def teacher_url(config: PipelineConfig, run_id: str) -> str:
     """The base URL the generate client calls."""
     k8s = config.kubernetes
     if not serves_vllm(config):
-        return config.generate.base_url
+        return getattr(config, teacher_step().section).base_url
     if k8s.vllm.serve == "sidecar":
         # 127.0.0.1, not localhost: vLLM listens on IPv4 and localhost may resolve to ::1.
         return f"http://127.0.0.1:{k8s.vllm.port}/v1"
@@ -153,28 +158,18 @@ def stage_configs(config: PipelineConfig, run_id: str) -> dict[str, StageConfig]
     """
     _check_run_id(run_id)
     run = open_store(cluster_store_uri(config)).child(f"runs/{run_id}")
-    configs = {folder: stage_config for folder, _module, stage_config in plan(config, run)}
-    if config.generate.teacher == "openai":
-        configs["generate"] = configs["generate"].model_copy(
-            update={"base_url": teacher_url(config, run_id)})
+    configs = {}
+    for row, stage_config in plan(config, run):
+        if row.asks_teacher and stage_config.kind.needs_server:
+            stage_config = stage_config.model_copy(
+                update={"base_url": teacher_url(config, run_id)})
+        configs[row.folder] = stage_config
     return configs
 
 
 def stage_uri(config: PipelineConfig, run_id: str, stage: str) -> str:
     """Output URI of ``stage`` in the run."""
     return f"{run_uri(config, run_id)}/{stage}"
-
-
-def dependencies(config: PipelineConfig, run_id: str) -> dict[str, list[str]]:
-    """For each stage, the stages whose outputs it reads (from plan()'s wiring)."""
-    configs = stage_configs(config, run_id)
-    outputs = {stage_uri(config, run_id, stage): stage for stage in configs}
-    found: dict[str, list[str]] = {}
-    for stage, stage_config in configs.items():
-        values = [str(v) for v in stage_config.model_dump().values() if isinstance(v, str)]
-        found[stage] = sorted({outputs[v] for v in values if v in outputs},
-                              key=list(configs).index)
-    return found
 
 
 # -- pieces -------------------------------------------------------------------------------
@@ -301,14 +296,12 @@ def _pod_failure_policy(k8s: KubernetesConfig) -> dict[str, Any]:
     ]}
 
 
-def _deadline(k8s: KubernetesConfig, stage: str) -> int:
-    key = {"eval-baseline": "eval", "eval-post": "eval"}.get(stage, stage.replace("-", "_"))
-    return int(getattr(k8s.job.deadlines, key))
+def _deadline(k8s: KubernetesConfig, row: Step) -> int:
+    return int(getattr(k8s.job.deadlines, row.resources))
 
 
-def _resources_for(k8s: KubernetesConfig, stage: str) -> Resources:
-    key = {"eval-baseline": "eval", "eval-post": "eval"}.get(stage, stage.replace("-", "_"))
-    return getattr(k8s.resources, key)
+def _resources_for(k8s: KubernetesConfig, row: Step) -> Resources:
+    return getattr(k8s.resources, row.resources)
 
 
 def _pod_spec(k8s: KubernetesConfig, *, containers: list[dict[str, Any]],
@@ -425,17 +418,17 @@ def _wait_container(k8s: KubernetesConfig, url: str) -> dict[str, Any]:
     }
 
 
-def _check_locked_network(config: PipelineConfig, stage: str) -> None:
+def _check_locked_network(config: PipelineConfig, row: Step) -> None:
     net = config.kubernetes.network
     if not (net.store_namespace or net.store_cidrs):
         raise ConfigError("kubernetes.network: set store_namespace or store_cidrs, or "
-                          f"{stage} pods cannot reach the object store")
-    if not stage.startswith("eval"):
+                          f"{row.folder} pods cannot reach the object store")
+    if not row.loads_model:
         return  # build-dataset loads no model
     hub_model = (config.model != TINY and "://" not in config.model
                  and not config.model.startswith("/"))
     if hub_model and not config.kubernetes.cache.pvc:
-        raise ConfigError(f"eval pods may reach only the object store, so model "
+        raise ConfigError(f"{row.folder} pods may reach only the object store, so model "
                           f"{config.model!r} cannot come from the hub: put it in the store "
                           "(model: s3://...) or set kubernetes.cache.pvc to a warmed cache")
 
@@ -489,24 +482,25 @@ def _checkov_skips(k8s: KubernetesConfig, pod: dict[str, Any]) -> dict[str, str]
     return {f"checkov.io/skip{i}": reason for i, reason in enumerate(reasons, 1)}
 
 
-def _stage_command(stage: str, stage_config: StageConfig, out: str, *, gpus: int,
+def _stage_command(row: Step, stage_config: StageConfig, out: str, *, gpus: int,
                    nodes: int, master: str, port: int) -> tuple[list[str], list[str]]:
-    module = f"jobs.{JOB_MODULES[stage]}"
+    module = row.cli.job_module
     args = ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--out", out]
-    args += [str(getattr(stage_config, name)) for name in POSITIONAL.get(stage, ())]
-    if stage == "train" and nodes > 1:
+    args += [str(getattr(stage_config, name)) for name in row.cli.positional]
+    if row.distributed and nodes > 1:
         return (["torchrun"], [f"--nnodes={nodes}", f"--nproc-per-node={gpus}",
                                "--node-rank=$(NODE_RANK)", f"--master-addr={master}",
                                f"--master-port={port}", "-m", module, *args])
-    if stage == "train" and gpus > 1:
+    if row.distributed and gpus > 1:
         return (["torchrun"], ["--standalone", f"--nproc-per-node={gpus}", "-m", module, *args])
     return (["python", "-m", module], args)
 
 
 # -- the builders -------------------------------------------------------------------------
 def stage_names(config: PipelineConfig) -> list[str]:
-    """The stages of ``config`` in run order (tiny-model only for model 'tiny')."""
-    return [s for s in STAGES if s != "tiny-model" or config.model == TINY]
+    """The stages (step folders) of ``config`` in run order (tiny-model only for model
+    'tiny')."""
+    return [row.folder for row in steps_for(config)]
 
 
 def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[str, Any]]:
@@ -520,12 +514,12 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
         raise ConfigError(f"unknown stage {stage!r} for this config; stages: "
                           f"{', '.join(stage_names(config))}")
     k8s = config.kubernetes
+    row = step(stage)
     stage_config = stage_configs(config, run_id)[stage]
-    gpu_profile = uses_gpu(config)
-    on_gpu = gpu_profile and stage in ("train", "eval-baseline", "eval-post")
-    res = _resources_for(k8s, stage)
+    on_gpu = uses_gpu(config) and row.gpu
+    res = _resources_for(k8s, row)
     gpus = res.gpus if on_gpu else 0
-    nodes = k8s.distributed.nodes if (stage == "train" and on_gpu) else 1
+    nodes = k8s.distributed.nodes if (row.distributed and on_gpu) else 1
     name = object_name(run_id, stage)
     cm_name = object_name(run_id, f"{stage}-config")
     objects: list[dict[str, Any]] = [
@@ -533,15 +527,17 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
 
     headless = object_name(run_id, f"{stage}-nodes") if nodes > 1 else None
     command, args = _stage_command(
-        stage, stage_config, stage_uri(config, run_id, stage), gpus=gpus, nodes=nodes,
+        row, stage_config, stage_uri(config, run_id, stage), gpus=gpus, nodes=nodes,
         master=f"{name}-0.{headless}", port=k8s.distributed.master_port)
 
     env = [*_s3_env(k8s), *_cache_env()]
-    if on_gpu or stage == "tiny-model":
+    # The hub token goes where models may be downloaded; a GPU step in the CPU profile
+    # uses the tiny model built in the run.
+    if row.hub and (on_gpu or not row.gpu):
         env += _hf_env(k8s)
-    locked = stage in CODE_RUNNING_STAGES and k8s.network.enabled
+    locked = row.runs_model_code and k8s.network.enabled
     if locked:
-        _check_locked_network(config, stage)
+        _check_locked_network(config, row)
         # Egress is locked to the object store: never try the hub.
         env += [{"name": "HF_HUB_OFFLINE", "value": "1"}]
     if nodes > 1:
@@ -567,7 +563,7 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
 
     init: list[dict[str, Any]] = []
     pod_gpu = on_gpu
-    if stage == "generate" and config.generate.teacher == "openai":
+    if row.asks_teacher and stage_config.kind.needs_server:
         url = teacher_url(config, run_id)
         if serves_vllm(config) and k8s.vllm.serve == "sidecar":
             init.append(_vllm_container(k8s, sidecar=True))
@@ -595,7 +591,7 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
                                        ingress=peers))
     pod = _pod_spec(k8s, containers=[main], volumes=volumes, gpu=pod_gpu,
                     init_containers=init, subdomain=headless)
-    objects.append(_job(k8s, name, run_id, stage, pod, _deadline(k8s, stage), indexed=nodes
+    objects.append(_job(k8s, name, run_id, stage, pod, _deadline(k8s, row), indexed=nodes
                         if nodes > 1 else 0))
     return objects
 
@@ -641,7 +637,8 @@ def build_vllm_service(config: PipelineConfig, run_id: str) -> list[dict[str, An
     if k8s.network.enabled:
         # Only the run's generate pod may call the server.
         objects.append(_network_policy(k8s, run_id, stage, locked_egress=False, ingress=[
-            {"from": [{"podSelector": {"matchLabels": selector(run_id, "generate")}}],
+            {"from": [{"podSelector": {"matchLabels": selector(run_id,
+                                                                teacher_step().folder)}}],
              "ports": [{"protocol": "TCP", "port": k8s.vllm.port}]}]))
     return objects
 

@@ -7,8 +7,9 @@ The launcher reads top to bottom as one loop:
    failed run id resumes at the failed stage);
 2. otherwise its objects (from the one Job builder, :mod:`trackb_core.k8s.jobspec`)
    are created, replacing leftovers of an earlier attempt;
-3. the run's Jobs are watched (timeout, resume from the last resourceVersion, re-list
-   on 410 Gone) until one is Complete or Failed; between events the pods of running
+3. the run's Jobs are listed, then watched from the list's resourceVersion for at most
+   ``poll_seconds`` (a 410 Gone or a watch that cannot be read just ends the round),
+   until one is Complete or Failed; each round the pods of running
    stages are inspected, so a pod stuck in Pending fails the run with the reason
    (Unschedulable, ImagePullBackOff past its budget, at once on permanent causes)
    instead of hanging: a Job's backoffLimit never fires for a pod that never starts;
@@ -27,8 +28,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from trackb_core.errors import ConfigError, TrackbError
+from trackb_core.errors import ConfigError, MissingInputError, TrackbError
+from trackb_core.k8s import jobspec
+from trackb_core.k8s.client import KubeClient, WatchExpired, connect, wait_deleted
 from trackb_core.k8s.settings import LauncherConfig
+from trackb_core.pipeline import PipelineConfig, dependencies, dump_yaml, report_uri
 from trackb_core.stage import MANIFEST, cached_manifest, say
 from trackb_core.store import Store, open_store
 
@@ -69,9 +73,9 @@ class _Active:
 class _Run:
     """Everything the loop needs about one run."""
 
-    config: Any
+    config: PipelineConfig
     run_id: str
-    client: Any
+    client: KubeClient
     budgets: LauncherConfig
     store: Store
     namespace: str
@@ -80,7 +84,7 @@ class _Run:
     threads: list[threading.Thread] = field(default_factory=list)
 
 
-def run_on_kubernetes(config, run_id: str, api=None,
+def run_on_kubernetes(config: PipelineConfig, run_id: str, api: KubeClient | None = None,
                       budgets: LauncherConfig | None = None) -> str:
     """Run every stage of ``config`` not already done as Jobs; returns the report's URI.
 
@@ -88,8 +92,6 @@ def run_on_kubernetes(config, run_id: str, api=None,
     in-cluster). Raises StageFailed naming the stage and cause, Interrupted on Ctrl-C,
     ConfigError for settings that cannot run, UnavailableError if the API is down.
     """
-    from trackb_core.k8s import jobspec
-    from trackb_core.k8s.client import connect
 
     client = api or connect()
     store = open_store(jobspec.run_uri(config, run_id))
@@ -97,10 +99,10 @@ def run_on_kubernetes(config, run_id: str, api=None,
     run = _Run(config, run_id, client, budgets or config.kubernetes.budgets, store,
                config.kubernetes.namespace)
     configs = jobspec.stage_configs(config, run_id)
-    needs = jobspec.dependencies(config, run_id)
+    needs = dependencies(config)
     order = jobspec.stage_names(config)
     say("run-all", f"run {run_id} on Kubernetes (namespace {run.namespace}) in {store.uri}")
-    store.put_text("pipeline.yaml", _yaml(config.model_copy(update={"run_id": run_id})))
+    store.put_text("pipeline.yaml", dump_yaml(config.model_copy(update={"run_id": run_id})))
     started = time.perf_counter()
     done: set[str] = set()
     try:
@@ -121,7 +123,7 @@ def run_on_kubernetes(config, run_id: str, api=None,
                                       "stages that never run; check the stage wiring")
                 continue  # only cached stages this round: their dependents may be ready
             for stage, cause in _wait_for_finish(run):
-                if stage == "generate":
+                if stage == jobspec.teacher_step().folder:
                     # Deployment mode: the server holds a GPU that train and eval need.
                     _cleanup_vllm(run)
                 _finish(run, stage, cause)
@@ -138,14 +140,12 @@ def run_on_kubernetes(config, run_id: str, api=None,
         for thread in run.threads:
             thread.join(timeout=2)
     say("run-all", f"finished in {time.perf_counter() - started:.1f}s")
-    return store.child("compare").child("report.md").uri
+    return report_uri(store)
 
 
 # -- starting a stage ---------------------------------------------------------------------
 def _start(run: _Run, stage: str) -> None:
-    from trackb_core.k8s import jobspec
-
-    if stage == "generate" and jobspec.serves_vllm(run.config) \
+    if stage == jobspec.teacher_step().folder and jobspec.serves_vllm(run.config) \
             and run.config.kubernetes.vllm.serve == "deployment":
         _start_vllm(run)
     objects = jobspec.build_stage(stage, run.config, run.run_id)
@@ -160,8 +160,6 @@ def _start(run: _Run, stage: str) -> None:
 
 def _create_or_replace(run: _Run, obj: dict[str, Any]) -> dict[str, Any]:
     """The object as the API created it (with its uid)."""
-    from trackb_core.k8s.client import wait_deleted
-
     try:
         return run.client.create(obj)
     except run.client.ApiException as exc:
@@ -179,29 +177,26 @@ def _create_or_replace(run: _Run, obj: dict[str, Any]) -> dict[str, Any]:
 
 def _start_vllm(run: _Run) -> None:
     """Deployment mode: create the teacher server and wait until it is ready."""
-    from trackb_core.k8s import jobspec
-
     objects = jobspec.build_vllm_service(run.config, run.run_id)
     for obj in objects:
         _create_or_replace(run, obj)
     name = objects[0]["metadata"]["name"]
     budget = run.config.kubernetes.vllm.startup_seconds
-    say("generate", f"waiting up to {budget}s for the vLLM Deployment {name}")
+    say(jobspec.teacher_step().folder,
+        f"waiting up to {budget}s for the vLLM Deployment {name}")
     deadline = time.monotonic() + budget
     while True:
         deployment = run.client.get("Deployment", run.namespace, name) or {}
         if ((deployment.get("status") or {}).get("readyReplicas") or 0) >= 1:
             return
         if time.monotonic() > deadline:
-            raise StageFailed(_one_line(f"generate: the vLLM Deployment {name} was not ready "
+            raise StageFailed(_one_line(f"{jobspec.teacher_step().folder}: the vLLM Deployment {name} was not ready "
                                         f"after {budget}s: {_vllm_pod_state(run)}"))
         time.sleep(run.budgets.poll_seconds)
 
 
 def _vllm_pod_state(run: _Run) -> str:
     """Why the server is not ready, as far as its pods tell."""
-    from trackb_core.k8s import jobspec
-
     pods = run.client.list_pods(run.namespace, jobspec.selector(run.run_id, "vllm"))
     for pod in pods:
         name = pod["metadata"]["name"]
@@ -221,8 +216,6 @@ def _vllm_pod_state(run: _Run) -> str:
 
 def _cleanup_vllm(run: _Run) -> None:
     # The server holds a GPU: always delete it, whatever happened to the run.
-    from trackb_core.k8s import jobspec
-
     try:
         if not (jobspec.serves_vllm(run.config)
                 and run.config.kubernetes.vllm.serve == "deployment"):
@@ -239,16 +232,18 @@ def _wait_for_finish(run: _Run) -> list[tuple[str, str | None]]:
 
     Raises StageFailed when a pod of an active stage is stuck past its budget.
     """
-    from trackb_core.k8s.client import WatchExpired
-
     selector = {"trackb/run-id": run.run_id}
     while True:
-        if not run.resource_version:
-            # List first: a Job that ended before the watch opened is seen here.
-            jobs, run.resource_version = run.client.list_jobs(run.namespace, selector)
-            finished = _finished(run, jobs)
-            if finished:
-                return finished
+        # List every round, then watch from there: a Job that ended before the watch
+        # opened, or while a watch could not be read (a slow or restarted API server),
+        # is seen here instead of never.
+        jobs, run.resource_version = run.client.list_jobs(run.namespace, selector)
+        listed = {job.get("metadata", {}).get("name") for job in jobs}
+        gone = [{"metadata": {"name": active.job}} for active in run.active.values()
+                if active.job not in listed]
+        finished = _finished(run, jobs) + _finished(run, gone, deleted=True)
+        if finished:
+            return finished
         for stage in list(run.active):
             _inspect_pods(run, run.active[stage])
         # Leave the watch after poll_seconds even while events flow, so that stuck
@@ -267,7 +262,7 @@ def _wait_for_finish(run: _Run) -> list[tuple[str, str | None]]:
                 if time.monotonic() > deadline:
                     break
         except WatchExpired:
-            run.resource_version = ""  # 410 Gone: re-list, then watch from there
+            pass  # 410 Gone: the next round lists again and watches from there
 
 
 def _finished(run: _Run, jobs: list[dict[str, Any]],
@@ -295,8 +290,6 @@ def _finished(run: _Run, jobs: list[dict[str, Any]],
 
 def _inspect_pods(run: _Run, active: _Active) -> None:
     """Say what is happening to the stage's pods; raise StageFailed when one is stuck."""
-    from trackb_core.k8s import jobspec
-
     now = time.monotonic()
     pods = run.client.list_pods(run.namespace, jobspec.selector(run.run_id, active.stage))
     for pod in pods:
@@ -364,8 +357,6 @@ def _stuck(run: _Run, active: _Active, pod: dict[str, Any], cause: str) -> Stage
 
 def _failure_cause(run: _Run, active: _Active, condition: dict[str, Any]) -> str:
     """The most specific reason a Job failed: a pod's termination, else the Job's."""
-    from trackb_core.k8s import jobspec
-
     job_reason = f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}"
     pods = run.client.list_pods(run.namespace, jobspec.selector(run.run_id, active.stage))
     for pod in reversed(pods):  # the latest attempt first
@@ -389,8 +380,6 @@ def _one_line(text: str) -> str:
 
 # -- finishing ----------------------------------------------------------------------------
 def _finish(run: _Run, stage: str, cause: str | None) -> None:
-    from trackb_core.k8s import jobspec
-
     active = run.active.pop(stage)
     pods = run.client.list_pods(run.namespace, jobspec.selector(run.run_id, stage))
     if not active.streaming:
@@ -409,8 +398,6 @@ def _save_k8s(run: _Run, active: _Active, cause: str | None,
 
     Done before dependents start: they hash this folder as their input.
     """
-    from trackb_core.k8s import jobspec
-
     folder = run.store.child(active.stage).child(K8S_FOLDER)
     try:
         if pods is None:
@@ -438,20 +425,18 @@ def _save_k8s(run: _Run, active: _Active, cause: str | None,
 
 def _stream_logs(run: _Run, active: _Active, pod: dict[str, Any]) -> None:
     """Follow the main container's log in a thread once it has started."""
-    from trackb_core.k8s.jobspec import MAIN_CONTAINER
-
     name = pod["metadata"]["name"]
     if name in active.streaming:
         return
     state = next((c.get("state", {}) for c in pod.get("status", {}).get("containerStatuses", [])
-                  if c.get("name") == MAIN_CONTAINER), {})
+                  if c.get("name") == jobspec.MAIN_CONTAINER), {})
     if not (state.get("running") or state.get("terminated")):
         return
     active.streaming.add(name)
 
     def follow() -> None:
         try:
-            for line in run.client.follow_log(run.namespace, name, MAIN_CONTAINER):
+            for line in run.client.follow_log(run.namespace, name, jobspec.MAIN_CONTAINER):
                 say(active.stage, line)
         except Exception as exc:  # a broken log stream is not a failed stage
             say(active.stage, f"(log stream of {name} ended: {exc})")
@@ -481,18 +466,11 @@ def _api_message(exc: Any) -> str:
         return str(getattr(exc, "reason", exc))
 
 
-def _yaml(config) -> str:
-    import yaml
-
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
 # -- status, logs, delete -----------------------------------------------------------------
-def status(config, run_id: str, api=None) -> list[dict[str, str]]:
+def status(config: PipelineConfig, run_id: str,
+           api: KubeClient | None = None) -> list[dict[str, str]]:
     """One row per stage: ``{"stage", "store", "job"}`` (store: done / not done; job:
     the Job's state on the cluster, or 'none'). Raises ConfigError, UnavailableError."""
-    from trackb_core.k8s import jobspec
-    from trackb_core.k8s.client import connect
 
     client = api or connect()
     store = open_store(jobspec.run_uri(config, run_id))
@@ -518,14 +496,12 @@ def _job_state(job: dict[str, Any]) -> str:
     return "pending"
 
 
-def logs(config, run_id: str, stage: str, api=None) -> str:
+def logs(config: PipelineConfig, run_id: str, stage: str,
+         api: KubeClient | None = None) -> str:
     """The stage's logs: from its pods if they still exist, else the copy in the store.
 
     Raises ConfigError for an unknown stage, MissingInputError if neither exists.
     """
-    from trackb_core.errors import MissingInputError
-    from trackb_core.k8s import jobspec
-    from trackb_core.k8s.client import connect
 
     if stage not in jobspec.stage_names(config):
         raise ConfigError(f"unknown stage {stage!r}; stages: "
@@ -545,12 +521,10 @@ def logs(config, run_id: str, stage: str, api=None) -> str:
     return "\n".join(f"--- {key} (saved) ---\n{folder.get_text(key)}" for key in saved)
 
 
-def delete(config, run_id: str, api=None) -> list[str]:
+def delete(config: PipelineConfig, run_id: str, api: KubeClient | None = None) -> list[str]:
     """Delete every object of the run (Jobs with their pods, ConfigMaps, Services,
     NetworkPolicies, the vLLM server); the store is left alone. Returns 'Kind/name'
     of what was deleted. Raises ConfigError, UnavailableError."""
-    from trackb_core.k8s import jobspec
-    from trackb_core.k8s.client import connect
 
     client = api or connect()
     namespace = config.kubernetes.namespace

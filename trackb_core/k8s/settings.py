@@ -18,6 +18,7 @@ from pydantic import Field, create_model, field_validator, model_validator
 from trackb_core import __version__
 from trackb_core.config import StageConfig
 from trackb_core.errors import PERMANENT_EXIT_CODES
+from trackb_core.stages import deadline_doc, resource_keys
 
 # Kubernetes quantities such as 500m, 2, 1.5, 4Gi, 512Mi.
 QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
@@ -98,54 +99,34 @@ def _sized(name: str, doc: str, cpu: str, memory: str, cpu_limit: str, memory_li
     return create_model(name, __base__=Resources, __doc__=doc, **fields)
 
 
-# Requests are modest so that the CPU profile schedules on a laptop kind cluster; limits
-# leave room to burst. A T4 node (e.g. g4dn.xlarge: 4 vCPU, 16 GiB) fits one GPU pod.
-ExtractResources = _sized("ExtractResources", "extract (downloads and parses the corpus).",
-                          "500m", "1Gi", "2", "4Gi", disk="4Gi")
-GenerateResources = _sized("GenerateResources", "The generate client (HTTP to the teacher).",
-                           "250m", "512Mi", "1", "2Gi")
+# The pipeline steps' containers are sized in the step table (trackb_core.stages), one
+# field per resources key; these two are not steps.
 VLLMResources = _sized("VLLMResources", "The vLLM teacher server of generate.",
                        "2", "12Gi", "4", "14Gi", disk="4Gi", shm="2Gi", gpus=1)
-# build-dataset runs teacher-written unit tests: 4 filter processes, each with sandbox
-# children (dataset.filter_workers).
-BuildDatasetResources = _sized("BuildDatasetResources", "build-dataset (runs unit tests in "
-                               "the sandbox).", "1", "2Gi", "4", "6Gi")
-TinyModelResources = _sized("TinyModelResources", "tiny-model (CPU pretraining).",
-                            "1", "2Gi", "4", "6Gi")
-TrainResources = _sized("TrainResources", "train.", "1", "4Gi", "4", "14Gi", disk="8Gi",
-                        shm="2Gi", gpus=1)
-EvalResources = _sized("EvalResources", "eval-baseline and eval-post.", "1", "4Gi", "4",
-                       "14Gi", disk="8Gi", shm="1Gi", gpus=1)
-CompareResources = _sized("CompareResources", "compare.", "250m", "512Mi", "1", "2Gi")
 LauncherResources = _sized("LauncherResources", "The in-cluster launcher (run-all).",
                            "100m", "256Mi", "1", "1Gi", disk="1Gi")
 
 
-class ResourcesConfig(StageConfig):
-    """Per-container requests and limits."""
+def _step_resources() -> dict[str, Any]:
+    """One Resources field per resources key of the step table, with its defaults."""
+    fields: dict[str, Any] = {}
+    for key, sizing in resource_keys().items():
+        name = "".join(part.title() for part in key.split("_")) + "Resources"
+        cls = _sized(name, sizing.doc, sizing.cpu, sizing.memory, sizing.cpu_limit,
+                     sizing.memory_limit, disk=sizing.disk, shm=sizing.shm, gpus=sizing.gpus)
+        fields[key] = (cls, Field(default_factory=cls, description=sizing.doc))
+    return fields
 
-    extract: ExtractResources = Field(default_factory=ExtractResources,
-                                      description="extract (downloads and parses the corpus).")
-    generate: GenerateResources = Field(default_factory=GenerateResources,
-                                        description="The generate client (an HTTP client of "
-                                        "the teacher; also its wait-for-teacher step).")
-    vllm: VLLMResources = Field(default_factory=VLLMResources,
-                                description="The vLLM teacher server of generate; gpus "
-                                "must equal vllm.tensor_parallel_size.")
-    build_dataset: BuildDatasetResources = Field(default_factory=BuildDatasetResources,
-                                                 description="build-dataset.")
-    tiny_model: TinyModelResources = Field(default_factory=TinyModelResources,
-                                           description="tiny-model (CPU pretraining of the "
-                                           "demo model).")
-    train: TrainResources = Field(default_factory=TrainResources,
-                                  description="train; gpus is the GPU count per node (> 1 "
-                                  "runs torchrun).")
-    eval: EvalResources = Field(default_factory=EvalResources,
-                                description="eval-baseline and eval-post, each.")
-    compare: CompareResources = Field(default_factory=CompareResources,
-                                      description="compare.")
-    launcher: LauncherResources = Field(default_factory=LauncherResources,
-                                        description="The in-cluster launcher (run-all).")
+
+ResourcesConfig = create_model(
+    "ResourcesConfig", __base__=StageConfig, __doc__="Per-container requests and limits.",
+    **_step_resources(),
+    vllm=(VLLMResources, Field(default_factory=VLLMResources,
+                               description="The vLLM teacher server of generate; gpus must "
+                               "equal vllm.tensor_parallel_size.")),
+    launcher=(LauncherResources, Field(default_factory=LauncherResources,
+                                       description="The in-cluster launcher (run-all).")),
+)
 
 
 class SchedulingConfig(StageConfig):
@@ -251,17 +232,14 @@ class CacheConfig(StageConfig):
     _q = field_validator("size_limit")(_check_quantity)
 
 
-class DeadlinesConfig(StageConfig):
-    """activeDeadlineSeconds per Job: a stage running longer is stopped and failed."""
-
-    extract: int = Field(3600, ge=60, description="extract.")
-    generate: int = Field(6 * 3600, ge=60, description="generate (server start included).")
-    build_dataset: int = Field(1800, ge=60, description="build-dataset.")
-    tiny_model: int = Field(3600, ge=60, description="tiny-model.")
-    train: int = Field(12 * 3600, ge=60, description="train.")
-    eval: int = Field(6 * 3600, ge=60, description="eval-baseline and eval-post, each.")
-    compare: int = Field(900, ge=60, description="compare.")
-    launcher: int = Field(48 * 3600, ge=60, description="The in-cluster launcher (all stages).")
+DeadlinesConfig = create_model(
+    "DeadlinesConfig", __base__=StageConfig,
+    __doc__="activeDeadlineSeconds per Job: a stage running longer is stopped and failed.",
+    **{key: (int, Field(sizing.deadline, ge=60, description=deadline_doc(key)))
+       for key, sizing in resource_keys().items()},
+    launcher=(int, Field(48 * 3600, ge=60,
+                         description="The in-cluster launcher (all stages).")),
+)
 
 
 class JobPolicyConfig(StageConfig):
