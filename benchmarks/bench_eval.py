@@ -72,7 +72,7 @@ def seed_style(model, tokenizer, prompts: list[str], stops: list[int]) -> list[l
     """The seed's loop: one prompt, one answer per generate call."""
     import torch
 
-    from trackb_core.evaluate import decode_answer
+    from trackb_core.generation import decode_answer
 
     answers = []
     for prompt in prompts:

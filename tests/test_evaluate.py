@@ -229,7 +229,7 @@ def test_batched_greedy_is_left_padded_and_matches_one_at_a_time(tiny_model_dir)
 def test_decode_answer_cuts_at_the_first_stop_and_counts_it(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from trackb_core.evaluate import decode_answer
+    from trackb_core.generation import decode_answer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tokenizer("return x", add_special_tokens=False)["input_ids"]

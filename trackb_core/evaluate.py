@@ -31,23 +31,21 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
+from trackb_core import vllm_backend
 from trackb_core.config import StageConfig, input_field
 from trackb_core.errors import ConfigError, InputError
+from trackb_core.generation import Generations, decode_answer, stop_ids_for
 from trackb_core.metrics import index_predictions, score_all
 from trackb_core.prompts import render_prompt
 from trackb_core.stage import StageRun, say, stage_run, upstream_corpus_dir
 from trackb_core.store import Store
 
 STAGE = "eval"
-# ChatML's end of turn: a model taught the chat format stops here, even when the
-# tokenizer's eos is <|endoftext|> (as for the Qwen2.5 base models).
-END_OF_TURN = "<|im_end|>"
 BACKENDS = ("auto", "hf", "vllm")
 
 
@@ -120,17 +118,6 @@ class ScoreConfig(StageConfig):
     corpus: str | None = Field(
         None, description="Corpus the test items come from, for executing unit-test answers; "
         "unset: found from the dataset's manifests (best effort).")
-
-
-@dataclass
-class Generations:
-    """What a backend produced: per prompt one greedy answer and the samples."""
-
-    greedy: list[str]
-    samples: list[list[str]]
-    tokens: int
-    device: str
-    backend: str
 
 
 # -- inputs -----------------------------------------------------------------------------
@@ -207,8 +194,6 @@ def choose_backend(requested: str, adapter_dir: Path | None = None) -> str:
     any) is one vLLM can serve. Raises ConfigError if vllm is asked for and cannot run
     here, or if ``requested`` is not a backend.
     """
-    from trackb_core import vllm_backend
-
     if requested not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {requested!r}")
     if requested == "hf":
@@ -261,32 +246,9 @@ def load_model(model_path: str, adapter_dir: Path | None, tokenizer_path: str):
     return model, tokenizer, device
 
 
-def stop_ids_for(tokenizer, configured_eos: int | list[int] | None) -> list[int]:
-    """The tokenizer's eos, the model's configured eos ids and ChatML's end of turn."""
-    ids = {tokenizer.eos_token_id}
-    ids.update(configured_eos if isinstance(configured_eos, list) else [configured_eos])
-    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
-        ids.add(end_of_turn)
-    return sorted(i for i in ids if isinstance(i, int))
-
-
 def stop_token_ids(model, tokenizer) -> list[int]:
     """:func:`stop_ids_for` with the eos ids of ``model``'s generation config."""
     return stop_ids_for(tokenizer, getattr(model.generation_config, "eos_token_id", None))
-
-
-def decode_answer(tokenizer, ids: list[int], stops: list[int] | set[int]) -> tuple[str, int]:
-    """``(text, tokens generated)`` of new token ids cut at the first stop token.
-
-    The stop token counts as generated but is not decoded; both backends use this, so
-    their answers are post-processed identically.
-    """
-    stop_set = set(stops)
-    cut = next((j for j, t in enumerate(ids) if t in stop_set), None)
-    kept = ids if cut is None else ids[:cut]
-    used = len(kept) + (0 if cut is None else 1)
-    return tokenizer.decode(kept, skip_special_tokens=True), used
 
 
 def generate(model, tokenizer, device, prompts: list[str], *, batch_size: int,
@@ -384,15 +346,13 @@ def run(config: EvalConfig, out: Store) -> dict[str, Any]:
         if backend == "vllm":
             from transformers import AutoTokenizer
 
-            from trackb_core.vllm_backend import generate_vllm
-
             prompts = [render_prompt(AutoTokenizer.from_pretrained(tokenizer_path),
                                      item["instruction"]) for item in items]
             say(STAGE, f"model {config.model}" + (f" + adapter {adapter_dir}" if adapter_dir
                                                   else "") + " on vllm")
             started = time.perf_counter()
             with run.timed("generate"):
-                generations = generate_vllm(model_path, tokenizer_path, adapter_dir, prompts,
+                generations = vllm_backend.generate_vllm(model_path, tokenizer_path, adapter_dir, prompts,
                                             **options)
         else:
             with run.timed("load_model"):

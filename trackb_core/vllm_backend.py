@@ -6,7 +6,7 @@ Hugging Face path answers: the same prompt token ids (tokenized here without spe
 tokens, as the HF path does), one greedy answer (temperature 0, n = 1) and
 ``n_samples`` samples at one temperature/top-p with a fixed seed, every answer cut at
 the first stop token and decoded by the same function
-(:func:`trackb_core.evaluate.decode_answer`).
+(:func:`trackb_core.generation.decode_answer`).
 
 vLLM is imported inside the functions, so this module imports on any machine;
 :func:`vllm_unusable` says why the backend cannot run here (not installed, no GPU),
@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from trackb_core.errors import InputError
+from trackb_core.generation import Generations, decode_answer, stop_ids_for
 
 # Ranks vLLM's LoRA kernels accept for max_lora_rank; the adapter's rank is rounded up.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -103,14 +104,12 @@ def generate_vllm(model_path: str, tokenizer_path: str, adapter_dir: Path | None
                   max_new_tokens: int, seed: int):
     """Greedy answers and ``n_samples`` seeded samples per prompt, with vLLM.
 
-    Returns a :class:`trackb_core.evaluate.Generations`. Raises InputError if the
+    Returns a :class:`trackb_core.generation.Generations`. Raises InputError if the
     tokenizer or the adapter cannot be read or the adapter cannot be served by vLLM.
     """
     from transformers import AutoTokenizer, GenerationConfig
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
-
-    from trackb_core.evaluate import Generations, decode_answer, stop_ids_for
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
