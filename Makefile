@@ -30,7 +30,7 @@ demo: install ## Run the whole pipeline on CPU (verl corpus, reference teacher, 
 	$(TRACKB) run-all --config $(CONFIG) --run-id $(RUN_ID)
 
 test: install tools $(CHECKOV) ## Run the test suite (unit + integration; CPU only)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 test-fast: install ## Unit tests only (skips integration and slow)
 	$(PY) -m pytest -m "not integration and not slow"
