@@ -94,7 +94,8 @@ def test_eval_with_tiny_model_is_complete_and_deterministic(tmp_path, dataset_di
     outs = [LocalStore(tmp_path / f"eval{i}") for i in range(2)]
     for out in outs:
         manifest = run(eval_config(dataset_dir, tiny_model_dir), out)
-        assert set(manifest["outputs"]) == {"predictions.jsonl", "eval.json"}
+        assert set(manifest["outputs"]) == {"predictions.jsonl", "generation.json",
+                                            "eval.json"}
         assert out.exists("manifest.json")
 
     predictions = read_jsonl(outs[0], "predictions.jsonl")

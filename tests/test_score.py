@@ -422,7 +422,7 @@ def fake_unit_test_verdicts(monkeypatch, table):
     """Make the unit_test family's verdict answer from ``table[response]``."""
     calls = []
 
-    def fake(response, item, corpus_dir, *, timeout=10.0):
+    def fake(response, item, corpus_dir, *, timeout=10.0, allow_weak_sandbox=False):
         calls.append((item["id"], response))
         return dict(table[response])
 

@@ -36,6 +36,7 @@ from pydantic import Field
 from trackb_core import codeblocks, families, filters, neardup, prompts
 from trackb_core.config import StageConfig, declared_inputs, input_field
 from trackb_core.errors import InputError
+from trackb_core.sandbox import protect_process, stage_isolation
 from trackb_core.stage import (
     MANIFEST,
     resolve_file,
@@ -90,6 +91,10 @@ class DatasetConfig(StageConfig):
                                    "in the sandbox (strict filters)")
     filter_workers: int = Field(4, ge=1, description="Processes that check rows in parallel "
                                 "(1: in this process)")
+    allow_weak_sandbox: bool = Field(
+        False, description="Run teacher-written unit tests even where the sandbox cannot "
+        "reach its minimum isolation (seccomp, plus Landlock where the kernel has it): macOS, "
+        "old kernels. Only on a disposable machine with no secrets")
     near_dup_threshold: float = Field(
         neardup.REMOVAL_THRESHOLD, ge=0.5, le=1.0,
         description="Rows of one category whose instructions, or whose response code, reach "
@@ -112,15 +117,13 @@ def filter_rows(rows: list[dict[str, Any]], context: filters.FilterContext,
     counts rows kept only thanks to a later candidate). A rejected row counts under its
     first candidate's reason. ``report``: ``{"rejected": {reason: n}, "candidates_rescued",
     "facts": aggregate_facts(...)}`` with one set of facts per row (the kept candidate's,
-    else the first candidate's). ``workers`` > 1 checks rows in that many processes;
-    the result keeps the input order either way.
+    else the first candidate's). ``workers`` > 1 checks rows in that many processes
+    (:func:`_check_in_pool`: a worker that dies or hangs costs its own row, never the
+    stage); the result keeps the input order either way.
     """
     jobs = [(row, context) for row in rows]
     if workers > 1 and len(rows) > 1:
-        # processes, not threads: most checks are pure-Python AST work held by the GIL
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_check_candidates, jobs,
-                                    chunksize=max(1, len(jobs) // (workers * 8))))
+        results = _check_in_pool(jobs, workers, _hang_seconds(context))
     else:
         results = [_check_candidates(job) for job in jobs]
     kept, rejected, rescued, facts = [], Counter(), 0, []
@@ -135,6 +138,75 @@ def filter_rows(rows: list[dict[str, Any]], context: filters.FilterContext,
                   "facts": aggregate_facts(facts)}
 
 
+# Rejections that are not about the answer: the checking itself broke on this row.
+WORKER_DIED = "strict:worker_died"
+WORKER_HUNG = "strict:worker_hung"
+CHECK_FAILED = "strict:check_failed"
+
+
+def _hang_seconds(context: filters.FilterContext) -> float:
+    """How long a worker may go without finishing any row before it counts as hung."""
+    return 2 * context.sandbox_timeout * 8 + 120
+
+
+def _check_in_pool(jobs: list, workers: int, hang_seconds: float) -> list:
+    """:func:`_check_candidates` over ``jobs`` in a pool of ``workers`` processes.
+
+    A worker that dies (killed, out of memory, a crash in a parser) breaks the pool:
+    the rows not yet done run again in a fresh pool, and after a second break each one
+    alone, so only the row that kills its worker is lost (rejected as
+    ``strict:worker_died``). A pool that finishes no row for ``hang_seconds`` is killed
+    the same way (``strict:worker_hung``). The stage always completes.
+    """
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    results: dict[int, tuple] = {}
+    todo = list(range(len(jobs)))
+    breaks = 0
+    while todo:
+        alone = breaks >= 2
+        batches = [[i] for i in todo] if alone else [todo]
+        todo = []
+        for batch in batches:
+            pool = ProcessPoolExecutor(max_workers=1 if alone else workers,
+                                       initializer=protect_process)
+            futures = {pool.submit(_check_candidates, jobs[i]): i for i in batch}
+            failure = None
+            try:
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, timeout=hang_seconds,
+                                         return_when=FIRST_COMPLETED)
+                    if not done:
+                        failure = WORKER_HUNG
+                        break
+                    for future in done:
+                        try:
+                            results[futures[future]] = future.result()
+                        except BrokenProcessPool:
+                            failure = WORKER_DIED
+                    if failure:
+                        break
+            finally:
+                if failure:
+                    for process in list(getattr(pool, "_processes", {}).values()):
+                        process.kill()
+                pool.shutdown(wait=True, cancel_futures=True)
+            if failure:
+                lost = [i for i in batch if i not in results]
+                if alone:
+                    for i in lost:
+                        results[i] = (None, filters.FilterVerdict(failure), False)
+                else:
+                    say(STAGE, f"a filter worker {failure.split('_')[-1]}; checking the "
+                               f"{len(lost)} rows not done again")
+                    todo.extend(lost)
+        if todo:
+            breaks += 1
+    return [results[i] for i in range(len(jobs))]
+
+
 def _check_candidates(job: tuple[dict[str, Any], filters.FilterContext]
                       ) -> tuple[dict[str, Any] | None, filters.FilterVerdict, bool]:
     """``(kept row or None, verdict, rescued)`` for one row: its response, then each
@@ -143,7 +215,11 @@ def _check_candidates(job: tuple[dict[str, Any], filters.FilterContext]
     first = None
     for number, response in enumerate(_responses_to_try(row)):
         candidate = row if number == 0 else {**row, "response": response}
-        verdict = filters.check_row(candidate, context)
+        try:
+            verdict = filters.check_row(candidate, context)
+        except Exception as exc:  # noqa: BLE001 - a checker bug costs its row, not the stage
+            verdict = filters.FilterVerdict(CHECK_FAILED, {
+                "check_error": f"{type(exc).__name__}: {exc}"[:200]})
         if verdict.reason is None:
             return candidate, verdict, number > 0
         first = first or verdict
@@ -420,11 +496,16 @@ def run(config: DatasetConfig, out: Store) -> dict:
         if folder is None:
             say(STAGE, "corpus folder not found upstream: unit tests count as not executable")
 
+        runs_code = config.filter_set == "strict" and any(
+            family.runs_code for family in families.all_families()
+            if any(r["category"] == family.name for r in rows))
+        run.sandbox = stage_isolation(config.allow_weak_sandbox) if runs_code else None
         with run.timed("filter"):
             context = filters.FilterContext(min_chars=config.min_response_chars,
                                     max_chars=config.max_response_chars, corpus_dir=folder,
                                     filter_set=config.filter_set,
-                                    sandbox_timeout=config.sandbox_timeout)
+                                    sandbox_timeout=config.sandbox_timeout,
+                                    allow_weak_sandbox=config.allow_weak_sandbox)
             kept, report = filter_rows(rows, context, config.filter_workers)
         if not kept:
             raise InputError(f"{where}: no row survives the {config.filter_set} filters "
@@ -462,7 +543,8 @@ def run(config: DatasetConfig, out: Store) -> dict:
         run.counts.update(counts)
         generation = upstream_manifest(config.responses, "responses.jsonl") or {}
         teacher = _teacher_summary(generation, kept)
-        card = dataset_card(config, counts, corpus, corpus_license(folder), teacher, columns)
+        card = dataset_card(config, counts, corpus, corpus_license(folder), teacher, columns,
+                            run.sandbox)
         run.write_text("README.md", card)
         say(STAGE, f"train {len(train)} rows, test {len(test)} rows; rejected "
                    f"{sum(report['rejected'].values())}, duplicates removed "
@@ -505,7 +587,8 @@ def _teacher_summary(generation: dict[str, Any], rows: list[dict[str, Any]]) -> 
 
 
 def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str, Any] | None,
-                 license_name: str | None, teacher: dict[str, Any], columns: list[str]) -> str:
+                 license_name: str | None, teacher: dict[str, Any], columns: list[str],
+                 sandbox: dict[str, Any] | None = None) -> str:
     """The dataset's README.md. Deterministic: no timestamps, stable ordering.
 
     It leaves out the input's hash (in the manifest): the same rows in another order
@@ -568,6 +651,24 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
     else:
         described = "unknown"
     lines.append(f"- Sampling: {described}")
+    lines += ["", "## Sandbox", ""]
+    if sandbox:
+        landlock = (f"Landlock ABI {sandbox['landlock']}" if sandbox["landlock"] else
+                    "no Landlock" + (f" (the kernel offers ABI {sandbox['landlock_offered']})"
+                                     if sandbox["landlock_offered"] else
+                                     " (the kernel has none)"))
+        lines.append(f"- Unit tests ran in the sandbox at isolation level "
+                     f"**{sandbox['level']}**: seccomp {'on' if sandbox['seccomp'] else 'off'}, "
+                     f"{landlock}, network namespace {'yes' if sandbox['netns'] else 'no'}"
+                     + (", under gVisor" if sandbox.get("runtime") == "gvisor" else "")
+                     + ("; below the minimum, allowed by allow_weak_sandbox"
+                        if not sandbox["meets_minimum"] else "") + ".")
+        levels = (counts.get("filter_facts", {}).get("unit_test_isolation") or {}).get("counts")
+        if levels:
+            lines.append("- Per unit-test row: " + ", ".join(f"{k}: {v}" for k, v in
+                                                              sorted(levels.items())))
+    else:
+        lines.append("- No model-written code ran while building this dataset.")
     lines += ["", "## Splits", "", "| category | train | test | total |", "|---|---:|---:|---:|"]
     for category in sorted(set(counts["train"]) | set(counts["test"])):
         tr, te = counts["train"].get(category, 0), counts["test"].get(category, 0)

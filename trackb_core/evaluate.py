@@ -28,6 +28,7 @@ the same scorer, so its numbers mean exactly what ``trackb eval``'s do.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import time
@@ -36,12 +37,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from trackb_core import vllm_backend
+from trackb_core import families, vllm_backend
 from trackb_core.config import StageConfig, input_field
 from trackb_core.errors import ConfigError, InputError
 from trackb_core.generation import Generations, decode_answer, stop_ids_for
 from trackb_core.metrics import index_predictions, score_all
 from trackb_core.prompts import render_prompt
+from trackb_core.sandbox import stage_isolation
 from trackb_core.stage import StageRun, say, stage_run, upstream_corpus_dir
 from trackb_core.store import Store
 
@@ -59,10 +61,13 @@ class EvalConfig(StageConfig):
     Hugging Face generate with left padding; vllm runs vLLM offline with the adapter as a
     LoRARequest (needs vllm and a GPU); auto picks vllm exactly when both are present.
     The seed's pass@3 uses greedy + the first 2 samples; the unbiased pass@3 needs
-    --n-samples >= 3. Writes predictions.jsonl ({"id", "greedy", "samples"}, sorted by id)
-    and eval.json (metric_version 2: headline metrics with 95% bootstrap CIs, the
-    seed-compatible block, unbiased pass@k, execution metrics, per-item flags for
-    paired tests, and a "trackb" key with generation facts).
+    --n-samples >= 3. Writes predictions.jsonl ({"id", "greedy", "samples"}, sorted by id),
+    generation.json (how the answers were made, and for which items) and eval.json
+    (metric_version 2: headline metrics with 95% bootstrap CIs, the seed-compatible
+    block, unbiased pass@k, execution metrics, per-item flags for paired tests, and a
+    "trackb" key with generation facts). With --no-score it stops after generation.json:
+    `trackb score` scores the answers elsewhere (run-all does so on Kubernetes, so that
+    model-written code never runs in a GPU pod).
     """
 
     dataset: str | None = input_field(
@@ -95,14 +100,22 @@ class EvalConfig(StageConfig):
         None, description="Corpus the test items come from (a folder or pypi:NAME==VERSION), "
         "for executing unit-test answers; unset: found by following the dataset's manifests "
         "upstream (best effort; without it unit tests count as not executable).")
+    score: bool = Field(True, description="Score the answers too (eval.json); off: only "
+                        "generate them, for `trackb score`.")
+    allow_weak_sandbox: bool = Field(
+        False, description="Run model-written unit tests even where the sandbox cannot reach "
+        "its minimum isolation (seccomp, plus Landlock where the kernel has it): macOS, old "
+        "kernels. Only on a disposable machine with no secrets.")
 
 
 class ScoreConfig(StageConfig):
     """Score predictions made elsewhere with the same scorer as `trackb eval`.
 
     Reads test.jsonl (--dataset) and a predictions.jsonl (--predictions) whose rows are
-    {"id", "greedy": str, "samples": [str, ...]}; every test item needs a prediction.
-    Writes eval.json, exactly as `trackb eval` would from the same answers.
+    {"id", "greedy": str, "samples": [str, ...]}; every test item needs a prediction
+    (when `trackb eval --no-score` made them, its generation.json beside them names the
+    items, their sampling settings and model, and only those items are scored). Writes
+    eval.json, exactly as `trackb eval` would from the same answers.
     """
 
     dataset: str | None = input_field(
@@ -118,6 +131,13 @@ class ScoreConfig(StageConfig):
     corpus: str | None = Field(
         None, description="Corpus the test items come from, for executing unit-test answers; "
         "unset: found from the dataset's manifests (best effort).")
+    allow_weak_sandbox: bool = Field(
+        False, description="Run model-written unit tests even where the sandbox cannot reach "
+        "its minimum isolation (seccomp, plus Landlock where the kernel has it): macOS, old "
+        "kernels. Only on a disposable machine with no secrets.")
+
+
+GENERATION_FILE = "generation.json"
 
 
 # -- inputs -----------------------------------------------------------------------------
@@ -328,7 +348,6 @@ def run(config: EvalConfig, out: Store) -> dict[str, Any]:
     with stage_run(STAGE, config, out) as run:
         items = load_items(run, config.max_items, config.seed)
         say(STAGE, f"{len(items)} test items")
-        corpus_dir = corpus_dir_for(config.corpus, run.input_uri("dataset"))
 
         model_path, hub = _model_source(config.model)
         if not hub:
@@ -371,11 +390,7 @@ def run(config: EvalConfig, out: Store) -> dict[str, Any]:
             for item, g, s in zip(items, generations.greedy, generations.samples, strict=True)
         ]
         run.write_jsonl("predictions.jsonl", predictions)
-        with run.timed("score"):
-            result = score_all(items, {p["id"]: p for p in predictions}, config.tag,
-                               corpus_dir=corpus_dir, seed=config.seed,
-                               temperature=config.temperature if config.n_samples else None)
-        result["trackb"] = {
+        generation = {
             "model": config.model,
             "adapter": config.adapter,
             "backend": generations.backend,
@@ -386,15 +401,42 @@ def run(config: EvalConfig, out: Store) -> dict[str, Any]:
             "max_new_tokens": config.max_new_tokens,
             "seed": config.seed,
             "device": generations.device,
-            "corpus_dir": str(corpus_dir) if corpus_dir else None,
             "generation_seconds": seconds,
             "tokens_generated": generations.tokens,
         }
-        run.write_json("eval.json", result)
+        run.write_json(GENERATION_FILE, {**generation, "tag": config.tag,
+                                         "items": [str(item["id"]) for item in items]})
         run.counts.update({"items": len(items), "tokens_generated": generations.tokens})
-        run.extra["metrics"] = headline_summary(result)
-        say(STAGE, summary_line(result, seconds))
+        if config.score:
+            with run.timed("score"):
+                result = _score(run, items, {p["id"]: p for p in predictions}, config.tag,
+                                config.corpus, config.allow_weak_sandbox,
+                                config.temperature if config.n_samples else None)
+            result["trackb"] = {**generation, "corpus_dir": result.pop("_corpus_dir")}
+            run.write_json("eval.json", result)
+            run.extra["metrics"] = headline_summary(result)
+            say(STAGE, summary_line(result, seconds))
+        else:
+            say(STAGE, f"{len(items)} items answered in {seconds:.1f} s; scoring is left to "
+                       "`trackb score`")
     return run.manifest
+
+
+def _score(run: StageRun, items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]],
+           tag: str, corpus: str | None, allow_weak_sandbox: bool,
+           temperature: float | None) -> dict[str, Any]:
+    """:func:`score_all` with the corpus resolved and the sandbox checked first when an
+    item's family runs code (recorded in the manifest; raises ConfigError below the
+    sandbox's minimum unless ``allow_weak_sandbox``)."""
+    code = {family.name for family in families.all_families() if family.runs_code}
+    corpus_dir = None
+    if any(item.get("category") in code for item in items):
+        run.sandbox = stage_isolation(allow_weak_sandbox)
+        corpus_dir = corpus_dir_for(corpus, run.input_uri("dataset"))
+    result = score_all(items, predictions, tag, corpus_dir=corpus_dir, temperature=temperature,
+                       allow_weak_sandbox=allow_weak_sandbox)
+    result["_corpus_dir"] = str(corpus_dir) if corpus_dir else None
+    return result
 
 
 def score(config: ScoreConfig, out: Store) -> dict[str, Any]:
@@ -411,22 +453,52 @@ def score(config: ScoreConfig, out: Store) -> dict[str, Any]:
         items = load_items(run)
         predictions = index_predictions(run.read_jsonl("predictions"),
                                         run.input_uri("predictions"))
-        corpus_dir = corpus_dir_for(config.corpus, run.input_uri("dataset"))
-        result = score_all(items, predictions, config.tag, corpus_dir=corpus_dir,
-                           temperature=config.temperature)
+        generation = _generation_beside(run.input_uri("predictions"))
+        if generation is not None:
+            wanted_ids = set(generation["items"])
+            items = [item for item in items if str(item["id"]) in wanted_ids]
+            if not items:
+                raise InputError(f"--predictions: {GENERATION_FILE} beside them names no item "
+                                 "of --dataset (another test split?)")
+        temperature = config.temperature
+        if temperature is None and generation and generation.get("n_samples"):
+            temperature = generation.get("temperature")
+        result = _score(run, items, predictions, config.tag, config.corpus,
+                        config.allow_weak_sandbox, temperature)
         wanted = {str(item["id"]) for item in items}
         result["trackb"] = {
+            **{k: v for k, v in (generation or {}).items() if k not in ("items", "tag")},
             "predictions": config.predictions,
             "n_items": len(items),
             "unused_predictions": len(set(predictions) - wanted),
-            "temperature": config.temperature,
-            "corpus_dir": str(corpus_dir) if corpus_dir else None,
+            "temperature": temperature,
+            "corpus_dir": result.pop("_corpus_dir"),
         }
         run.write_json("eval.json", result)
         run.counts.update({"items": len(items), "predictions": len(predictions)})
         run.extra["metrics"] = headline_summary(result)
         say("score", summary_line(result))
     return run.manifest
+
+
+def _generation_beside(predictions_uri: str) -> dict[str, Any] | None:
+    """The generation.json ``trackb eval --no-score`` wrote beside the predictions, or
+    None if there is none. Raises InputError if it exists but is malformed."""
+    from trackb_core.stage import resolve_file
+
+    store, key = resolve_file(predictions_uri, "predictions.jsonl")
+    folder = key.rpartition("/")[0]
+    name = f"{folder}/{GENERATION_FILE}" if folder else GENERATION_FILE
+    if not store.exists(name):
+        return None
+    try:
+        data = json.loads(store.get_bytes(name))
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"{store.uri}/{name} is not valid JSON") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("items"), list) \
+            or not all(isinstance(i, str) for i in data["items"]):
+        raise InputError(f"{store.uri}/{name} has no list of item ids")
+    return data
 
 
 def headline_summary(result: dict[str, Any]) -> dict[str, Any]:

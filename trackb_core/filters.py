@@ -73,6 +73,7 @@ class FilterContext:
     corpus_dir: Path | None
     filter_set: str = "strict"
     sandbox_timeout: float = 10.0
+    allow_weak_sandbox: bool = False
 
     def __post_init__(self) -> None:
         if self.filter_set not in FILTER_SETS:
@@ -128,6 +129,7 @@ def check_row(row: dict[str, Any], ctx: FilterContext) -> FilterVerdict:
     if has_placeholder(response):
         return FilterVerdict("strict:placeholder")
     family = families.get(row["category"])
-    verdict = family.verdict(response, row, CheckContext(ctx.corpus_dir, ctx.sandbox_timeout))
+    verdict = family.verdict(response, row, CheckContext(ctx.corpus_dir, ctx.sandbox_timeout,
+                                                         ctx.allow_weak_sandbox))
     reason, facts = family.filter(verdict)
     return FilterVerdict(f"strict:{reason}" if reason else None, facts)

@@ -67,6 +67,9 @@ def index_predictions(rows: list[dict[str, Any]], where: str) -> dict[str, dict[
 
 METRIC_VERSION = 2
 UNBIASED_KS = (1, 3)
+# One seed for every bootstrap, whichever command scores: the same predictions give the
+# same intervals from `trackb eval` and `trackb score`.
+BOOTSTRAP_SEED = 0
 # Most unit-test sandboxes run at once: each is a child process, and the machines that
 # score are often small.
 MAX_SANDBOX_WORKERS = 4
@@ -167,7 +170,7 @@ def _validated_responses(items: list[dict[str, Any]], predictions: dict[str, dic
 
 
 def _all_verdicts(ordered: list[dict[str, Any]], responses: dict[str, list[str]],
-                  corpus_dir: Path | None, timeout: float, workers: int | None
+                  context: CheckContext, workers: int | None
                   ) -> dict[tuple[str, str], dict[str, Any]]:
     """``{(item id, response): verdict}``, each distinct answer checked once.
 
@@ -185,13 +188,12 @@ def _all_verdicts(ordered: list[dict[str, Any]], responses: dict[str, list[str]]
             if families.get(category).runs_code:
                 sandboxed[key] = (item, response)
             else:
-                found[key] = verdict(category, response, item, corpus_dir)
+                found[key] = families.get(category).verdict(response, item, context)
     if sandboxed:
         workers = workers or min(MAX_SANDBOX_WORKERS, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = pool.map(
-                lambda job: verdict(job[0]["category"], job[1], job[0], corpus_dir,
-                                    timeout=timeout),
+                lambda job: families.get(job[0]["category"]).verdict(job[1], job[0], context),
                 sandboxed.values())
             found.update(zip(sandboxed, results, strict=True))
     return found
@@ -274,9 +276,10 @@ def _general_metrics(seed_k: int, min_samples: int
 
 
 def score_all(items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]], tag: str,
-              *, corpus_dir: Path | None, n_boot: int = 1000, seed: int = 0,
+              *, corpus_dir: Path | None, n_boot: int = 1000, seed: int = BOOTSTRAP_SEED,
               temperature: float | None = None, sandbox_timeout: float = 10.0,
-              workers: int | None = None) -> dict[str, Any]:
+              workers: int | None = None, allow_weak_sandbox: bool = False
+              ) -> dict[str, Any]:
     """eval.json's metrics (all but its ``trackb`` key) of ``predictions`` over ``items``.
 
     ``predictions`` maps item id -> ``{"greedy": str, "samples": [str, ...]}``; the
@@ -304,7 +307,8 @@ def score_all(items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]
     seed_k = min(SEED_K, 1 + min_samples)
     seeds = seed_rows(items, predictions, seed_k)
     seed_compatible = seed_summary(seeds, tag, seed_k)
-    verdicts = _all_verdicts(ordered, responses, corpus_dir, sandbox_timeout, workers)
+    context = CheckContext(corpus_dir, sandbox_timeout, allow_weak_sandbox)
+    verdicts = _all_verdicts(ordered, responses, context, workers)
     records = _item_records(ordered, responses, {r["id"]: r for r in seeds}, verdicts)
     estimate = _Estimator(n_boot, seed)
 

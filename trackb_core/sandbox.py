@@ -1,234 +1,132 @@
-"""Run untrusted Python (model or teacher output) in a contained child process.
+"""Run untrusted Python (model, teacher or corpus code) in a contained child process.
 
-Used to run tests against corpus modules (:mod:`trackb_core.testrun`, for the unit_test
-family's verdict), which both the dataset's strict filters and eval's execution metrics
-call. Human-eval style
-guards are not a sandbox (field notes §2); this one layers what a single process on
-Linux can do without privileges it may not have:
+Every test trackb runs goes through :func:`run_python` (via :mod:`trackb_core.testrun`):
+the dataset's strict filters, eval's execution metrics. Human-eval style guards are not
+a sandbox (field notes §2); this one layers what the kernel offers an unprivileged
+process, so that it holds in a pod (no user namespaces, no capabilities) as on a laptop:
 
-- a child ``python -I`` (no PYTHON* variables, no user site) in a fresh temporary
-  working folder, with a scrubbed environment (``HOME`` and ``TMPDIR`` inside it), stdin
-  from /dev/null, in its own session so that the whole process group is killed on
-  timeout and after it exits;
-- rlimits set by the child before any untrusted line runs, soft = hard so they cannot
-  be raised: address space (``memory_mb``), CPU seconds, file size, open files, core
-  dumps, processes (which does not bind root: see below);
-- no network: the child unshares a new user + network namespace (only a downed
-  loopback), recorded as ``network_isolation="netns"``; where that is not allowed (a
-  pod without user namespaces) it refuses every socket instead, ``"socket_blocked"``;
-- an audit hook (:func:`sys.addaudithook`, which code cannot remove) that refuses
-  process creation (``os.fork``, ``os.forkpty``, ``os.system``, ``os.posix_spawn``,
-  ``os.exec*``, ``os.spawn*``, ``subprocess.Popen``, and ``_posixsubprocess``), signals
-  to other processes, raising rlimits, ``ctypes`` lookups of fork/exec/socket/unshare
-  style symbols, Unix-socket connections, and opening, creating, renaming, removing or
-  changing files outside the working folder. RLIMIT_NPROC does not stop a fork bomb
-  run as root, so this hook is what does.
+- a child ``python -I`` in a fresh working folder (its cwd, ``HOME`` and ``TMPDIR``),
+  with a scrubbed environment (no secret ever reaches it), stdin from /dev/null, in its
+  own session so the whole process group is killed on timeout and after it exits;
+- in the child, before any untrusted byte runs (:mod:`trackb_core.sandbox_child`):
+  rlimits; a private network namespace where user namespaces are allowed; **Landlock**
+  where the kernel offers it (read only the interpreter, libraries and the corpus view
+  it is given, write only its folder, no TCP, no signals or abstract Unix sockets
+  outside); ``PR_SET_NO_NEW_PRIVS`` and a **seccomp** filter (no processes, no exec, no
+  sockets but ``socketpair(AF_UNIX)``, no ptrace, pidfds, namespaces, mounts, bpf,
+  io_uring, keyrings; signals only to itself); then an audit hook as a cheap first line;
+- the **minimum** isolation is seccomp, plus Landlock wherever the kernel offers it;
+  running under gVisor (``TRACKB_SANDBOX_RUNTIME=gvisor``, set by the pod spec) counts
+  as meeting it. With ``require_minimum`` the child refuses to run the code below it
+  (status ``below_minimum``); :func:`probe` tells a stage before it starts;
+- disk: ``RLIMIT_FSIZE`` caps each file, and the parent accounts the folder while the
+  code runs and kills it past ``disk_mb`` or :data:`MAX_ENTRIES` entries (there is no
+  private mount in a pod; the pod's ephemeral-storage limit is the outer wall);
+- output is read back from descriptors the parent opened itself (a FIFO or a symlink
+  the code leaves behind changes nothing), capped; the folder is removed iteratively, so
+  a 3,000-deep tree of its making cannot break the clean-up.
 
-Each refused action raises PermissionError in the child and is reported in
-``SandboxResult.refused``. The audit hook is a guard, not a security boundary against
-code written to escape it; on Kubernetes the pod adds its own (deny-all egress
-NetworkPolicy, non-root user, memory limits).
+Processes that hold secrets (every trackb process: :func:`protect_process` sets
+``PR_SET_DUMPABLE`` 0) cannot be read through ``/proc/<pid>/environ`` or ``mem`` by a
+same-user process.
 
 ``run_python`` never raises for anything the code does; ``status`` says what happened:
-``ok`` (exit 0), ``failed`` (non-zero exit: an exception, a refused action, ``sys.exit``),
-``timeout`` (wall-clock limit; the group was killed), ``killed`` (a signal or a resource
-limit: memory, CPU, file size; ``reason`` names it), ``error`` (the sandbox itself could
-not run the code).
+``ok`` (exit 0), ``failed`` (non-zero exit: an exception, a refused action,
+``sys.exit``), ``timeout`` (wall-clock limit; the group was killed), ``killed`` (a
+signal or a resource limit: memory, CPU, file size, disk; ``reason`` names it),
+``below_minimum`` (the isolation could not reach the minimum; nothing ran), ``error``
+(the sandbox itself could not run the code).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-OUTPUT_CHARS = 20_000
-MARKER = "\x1etrackb-sandbox "  # lines the child's bootstrap writes to stderr for us
-MEMORY_EXIT = 113  # the bootstrap's exit code for an uncaught MemoryError
+from trackb_core import sandbox_child
+from trackb_core.errors import ConfigError
 
+OUTPUT_CHARS = 20_000
+REPORT_BYTES = 1 << 20  # the most a run's report channel may carry
+STATUS_BYTES = 64 << 10
+MAX_ENTRIES = 20_000  # files and folders the code may leave in its folder
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+PR_SET_DUMPABLE = 4
+RUNTIME_ENV = "TRACKB_SANDBOX_RUNTIME"  # "gvisor" when the pod runs under gVisor
 
-# Set once a child could not unshare: every later child blocks sockets without trying.
+# Set once a child could not unshare: every later child skips the try.
 _NETNS_REFUSED = False
 
-# Runs in the child as ``python -I -c BOOTSTRAP SPEC_JSON`` before the untrusted code.
-BOOTSTRAP = r'''
-import sys
+
+@dataclass(frozen=True)
+class Isolation:
+    """What walls a sandboxed run had (the child reports them before the code runs)."""
+
+    seccomp: bool = False
+    landlock: int = 0  # the Landlock ABI applied; 0: none
+    landlock_offered: int = 0  # the ABI the kernel offers; 0: none
+    netns: bool = False
+    runtime: str | None = None  # "gvisor" when declared
+    meets_minimum: bool = False
+
+    @property
+    def level(self) -> str:
+        """``gvisor``, ``seccomp+landlock`` (``+netns``), ``seccomp`` or ``none``."""
+        if self.runtime == "gvisor":
+            return "gvisor"
+        if not self.seccomp:
+            return "none"
+        level = "seccomp+landlock" if self.landlock else "seccomp"
+        return level + ("+netns" if self.netns else "")
+
+    def as_dict(self) -> dict:
+        return {"level": self.level, "seccomp": self.seccomp, "landlock": self.landlock,
+                "landlock_offered": self.landlock_offered, "netns": self.netns,
+                "runtime": self.runtime, "meets_minimum": self.meets_minimum}
 
 
-def _bootstrap():
-    import json, os, resource
-    spec = json.loads(sys.argv[1])
-    marker = spec["marker"]
-
-    def note(text):
-        os.write(2, (marker + text + "\n").encode())
-
-    limits = {
-        resource.RLIMIT_AS: spec["memory_bytes"],
-        resource.RLIMIT_CPU: spec["cpu_seconds"],
-        resource.RLIMIT_FSIZE: spec["file_bytes"],
-        resource.RLIMIT_NOFILE: spec["open_files"],
-        resource.RLIMIT_CORE: 0,
-        resource.RLIMIT_NPROC: spec["processes"],
-    }
-    for which, value in limits.items():
-        try:
-            resource.setrlimit(which, (value, value))
-        except (ValueError, OSError):
-            # cannot lower below current usage (NOFILE/NPROC): keep the lowest allowed
-            soft, hard = resource.getrlimit(which)
-            resource.setrlimit(which, (hard, hard))
-
-    isolation = "socket_blocked"
-    if spec["try_netns"]:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(ctypes.c_int(spec["clone_flags"])) == 0:
-            isolation = "netns"
-    note("isolation " + isolation)
-
-    root = os.path.realpath(spec["workdir"])
-    writable = (root, "/dev/null")
-    sys.dont_write_bytecode = True
-    sys.path[:] = [root, *spec["python_path"], *[p for p in sys.path if p]]
-
-    process_events = {
-        "os.fork", "os.forkpty", "os.system", "os.posix_spawn", "os.posix_spawnp", "os.spawn",
-        "os.exec", "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill",
-        "resource.setrlimit", "resource.prlimit", "pty.spawn", "os.setns", "os.unshare",
-    }
-    # event -> (indexes of path arguments, indexes of dir_fd arguments)
-    path_events = {
-        "os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.mkdir": ((0,), (2,)),
-        "os.chmod": ((0,), (2,)), "os.chown": ((0,), (3,)), "os.rename": ((0, 1), (2, 3)),
-        "os.link": ((1,), (3,)), "os.symlink": ((1,), (2,)), "os.truncate": ((0,), ()),
-        "os.utime": ((0,), (3,)), "shutil.rmtree": ((0,), (1,)),
-        "os.setxattr": ((0,), ()), "os.removexattr": ((0,), ()), "os.chflags": ((0,), ()),
-        "os.lchflags": ((0,), ()), "os.lchmod": ((0,), ()), "os.mkfifo": ((0,), (2,)),
-        "os.mknod": ((0,), (3,)),
-    }
-    socket_events = {
-        "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
-        "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
-        "socket.getnameinfo",
-    }
-    dangerous_symbols = ("fork", "vfork", "clone", "clone3", "system", "popen", "execv",
-                         "execve", "execvp", "execvpe", "execl", "execle", "execlp",
-                         "posix_spawn", "posix_spawnp", "socket", "connect", "kill", "unshare",
-                         "setns", "ptrace", "syscall", "setrlimit", "prlimit", "prlimit64")
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    noted = set()
-
-    def refuse(what):
-        if what not in noted:
-            noted.add(what)
-            note("refused " + what)
-        raise PermissionError(f"sandbox refused {what}")
-
-    def inside(path):
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
-        if not isinstance(path, str):
-            return False  # an fd or an object: cannot tell where it points
-        real = os.path.realpath(path)
-        return any(real == w or real.startswith(w + os.sep) for w in writable)
-
-    def hook(event, args):
-        if event in process_events:
-            refuse(event)
-        if event == "open":
-            path, mode, flags = (list(args) + [None, None, None])[:3]
-            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & write_flags)
-            if writes and not isinstance(path, int) and not inside(path):
-                refuse(f"open for writing: {path}")
-        elif event in path_events:
-            paths, dir_fds = path_events[event]
-            for i in dir_fds:
-                if i < len(args) and isinstance(args[i], int) and args[i] >= 0:
-                    refuse(f"{event} relative to a directory descriptor")
-            for i in paths:
-                if i < len(args) and not inside(args[i]):
-                    refuse(f"{event}: {args[i]}")
-        elif event.startswith("socket."):
-            if isolation == "socket_blocked" and event in socket_events:
-                refuse(event)
-            if event in ("socket.connect", "socket.bind", "socket.sendto") and args:
-                address = args[1] if len(args) > 1 else None
-                if isinstance(address, (str, bytes)):
-                    refuse(event + " to a Unix socket")
-        elif event == "ctypes.dlsym" and len(args) > 1:
-            name = args[1] if isinstance(args[1], str) else str(args[1])
-            if name.lstrip("_") in dangerous_symbols:
-                refuse("ctypes symbol " + name)
-
-    sys.addaudithook(hook)
-    import _posixsubprocess
-
-    def no_fork_exec(*args, **kwargs):
-        refuse("_posixsubprocess.fork_exec")
-
-    _posixsubprocess.fork_exec = no_fork_exec
-
-    with open(spec["code_file"], encoding="utf-8") as handle:
-        code = compile(handle.read(), "<sandbox>", "exec")
-    import types
-    main = types.ModuleType("__main__")
-    main.__file__ = os.path.join(root, "__main__.py")
-    sys.modules["__main__"] = main
-    try:
-        exec(code, main.__dict__)
-    except MemoryError:
-        sys.stdout.flush()
-        note("memory")
-        os._exit(spec["memory_exit"])
-    finally:
-        try:
-            sys.stdout.flush()
-        except (OSError, ValueError):
-            pass
-
-
-_bootstrap()
-'''
+NO_ISOLATION = Isolation()
 
 
 @dataclass
 class SandboxResult:
     """What happened to code run by :func:`run_python` (see the module docstring)."""
 
-    status: str  # "ok" | "failed" | "timeout" | "killed" | "error"
+    status: str  # ok | failed | timeout | killed | below_minimum | error
     returncode: int | None
     stdout: str
     stderr: str
     seconds: float
-    network_isolation: str  # "netns" | "socket_blocked"
+    isolation: Isolation = NO_ISOLATION
     reason: str = ""  # why it was killed or errored; empty for ok/failed
     refused: list[str] = field(default_factory=list)  # actions the audit hook refused
-    truncated: bool = False  # stdout or stderr was cut to OUTPUT_CHARS
+    truncated: bool = False  # stdout or stderr was cut to output_chars
+    report: bytes = b""  # what the code wrote to its report channel (report=True)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
 
-def _read_tail(path: Path, limit: int) -> tuple[str, bool]:
-    """The first ``limit`` characters of a file (the start says what went wrong first)."""
+def protect_process() -> bool:
+    """Make this process non-dumpable (``PR_SET_DUMPABLE`` 0): a same-user process,
+    sandboxed code included, cannot read its environment, memory or file descriptors
+    through ``/proc``. Returns False where the call does not exist (not Linux)."""
     try:
-        with path.open("rb") as handle:
-            data = handle.read(limit * 4 + 1)
-    except OSError:
-        return "", False
-    text = data.decode("utf-8", errors="replace")
-    return text[:limit], len(text) > limit or len(data) > limit * 4
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _checked_relative(name: str) -> Path:
@@ -245,30 +143,158 @@ def _kill_group(process: subprocess.Popen) -> None:
         pass
 
 
+def remove_tree(path: str | Path) -> None:
+    """Delete ``path`` and everything below it, however deep, never following links.
+
+    Works one folder at a time and moves each subfolder up to the top instead of
+    descending into it, so neither the path length nor the number of open descriptors
+    grows with the depth. Raises nothing: what cannot be removed is left.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        top = os.open(path, flags)
+    except OSError:
+        return
+    tag, counter = os.urandom(6).hex(), 0
+    try:
+        pending = [None]  # None: the top folder itself
+        while pending:
+            name = pending.pop()
+            try:
+                fd = os.dup(top) if name is None else os.open(name, flags, dir_fd=top)
+            except OSError:
+                continue
+            try:
+                os.fchmod(fd, 0o700)  # a folder the code made unreadable
+            except OSError:
+                pass
+            try:
+                with os.scandir(fd) as entries:
+                    children = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            except OSError:
+                children = []
+            for child, is_dir in children:
+                try:
+                    if is_dir:
+                        counter += 1
+                        moved = f".trackb-rm-{tag}-{counter}"
+                        os.rename(child, moved, src_dir_fd=fd, dst_dir_fd=top)
+                        pending.append(moved)
+                    else:
+                        os.unlink(child, dir_fd=fd)
+                except OSError:
+                    pass
+            os.close(fd)
+            if name is not None:
+                try:
+                    os.rmdir(name, dir_fd=top)
+                except OSError:
+                    pass
+    finally:
+        os.close(top)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def folder_usage(path: Path, limit_bytes: int) -> tuple[int, int]:
+    """``(bytes, entries)`` under ``path`` without following links; stops counting once
+    either passes its limit (``limit_bytes``, :data:`MAX_ENTRIES`)."""
+    used, entries, stack = 0, 0, [str(path)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as listing:
+                for entry in listing:
+                    entries += 1
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    used += info.st_blocks * 512
+                    if stat.S_ISDIR(info.st_mode):
+                        stack.append(entry.path)
+                    if used > limit_bytes or entries > MAX_ENTRIES:
+                        return used, entries
+        except OSError:
+            continue
+    return used, entries
+
+
+class _Drain(threading.Thread):
+    """Reads a pipe to its end, keeping the first ``cap`` bytes (the child never blocks
+    on a full pipe: the rest is read and dropped)."""
+
+    def __init__(self, fd: int, cap: int):
+        super().__init__(daemon=True)
+        self.fd, self.cap, self.data, self.cut = fd, cap, bytearray(), False
+
+    def run(self) -> None:
+        try:
+            while chunk := os.read(self.fd, 65536):
+                room = self.cap - len(self.data)
+                if room > 0:
+                    self.data += chunk[:room]
+                if len(chunk) > max(room, 0):
+                    self.cut = True
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+
+
+def _read_back(handle, limit: int) -> tuple[str, bool]:
+    """The first ``limit`` characters the child wrote to a file we opened and handed it."""
+    try:
+        handle.seek(0)
+        data = handle.read(limit * 4 + 1)
+    except OSError:
+        return "", False
+    text = data.decode("utf-8", errors="replace")
+    return text[:limit], len(text) > limit or len(data) > limit * 4
+
+
+def _parse_isolation(line: str) -> Isolation:
+    try:
+        data = json.loads(line)
+        return Isolation(seccomp=bool(data["seccomp"]), landlock=int(data["landlock"]),
+                         landlock_offered=int(data["landlock_offered"]),
+                         netns=bool(data["netns"]), runtime=data.get("runtime") or None,
+                         meets_minimum=bool(data["meets_minimum"]))
+    except (ValueError, KeyError, TypeError):
+        return NO_ISOLATION
+
+
 def run_python(code: str, *, files: dict[str, str] | None = None, timeout: float = 10.0,
-               memory_mb: int = 1024, file_size_mb: int = 16, open_files: int = 256,
-               processes: int = 512, python_path: list[str | Path] | None = None,
-               output_chars: int = OUTPUT_CHARS, network: str = "auto") -> SandboxResult:
+               memory_mb: int = 1024, file_size_mb: int = 16, disk_mb: int = 64,
+               open_files: int = 256, processes: int = 512,
+               python_path: list[str | Path] | None = None,
+               output_chars: int = OUTPUT_CHARS, report: bool = False,
+               require_minimum: bool = True, network: str = "auto") -> SandboxResult:
     """Run ``code`` as ``__main__`` in a contained child process; never raises for what
     the code does.
 
     ``files`` (relative path -> text) are written into the child's working folder, which
     is first on its ``sys.path`` and deleted afterwards. ``python_path`` folders follow it
-    on ``sys.path``, readable but not writable (a corpus, for sibling imports). The CPU
-    limit is the timeout rounded down plus two seconds. ``network="auto"`` tries a network
-    namespace and falls back to refusing sockets; ``"socket_blocked"`` skips the try.
+    on ``sys.path``, readable but not writable (a view of a corpus). The CPU limit is the
+    timeout rounded down plus two seconds. With ``report``, the code finds ``REPORT_FD``
+    in its globals, a pipe whose bytes come back as ``SandboxResult.report`` (at most
+    :data:`REPORT_BYTES`). ``require_minimum`` refuses to run below the minimum
+    isolation; ``network="auto"`` also tries a private network namespace, ``"seccomp"``
+    does not.
 
     Raises ValueError for a file name that is absolute or leaves the folder, or for an
     unknown ``network``.
     """
     global _NETNS_REFUSED
-    if network not in ("auto", "socket_blocked"):
-        raise ValueError(f"network must be 'auto' or 'socket_blocked', not {network!r}")
+    if network not in ("auto", "seccomp"):
+        raise ValueError(f"network must be 'auto' or 'seccomp', not {network!r}")
     relative_files = {_checked_relative(name): text for name, text in (files or {}).items()}
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="trackb-sandbox-") as scratch:
-        meta = Path(scratch) / "meta"  # ours: the code and the captured output
-        work = Path(scratch) / "work"  # the child's: its cwd, HOME and TMPDIR
+    scratch = Path(tempfile.mkdtemp(prefix="trackb-sandbox-"))
+    try:
+        meta = scratch / "meta"  # ours: the code and the captured output
+        work = scratch / "work"  # the child's: its cwd, HOME and TMPDIR
         meta.mkdir()
         (work / "tmp").mkdir(parents=True)
         for relative, text in relative_files.items():
@@ -277,71 +303,157 @@ def run_python(code: str, *, files: dict[str, str] | None = None, timeout: float
             target.write_text(text, encoding="utf-8")
         code_file = meta / "main.py"
         code_file.write_text(str(code), encoding="utf-8")
+        status_read, status_write = os.pipe()
+        report_read, report_write = os.pipe() if report else (None, None)
         spec = {
-            "marker": MARKER, "workdir": str(work), "code_file": str(code_file),
-            "python_path": [str(p) for p in (python_path or [])],
+            "workdir": str(work), "code_file": str(code_file),
+            "read_roots": [str(Path(p).resolve()) for p in (python_path or [])],
             "memory_bytes": int(memory_mb) * 1024 * 1024,
             "cpu_seconds": int(timeout) + 2, "file_bytes": int(file_size_mb) * 1024 * 1024,
             "open_files": int(open_files), "processes": int(processes),
-            "try_netns": network == "auto" and not _NETNS_REFUSED, "clone_flags": CLONE_NEWUSER | CLONE_NEWNET,
-            "memory_exit": MEMORY_EXIT,
+            "try_netns": network == "auto" and not _NETNS_REFUSED,
+            "clone_flags": CLONE_NEWUSER | CLONE_NEWNET, "landlock": True, "seccomp": True,
+            "runtime": os.environ.get(RUNTIME_ENV) or None,
+            "require_minimum": bool(require_minimum),
+            "status_fd": status_write, "report_fd": report_write,
         }
         env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work / "tmp"),
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0"}
-        stdout_path, stderr_path = meta / "stdout", meta / "stderr"
+        keep = [fd for fd in (status_write, report_write) if fd is not None]
+        drains = [_Drain(status_read, STATUS_BYTES)]
+        if report_read is not None:
+            drains.append(_Drain(report_read, REPORT_BYTES))
         try:
-            with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-                process = subprocess.Popen(
-                    [sys.executable, "-I", "-X", "utf8", "-c", BOOTSTRAP, json.dumps(spec)],
-                    cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                    start_new_session=True, close_fds=True)
-                timed_out = False
+            with open(meta / "stdout", "w+b") as out, open(meta / "stderr", "w+b") as err:
                 try:
-                    process.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    timed_out = True
+                    process = subprocess.Popen(
+                        [sys.executable, "-I", "-X", "utf8", sandbox_child.__file__,
+                         json.dumps(spec)],
+                        cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                        start_new_session=True, close_fds=True, pass_fds=keep)
                 finally:
-                    _kill_group(process)  # the child's leftovers too, on every path
-                    process.wait()
+                    for fd in keep:
+                        os.close(fd)
+                for drain in drains:
+                    drain.start()
+                timed_out, killed_for = _wait(process, timeout, work, disk_mb)
+                for drain in drains:
+                    drain.join(5)
+                seconds = time.monotonic() - started
+                stdout, cut_out = _read_back(out, output_chars)
+                stderr, cut_err = _read_back(err, output_chars)
         except OSError as exc:
+            for fd in (status_read, report_read):
+                if fd is not None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
             return SandboxResult("error", None, "", "", time.monotonic() - started,
-                                 "socket_blocked", reason=f"could not start python: {exc}")
-        seconds = time.monotonic() - started
-        stdout, cut_out = _read_tail(stdout_path, output_chars)
-        raw_err, cut_err = _read_tail(stderr_path, output_chars + 4096)
+                                 reason=f"could not start python: {exc}")
+    finally:
+        remove_tree(scratch)
 
-    notes = [line[len(MARKER):] for line in raw_err.split("\n") if line.startswith(MARKER)]
-    stderr = "\n".join(line for line in raw_err.split("\n")
-                       if not line.startswith(MARKER))[:output_chars]
-    isolation = next((n.split(" ", 1)[1] for n in notes if n.startswith("isolation ")),
-                     "socket_blocked")
-    if spec["try_netns"] and isolation == "socket_blocked" and notes:
+    notes = bytes(drains[0].data).decode("utf-8", "replace").split("\n")
+    # The first line is the child's, written before any untrusted code ran; what the
+    # code writes later can add lines, never replace that one.
+    isolation = _parse_isolation(notes[0][len("isolation "):]) \
+        if notes and notes[0].startswith("isolation ") else NO_ISOLATION
+    if spec["try_netns"] and isolation.seccomp and not isolation.netns:
         _NETNS_REFUSED = True
-    refused = [n.split(" ", 1)[1] for n in notes if n.startswith("refused ")]
+    refused = [n.split(" ", 1)[1] for n in notes[1:] if n.startswith("refused ")]
     code_rc = process.returncode
 
     def result(status: str, reason: str = "") -> SandboxResult:
         return SandboxResult(status, code_rc, stdout, stderr, round(seconds, 3), isolation,
-                             reason=reason, refused=refused, truncated=cut_out or cut_err)
+                             reason=reason, refused=refused, truncated=cut_out or cut_err,
+                             report=bytes(drains[1].data) if report else b"")
 
     if timed_out:
         return result("timeout", f"no exit within {timeout:g} s; process group killed")
-    if not notes:
-        return result("error", "the sandbox bootstrap did not start: " + stderr[-500:])
-    if code_rc == MEMORY_EXIT and "memory" in notes:
+    if killed_for:
+        return result("killed", killed_for)
+    if not notes or not notes[0].startswith("isolation "):
+        return result("error", "the sandbox did not start: " + stderr[-500:])
+    if code_rc == sandbox_child.BELOW_MINIMUM_EXIT and not isolation.meets_minimum:
+        return result("below_minimum", minimum_problem(isolation))
+    if code_rc == sandbox_child.MEMORY_EXIT and "memory" in notes[1:]:
         return result("killed", f"memory limit ({memory_mb} MiB address space)")
     if code_rc is not None and code_rc < 0:
         signame = signal.Signals(-code_rc).name if -code_rc in signal.Signals._value2member_map_ \
             else str(-code_rc)
         why = {"SIGXCPU": "CPU time limit", "SIGXFSZ": "file size limit",
-               "SIGKILL": "killed", "SIGSEGV": "segmentation fault (often the memory limit)"}
+               "SIGKILL": "killed", "SIGSYS": "a forbidden system call",
+               "SIGSEGV": "segmentation fault (often the memory limit)"}
         return result("killed", f"{signame}: {why.get(signame, 'signal')}")
     if code_rc == 0:
         return result("ok")
     return result("failed", "refused: " + ", ".join(refused) if refused else "")
 
 
-def network_isolation_available() -> bool:
-    """True if a child can get its own network namespace here (a quick probe)."""
-    return run_python("pass", timeout=10).network_isolation == "netns"
+def _wait(process: subprocess.Popen, timeout: float, work: Path,
+          disk_mb: int) -> tuple[bool, str]:
+    """Wait for the child, accounting its folder; ``(timed out, why it was killed)``.
+    The process group is killed on every path (the child's leftovers too)."""
+    deadline = time.monotonic() + timeout
+    cap = int(disk_mb) * 1024 * 1024
+    timed_out, killed_for = False, ""
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            try:
+                process.wait(timeout=min(remaining, 0.25))
+                break
+            except subprocess.TimeoutExpired:
+                used, entries = folder_usage(work, cap)
+                if used > cap:
+                    killed_for = f"disk limit ({disk_mb} MiB in its folder)"
+                    break
+                if entries > MAX_ENTRIES:
+                    killed_for = f"disk limit (more than {MAX_ENTRIES} files and folders)"
+                    break
+    finally:
+        _kill_group(process)
+        process.wait()
+    return timed_out, killed_for
 
+
+def minimum_problem(isolation: Isolation) -> str:
+    """Why ``isolation`` is below the minimum, in one line (empty when it is not)."""
+    if isolation.meets_minimum:
+        return ""
+    if not isolation.seccomp:
+        return ("the sandbox could not install its seccomp filter (not Linux, or a kernel "
+                "without seccomp filters)")
+    return (f"the kernel offers Landlock (ABI {isolation.landlock_offered}) but the sandbox "
+            "could not apply it")
+
+
+def probe(require_minimum: bool = True) -> Isolation:
+    """The isolation a sandboxed run gets on this machine (runs ``pass``)."""
+    result = run_python("pass", timeout=30, require_minimum=require_minimum)
+    return result.isolation
+
+
+WEAK_FLAG = "--allow-weak-sandbox"
+
+
+def stage_isolation(allow_weak: bool) -> dict:
+    """What a stage about to run model-written code records of the sandbox (for its
+    manifest and card): the isolation a probe run reached and whether weaker was allowed.
+
+    Raises ConfigError, naming the problem and the opt-out flag, when the sandbox cannot
+    reach its minimum here and ``allow_weak`` is False: every item would fall below it,
+    and a dataset or evaluation of nothing but skipped tests would mislead.
+    """
+    isolation = probe(require_minimum=False)
+    if not isolation.meets_minimum and not allow_weak:
+        raise ConfigError(
+            f"the sandbox cannot reach its minimum isolation here: {minimum_problem(isolation)} "
+            f"(reached: {isolation.level}). Model-written code must not run like this on a "
+            f"machine with secrets; on a disposable one, pass {WEAK_FLAG} (or set "
+            "allow_weak_sandbox: true) to run it anyway")
+    return {"used": True, **isolation.as_dict(), "allow_weak": bool(allow_weak)}

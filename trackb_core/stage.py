@@ -258,6 +258,8 @@ class StageRun:
         self.outputs: dict[str, dict[str, Any]] = {}
         self.counts: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
+        # what the sandbox gave the model-written code this stage ran; None: it ran none
+        self.sandbox: dict[str, Any] | None = None
         self.timings: dict[str, float] = {}
         self.manifest: dict[str, Any] = {}
         self._started = time.time()
@@ -371,6 +373,8 @@ def stage_run(name: str, config: StageConfig, out: Store) -> Iterator[StageRun]:
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "fingerprint": fingerprint(config, run.inputs),
+        # The walls model-written code ran behind (trackb_core.sandbox.stage_isolation).
+        "sandbox": run.sandbox or {"used": False},
         **run.extra,
     }
     out.put_text(MANIFEST, json.dumps(run.manifest, indent=2, sort_keys=True) + "\n")

@@ -184,8 +184,12 @@ class Step:
         return any(isinstance(ref, BaseModelRef) for ref in self.inputs.values())
 
 
-EVAL_SIZING = Sizing("eval-baseline and eval-post, each.", "1", "4Gi", "4", "14Gi",
-                     deadline=6 * 3600, disk="8Gi", shm="1Gi", gpus=1)
+PREDICT_SIZING = Sizing("predict-baseline and predict-post, each: eval's generation on a "
+                        "GPU (no model-written code runs there).", "1", "4Gi", "4", "14Gi",
+                        deadline=6 * 3600, disk="8Gi", shm="1Gi", gpus=1)
+SCORE_SIZING = Sizing("eval-baseline and eval-post, each: scoring, which runs model-written "
+                      "unit tests in the sandbox (no GPU).", "1", "2Gi", "4", "6Gi",
+                      deadline=3600)
 
 # Requests are modest so that the CPU profile schedules on a laptop kind cluster; limits
 # leave room to burst. A T4 node (e.g. g4dn.xlarge: 4 vCPU, 16 GiB) fits one GPU pod.
@@ -214,13 +218,22 @@ STEPS: tuple[Step, ...] = (
          Sizing("train; gpus is the GPU count per node (> 1 runs torchrun).", "1", "4Gi",
                 "4", "14Gi", deadline=12 * 3600, disk="8Gi", shm="2Gi", gpus=1),
          gpu=True, distributed=True, hub=True),
-    Step("eval-baseline", "eval", "eval",
+    # Evaluation is two steps per side: generation on a GPU, where no model-written code
+    # runs, and scoring on a CPU, where it runs in the sandbox behind locked egress (and,
+    # on Kubernetes, the runtime class code-running pods may get: gVisor).
+    Step("predict-baseline", "eval", "eval",
          {"dataset": Output("build-dataset"), "model": BASE_MODEL, "adapter": None}, "eval",
-         EVAL_SIZING, fixed={"tag": "baseline"}, gpu=True, runs_model_code=True, hub=True),
-    Step("eval-post", "eval", "eval",
+         PREDICT_SIZING, fixed={"tag": "baseline", "score": False}, gpu=True, hub=True),
+    Step("eval-baseline", "score", "score",
+         {"dataset": Output("build-dataset"), "predictions": Output("predict-baseline")},
+         "score", SCORE_SIZING, fixed={"tag": "baseline"}, runs_model_code=True),
+    Step("predict-post", "eval", "eval",
          {"dataset": Output("build-dataset"), "model": BASE_MODEL,
           "adapter": Output("train")}, "eval",
-         EVAL_SIZING, fixed={"tag": "post_sft"}, gpu=True, runs_model_code=True, hub=True),
+         PREDICT_SIZING, fixed={"tag": "post_sft", "score": False}, gpu=True, hub=True),
+    Step("eval-post", "score", "score",
+         {"dataset": Output("build-dataset"), "predictions": Output("predict-post")},
+         "score", SCORE_SIZING, fixed={"tag": "post_sft"}, runs_model_code=True),
     Step("compare", "compare", None,
          {"baseline": Output("eval-baseline"), "post": Output("eval-post")}, "compare",
          Sizing("compare.", "250m", "512Mi", "1", "2Gi", deadline=900)),

@@ -4,42 +4,59 @@ A test file (model- or teacher-written) runs in :func:`trackb_core.sandbox.run_p
 against the module that defines an item's function: as the corpus has it, or with that
 function's lines replaced (by its mutant, or by a candidate answer). The sandbox tree
 holds the module and ``__init__.py`` files along its path that only extend
-``__path__`` to the corpus, so a package's (possibly heavy) ``__init__`` does not run
-and sibling modules still import; the corpus itself is on ``sys.path``, read-only.
+``__path__`` to a **view** of the corpus (:func:`corpus_view`): every file of the corpus
+but the module under test, read-only. So the original and the mutant runs see the same
+files in the same places, and a test cannot tell them apart by reading the corpus copy
+of the module: only by running the function.
 
 :data:`TEST_RUNNER` runs inside the sandbox: it imports the module under test (its
 import failing means the function cannot be executed here), then the tests, then each
-test case, and prints one report line. It supports module-level ``test_*``
-functions, ``Test*`` classes with no-argument constructors,
-``pytest.mark.parametrize`` and the ``tmp_path``/``tmpdir`` fixtures, without pytest.
+test case, and writes one report to the run's report pipe (never to stdout, so printing
+cannot forge it). It supports module-level ``test_*`` functions, ``Test*`` classes with
+no-argument constructors, ``pytest.mark.parametrize`` and the ``tmp_path``/``tmpdir``
+fixtures, without pytest. :func:`parse_report` accepts exactly one well-formed report;
+anything else is an error, never a verdict.
 """
 
 from __future__ import annotations
 
 import ast
+import atexit
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
 from trackb_core.codeblocks import parses
 from trackb_core.pyast import dump, functions_named
-from trackb_core.sandbox import run_python
-
-TEST_MODULE = "test_generated"
-REPORT_MARKER = "\x1etrackb-tests "
+from trackb_core.sandbox import remove_tree, run_python
 
 # The test file's module name in the sandbox tree.
+TEST_MODULE = "test_generated"
+# A corpus file larger than this is not put in a view (source corpora hold small files).
+VIEW_FILE_BYTES = 1 << 20
+RESULT_KINDS = ("passed", "failed", "error")
+
 TEST_RUNNER = r"""
-import asyncio, importlib, inspect, itertools, json, pathlib, sys, tempfile, traceback
+import asyncio, importlib, inspect, itertools, json, os, pathlib, sys, tempfile
 
 def report(payload):
-    sys.stdout.flush()
-    print(MARKER + json.dumps(payload), flush=True)
+    os.write(REPORT_FD, (json.dumps(payload) + "\n").encode())
+
+def text(exc):
+    try:
+        return str(exc)[:300]
+    except BaseException:
+        return "(unprintable)"
 
 def failure(stage, exc):
-    return {"stage": stage, "error": type(exc).__name__, "name": getattr(exc, "name", None),
-            "message": str(exc)[:300]}
+    return {"stage": stage, "error": type(exc).__name__,
+            "name": str(getattr(exc, "name", "") or "") or None, "message": text(exc)}
 
 try:
     importlib.import_module(MODULE)
@@ -115,9 +132,9 @@ for name, call in cases:
         call()
         results.append([name, "passed", ""])
     except AssertionError as exc:
-        results.append([name, "failed", ("AssertionError: " + str(exc))[:200]])
+        results.append([name, "failed", ("AssertionError: " + text(exc))[:200]])
     except BaseException as exc:
-        results.append([name, "error", (type(exc).__name__ + ": " + str(exc))[:200]])
+        results.append([name, "error", (type(exc).__name__ + ": " + text(exc))[:200]])
 report({"stage": "ran", "results": results, "skipped": skipped})
 """
 
@@ -197,32 +214,140 @@ def replace_function(file_text: str, span: tuple[int, int], source: str) -> str:
     return "\n".join([*lines[: line - 1], *body, *lines[end_line:]])
 
 
-def run_tests(files: dict[str, str], module: str, corpus: Path, timeout: float) -> dict:
+def parse_report(data: bytes) -> dict[str, Any] | str:
+    """The one report a run wrote to its report pipe, checked for shape, or why there is
+    none: no report, several (the tests wrote one of their own), or a malformed one.
+    Raises nothing."""
+    lines = [line for line in data.split(b"\n") if line.strip()]
+    if not lines:
+        return "no report"
+    if len(lines) > 1:
+        return f"{len(lines)} reports (the tests wrote to the report channel)"
+    try:
+        payload = json.loads(lines[0])
+    except (ValueError, RecursionError):
+        return "a malformed report"
+    if not isinstance(payload, dict) or payload.get("stage") not in (
+            "ran", "import_module", "import_tests"):
+        return "a malformed report"
+    if payload["stage"] != "ran":
+        for key in ("error", "message"):
+            if not isinstance(payload.get(key), str):
+                return "a malformed report"
+        if payload.get("name") is not None and not isinstance(payload["name"], str):
+            return "a malformed report"
+        return payload
+    results, skipped = payload.get("results"), payload.get("skipped")
+    if not isinstance(results, list) or not isinstance(skipped, list):
+        return "a malformed report"
+    for entry in [*results, *skipped]:
+        if not isinstance(entry, list) or not all(isinstance(x, str) for x in entry):
+            return "a malformed report"
+    if any(len(r) != 3 or r[1] not in RESULT_KINDS for r in results) \
+            or any(len(s) != 2 for s in skipped):
+        return "a malformed report"
+    return payload
+
+
+def run_tests(files: dict[str, str], module: str, view: Path, timeout: float,
+              require_minimum: bool = True) -> dict:
     """``{"outcome", "results", "skipped", "failure", "sandbox"}`` of one sandboxed run.
 
     ``files`` is the sandbox tree (:func:`module_files` plus the test file as
-    ``TEST_MODULE.py``), ``module`` the dotted name imported first. ``outcome`` is
-    ``ran`` (``results``: ``[name, passed|failed|error, message]`` per case), ``timeout``,
-    ``error`` (no report: the sandbox killed the run), ``import_module`` or
-    ``import_tests`` (``failure`` says what did not import).
+    ``TEST_MODULE.py``), ``module`` the dotted name imported first, ``view`` the corpus
+    view on ``sys.path``. ``outcome`` is ``ran`` (``results``: ``[name,
+    passed|failed|error, message]`` per case), ``timeout``, ``error`` (the sandbox
+    killed the run, or no single well-formed report came back: ``failure`` says why),
+    ``below_minimum`` (the sandbox could not reach its minimum isolation; nothing ran),
+    ``import_module`` or ``import_tests`` (``failure`` says what did not import).
     """
-    runner = (f"MODULE = {module!r}\nTEST_MODULE = {TEST_MODULE!r}\n"
-              f"MARKER = {REPORT_MARKER!r}\n" + TEST_RUNNER)
-    result = run_python(runner, files=files, timeout=timeout, python_path=[corpus])
-    reports = [line[len(REPORT_MARKER):] for line in result.stdout.split("\n")
-               if line.startswith(REPORT_MARKER)]
+    runner = f"MODULE = {module!r}\nTEST_MODULE = {TEST_MODULE!r}\n" + TEST_RUNNER
+    result = run_python(runner, files=files, timeout=timeout, python_path=[view],
+                        report=True, require_minimum=require_minimum)
     outcome: dict[str, Any] = {"sandbox": result, "results": [], "skipped": [], "failure": None}
     if result.status == "timeout":
         outcome["outcome"] = "timeout"
-    elif not reports:
-        outcome["outcome"] = "error"
+        return outcome
+    if result.status == "below_minimum":
+        outcome.update(outcome="below_minimum", failure=result.reason)
+        return outcome
+    payload = parse_report(result.report)
+    if isinstance(payload, str):
+        why = payload if result.status in ("ok", "failed") else \
+            f"sandbox {result.status}: {result.reason or payload}"
+        outcome.update(outcome="error", failure=why)
+    elif payload["stage"] == "ran":
+        outcome.update(outcome="ran", results=payload["results"], skipped=payload["skipped"])
     else:
-        payload = json.loads(reports[-1])
-        if payload["stage"] == "ran":
-            outcome.update(outcome="ran", results=payload["results"], skipped=payload["skipped"])
-        else:
-            outcome.update(outcome=payload["stage"], failure=payload)
+        outcome.update(outcome=payload["stage"], failure=payload)
     return outcome
+
+
+# -- the corpus view ----------------------------------------------------------------------
+
+_VIEWS: dict[tuple[str, str], Path] = {}
+_VIEW_ROOT: list[Path] = []
+_VIEW_LOCK = threading.Lock()  # verdicts run in threads; one view is built once
+
+
+def _view_root() -> Path:
+    if not _VIEW_ROOT:
+        _VIEW_ROOT.append(Path(tempfile.mkdtemp(prefix="trackb-views-")))
+        atexit.register(remove_tree, _VIEW_ROOT[0])
+    return _VIEW_ROOT[0]
+
+
+def corpus_view(corpus: Path, exclude: str) -> Path:
+    """A read-only copy of ``corpus`` without the file ``exclude`` (the module under
+    test), made of hard links where the file system allows (copies elsewhere), cached
+    for the life of the process. Symbolic links are left out.
+
+    Raises ValueError if ``exclude`` is absolute or leaves the corpus.
+    """
+    relative = Path(exclude)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ValueError(f"not a path inside the corpus: {exclude!r}")
+    corpus = Path(corpus).resolve()
+    key = (str(corpus), relative.as_posix())
+    with _VIEW_LOCK:
+        if key in _VIEWS and _VIEWS[key].is_dir():
+            return _VIEWS[key]
+        return _build_view(corpus, relative, key)
+
+
+def _build_view(corpus: Path, relative: Path, key: tuple[str, str]) -> Path:
+    name = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
+    target = _view_root() / name
+    staging = _view_root() / f".{name}-{os.getpid()}"
+    remove_tree(staging)
+    stack = [Path(".")]
+    while stack:
+        folder = stack.pop()
+        (staging / folder).mkdir(parents=True, exist_ok=True)
+        try:
+            entries = list(os.scandir(corpus / folder))
+        except OSError:
+            continue
+        for entry in entries:
+            rel = folder / entry.name
+            if entry.is_symlink() or rel == relative:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(rel)
+            elif entry.is_file(follow_symlinks=False):
+                try:
+                    if entry.stat().st_size > VIEW_FILE_BYTES:
+                        continue
+                    try:
+                        os.link(entry.path, staging / rel)
+                    except OSError:
+                        shutil.copyfile(entry.path, staging / rel)
+                except OSError:
+                    continue
+    remove_tree(target)
+    staging.rename(target)
+    _VIEWS[key] = target
+    return target
 
 
 def corpus_names(corpus: Path, name: str | None) -> bool:

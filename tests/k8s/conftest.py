@@ -31,8 +31,10 @@ from trackb_core.errors import TrackbError
 REAL_STAGES = ("extract", "generate", "build-dataset")
 # What downstream stages read from a faked stage (compare reads both eval.json files).
 FAKE_OUTPUTS = {"extract": ["functions.jsonl", "tasks.jsonl"], "generate": ["responses.jsonl"],
-                "build-dataset": ["train.jsonl", "test.jsonl"], "eval-baseline": ["eval.json"],
-                "eval-post": ["eval.json"], "compare": ["report.md"]}
+                "build-dataset": ["train.jsonl", "test.jsonl"],
+                "predict-baseline": ["predictions.jsonl"], "predict-post": ["predictions.jsonl"],
+                "eval-baseline": ["eval.json"], "eval-post": ["eval.json"],
+                "compare": ["report.md"]}
 # Pod behaviours that leave the container waiting: (reason, message) as the kubelet says.
 WAITING = {
     "image-pull": ("ImagePullBackOff", 'Back-off pulling image "x": i/o timeout'),

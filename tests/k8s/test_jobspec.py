@@ -233,8 +233,10 @@ def test_dependencies_come_from_the_wiring():
     deps = dependencies(config(DEMO))
     assert deps["extract"] == [] and deps["generate"] == ["extract"]
     assert deps["train"] == ["build-dataset", "tiny-model"]
-    assert "train" not in deps["eval-baseline"]  # train and eval-baseline run side by side
-    assert deps["eval-post"][-1] == "train"
+    # train and the baseline's evaluation run side by side
+    assert "train" not in deps["predict-baseline"] + deps["eval-baseline"]
+    assert deps["predict-post"][-1] == "train"
+    assert deps["eval-post"] == ["build-dataset", "predict-post"]
     assert deps["compare"] == ["eval-baseline", "eval-post"]
 
 
@@ -342,7 +344,7 @@ def test_cpu_profile_cannot_create_vllm():
 
 
 # -- train / eval ----------------------------------------------------------------------------
-@pytest.mark.parametrize("stage", ["train", "eval-baseline", "eval-post"])
+@pytest.mark.parametrize("stage", ["train", "predict-baseline", "predict-post"])
 def test_train_and_eval_are_scheduled_on_t4s_from_config(stage):
     # (demo.yaml has no node_selector to merge into: the override replaces the default)
     cfg = config(DEMO, "kubernetes.accelerator=gpu",
@@ -572,11 +574,35 @@ def test_other_stages_refuse_ingress_but_keep_egress():
 def test_eval_network_settings_that_cannot_work_are_refused():
     with pytest.raises(ConfigError, match="store_namespace or store_cidrs"):
         build_stage("eval-post", config(GPU, "kubernetes.network.store_namespace="), RUN)
+    # Generation (a GPU pod, no model-written code) may fetch a hub model; scoring (where
+    # model-written code runs) never loads a model, so its egress stays locked.
     hub = config(GPU, "model=Qwen/Qwen2.5-Coder-1.5B")
-    with pytest.raises(ConfigError, match="cannot come from the hub"):
-        build_stage("eval-baseline", hub, RUN)
-    assert build_stage("eval-baseline", config(GPU, "model=Qwen/Qwen2.5-Coder-1.5B",
-                                                "kubernetes.cache.pvc=hf-cache"), RUN)
+    predict = next(o for o in build_stage("predict-baseline", hub, RUN)
+                   if o["kind"] == "NetworkPolicy")
+    assert predict["spec"]["egress"] == [{}]
+    scoring = next(o for o in build_stage("eval-baseline", hub, RUN)
+                   if o["kind"] == "NetworkPolicy")
+    assert scoring["spec"]["egress"] != [{}]
+
+
+@pytest.mark.parametrize("stage", ["build-dataset", "eval-baseline", "eval-post"])
+def test_code_running_pods_have_no_gpu_and_may_take_gvisor_and_a_seccomp_profile(stage):
+    plain = build_stage(stage, config(GPU), RUN)
+    assert "runtimeClassName" not in pod(plain)
+    assert "nvidia.com/gpu" not in main_container(plain)["resources"]["limits"]
+    assert main_container(plain)["securityContext"]["seccompProfile"] == \
+        {"type": "RuntimeDefault"}
+    sandboxed = build_stage(stage, config(
+        GPU, "kubernetes.sandbox.runtime_class_name=gvisor", "kubernetes.sandbox.gvisor=true",
+        "kubernetes.sandbox.seccomp_localhost_profile=profiles/trackb-sandbox.json"), RUN)
+    assert pod(sandboxed)["runtimeClassName"] == "gvisor"
+    assert env(main_container(sandboxed))["TRACKB_SANDBOX_RUNTIME"] == "gvisor"
+    assert main_container(sandboxed)["securityContext"]["seccompProfile"] == {
+        "type": "Localhost", "localhostProfile": "profiles/trackb-sandbox.json"}
+    # Pods that run no model-written code keep the cluster's runtime.
+    other = build_stage("predict-baseline", config(
+        GPU, "kubernetes.sandbox.runtime_class_name=gvisor"), RUN)
+    assert "runtimeClassName" not in pod(other)
 
 
 def test_launcher_runs_run_all_on_the_k8s_backend():

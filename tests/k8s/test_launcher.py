@@ -18,6 +18,7 @@ from k8s_launch import HANG_GUARD, launch_within, wait_until
 from trackb_core.config import build_config
 from trackb_core.k8s.launcher import LauncherConfig, StageFailed, delete, logs, status
 from trackb_core.pipeline import PipelineConfig
+from trackb_core.stages import STEPS
 from trackb_core.store import open_store
 
 pytest.importorskip("kmock", reason="kmock (the Kubernetes API emulator) is not installed")
@@ -52,9 +53,11 @@ def run_store(bucket: str, run_id: str):
 def order_ok(started: list[str]) -> None:
     pos = {stage: started.index(stage) for stage in started}
     assert pos["extract"] < pos["generate"] < pos["build-dataset"]
-    for stage in ("train", "eval-baseline"):
+    for stage in ("train", "predict-baseline"):
         assert pos[stage] > max(pos["build-dataset"], pos["tiny-model"])
-    assert pos["eval-post"] > pos["train"]
+    assert pos["predict-post"] > pos["train"]
+    assert pos["eval-baseline"] > pos["predict-baseline"]
+    assert pos["eval-post"] > pos["predict-post"]
     assert pos["compare"] > max(pos["eval-post"], pos["eval-baseline"])
 
 
@@ -68,9 +71,7 @@ def test_happy_path_runs_every_stage_in_order_and_a_rerun_is_all_cached(
         store = run_store(bucket, "happy")
         assert report == store.child("compare").child("report.md").uri
         assert store.child("compare").get_text("report.md") == "fake compare result\n"
-        assert sorted(ctl.started) == sorted(
-            ["extract", "generate", "build-dataset", "tiny-model", "train", "eval-baseline",
-             "eval-post", "compare"])
+        assert sorted(ctl.started) == sorted(row.folder for row in STEPS)
         order_ok(ctl.started)
         # Real stage outputs passed through the store, and every stage's logs and
         # termination state were copied next to its outputs.
@@ -88,7 +89,7 @@ def test_happy_path_runs_every_stage_in_order_and_a_rerun_is_all_cached(
         report2, _ = launch(config, "happy", emulator.client())
         assert report2 == report
         assert ctl.started == before
-        assert capsys.readouterr().err.count("cached:") == 8
+        assert capsys.readouterr().err.count("cached:") == len(STEPS)
 
         # Everything the launcher called over HTTP is granted by RBAC_RULES (the Role).
         from trackb_core.k8s.client import RBAC_RULES

@@ -156,7 +156,7 @@ def test_server_is_created_waited_for_used_and_deleted_after_generate(
     assert jobspec.stage_configs(config, "vdep")["generate"].base_url == url
     # The server holds a GPU: it is gone before the GPU stages start, not at the run's end.
     assert rec.server_at_job["train"] is None
-    assert rec.server_at_job["eval-baseline"] is None
+    assert rec.server_at_job["predict-baseline"] is None
     assert remaining(emulator.client(), config, "vdep") == []
     assert "waiting up to 1800s for the vLLM Deployment trackb-vdep-vllm" \
         in capsys.readouterr().err

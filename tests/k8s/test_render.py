@@ -58,9 +58,10 @@ def test_rendered_matches_trackb_render_byte_for_byte(tmp_path, config, run_id, 
 
 
 def test_there_is_one_file_per_stage_plus_the_launcher():
+    from trackb_core.stages import STEPS
+
     assert sorted(p.name for p in (RENDERED / "demo").glob("*.yaml")) == sorted(
-        f"{s}.yaml" for s in ("extract", "generate", "build-dataset", "tiny-model", "train",
-                              "eval-baseline", "eval-post", "compare", "launcher"))
+        [f"{row.folder}.yaml" for row in STEPS] + ["launcher.yaml"])
     assert not (RENDERED / "cluster-gpu" / "tiny-model.yaml").exists()
 
 

@@ -61,11 +61,12 @@ class FunctionSource:
 @dataclass(frozen=True)
 class CheckContext:
     """What a verdict may need besides the answer and its item: the corpus the item's
-    module comes from (None: unknown, code cannot run) and the seconds one sandboxed
-    run may take."""
+    module comes from (None: unknown, code cannot run), the seconds one sandboxed run
+    may take, and whether code may run below the sandbox's minimum isolation."""
 
     corpus_dir: Path | None = None
     timeout: float = 10.0
+    allow_weak_sandbox: bool = False
 
 
 @dataclass(frozen=True)

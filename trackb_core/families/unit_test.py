@@ -11,7 +11,9 @@
 - Strict filter reasons: ``unit_test_unparsable`` / ``unit_test_no_tests`` /
   ``unit_test_not_executable`` (counted, never kept on a guess) / ``unit_test_failed``
   / ``unit_test_error`` / ``unit_test_timeout`` / ``unit_test_misses_mutant`` (they
-  pass on the original and on the mutant); facts ``unit_test_status``,
+  pass on the original and on the mutant) / ``unit_test_unverified`` (they pass, but
+  there was no mutant to check them against: passing alone proves nothing); facts
+  ``unit_test_status``,
   ``unit_test_kills_mutant``, ``unit_test_tests``, ``unit_test_reason``.
 - Seed filters: ``no_test_function`` / ``no_assert``.
 """
@@ -28,6 +30,7 @@ from trackb_core.pyast import FunctionNode, module_path, python_block
 from trackb_core.testrun import (
     TEST_MODULE,
     corpus_names,
+    corpus_view,
     locate,
     module_files,
     replace_function,
@@ -69,90 +72,133 @@ def _asserts(function: FunctionNode) -> bool:
 
 
 def _verdict(status: str, reason: str, passes: bool | None = None, kills: bool | None = None,
-             tests: int = 0) -> dict:
+             tests: int = 0, isolation: str | None = None) -> dict:
     return {"status": status, "passes_original": passes, "kills_mutant": kills,
-            "tests": tests, "reason": reason}
+            "tests": tests, "reason": reason, "isolation": isolation}
+
+
+def _source_file(item: dict) -> str | None:
+    """The item's ``source_file`` if it is a relative ``.py`` path inside the corpus."""
+    value = item.get("source_file")
+    if not isinstance(value, str) or not value.endswith(".py"):
+        return None
+    parts = Path(value).parts
+    if not parts or Path(value).is_absolute() or ".." in parts or "\x00" in value:
+        return None
+    return value
 
 
 def unit_test_verdict(response: str, item: dict, corpus_dir: Path | None, *,
-                      timeout: float = 10.0) -> dict:
+                      timeout: float = 10.0, allow_weak_sandbox: bool = False) -> dict:
     """Run a unit_test response's tests in the sandbox against the item's function.
 
-    Returns ``{"status", "passes_original", "kills_mutant", "tests", "reason"}``. The
-    status is about the run against the original: ``passed`` (every test case passed),
-    ``failed`` (a case failed or raised), ``error`` (the tests did not import, or the
-    sandbox killed the run), ``timeout``, ``not_executable`` (no corpus, the module does
-    not import here, e.g. a missing heavy dependency, the tests need a library that is
-    not installed or only fixtures the runner lacks), ``no_tests`` (no ``test_*``
-    function with an ``assert`` or ``pytest.raises``), ``unparsable``. When the original
-    passes and the item has ``buggy_source``, the tests run again on the module with the
-    function replaced by the mutant: ``kills_mutant`` is True if any case fails, errors
-    or times out there (None when not run). ``tests`` counts cases run on the original.
+    Returns ``{"status", "passes_original", "kills_mutant", "tests", "reason",
+    "isolation"}``. The status is about the run against the original: ``passed`` (every
+    test case passed), ``failed`` (a case failed or raised), ``error`` (the tests did
+    not import, the sandbox killed the run, or it sent no single well-formed report),
+    ``timeout``, ``not_executable`` (no corpus, an item whose ``source_file`` is not a
+    file inside it, the module does not import here, e.g. a missing heavy dependency,
+    the tests need a library that is not installed or only fixtures the runner lacks,
+    or the sandbox cannot reach its minimum isolation here), ``no_tests`` (no
+    ``test_*`` function with an ``assert`` or ``pytest.raises``), ``unparsable``. When
+    the original passes and the item has ``buggy_source``, the tests run again on the
+    module with the function replaced by the mutant: ``kills_mutant`` is True if any
+    case fails, errors or times out there (None when not run). ``tests`` counts cases
+    run on the original; ``isolation`` is the sandbox's level
+    (:attr:`trackb_core.sandbox.Isolation.level`).
 
     The sandbox tree holds the module (lines ``line..end_line`` of ``source_file``
-    replaced for the mutant run), ``__init__.py`` files along its path that only extend
-    ``__path__`` to the corpus (so package inits do not run and siblings import), and
-    the corpus on ``sys.path``, read-only. Raises nothing for a bad response.
+    replaced for the mutant run) and ``__init__.py`` files along its path that only
+    extend ``__path__`` to a view of the corpus without the module under test (so
+    package inits do not run, siblings import, and both runs see the same files). Never
+    raises: a malformed response, item or report is a verdict too. Below the sandbox's
+    minimum isolation nothing runs (``not_executable``) unless ``allow_weak_sandbox``.
     """
-    code = first_code(response)
+    try:
+        return _unit_test_verdict(response, item, corpus_dir, timeout,
+                                  not allow_weak_sandbox)
+    except Exception as exc:  # noqa: BLE001 - a checker bug must cost one item, no more
+        return _verdict("error", f"the checker failed: {type(exc).__name__}: {exc}"[:300])
+
+
+def _unit_test_verdict(response: str, item: dict, corpus_dir: Path | None,
+                       timeout: float, require_minimum: bool) -> dict:
+    code = first_code(str(response or ""))
     tree = parses(code) if code is not None else None
     if tree is None:
         return _verdict("unparsable", "no code block" if code is None else "does not parse")
     if not any(_asserts(f) for f in _test_functions(tree)):
         return _verdict("no_tests", "no test_* function with an assert")
+    if not isinstance(item, dict):
+        return _verdict("not_executable", "the item is not a mapping")
     if corpus_dir is None:
         return _verdict("not_executable", "no corpus")
     corpus = Path(corpus_dir).resolve()
-    source_file = str(item.get("source_file") or "")
     if "<locals>" in str(item.get("qualname", "")):
         return _verdict("not_executable", "a nested function has no import path")
+    source_file = _source_file(item)
+    if source_file is None:
+        return _verdict("not_executable", "source_file is not a .py path inside the "
+                                          f"corpus: {str(item.get('source_file'))[:120]!r}")
     path = corpus / source_file
-    if not source_file or not path.is_file():
+    if not path.is_file() or path.is_symlink():
         return _verdict("not_executable", f"source file not in corpus: {source_file!r}")
     file_text = path.read_text(encoding="utf-8", errors="replace")
     module = module_path(source_file)
+    view = corpus_view(corpus, source_file)
 
-    files = {**module_files(corpus, source_file, file_text), f"{TEST_MODULE}.py": code}
-    original = run_tests(files, module, corpus, timeout)
+    files = {**module_files(view, source_file, file_text), f"{TEST_MODULE}.py": code}
+    original = run_tests(files, module, view, timeout, require_minimum)
+    isolation = original["sandbox"].isolation.level
+    if original["outcome"] == "below_minimum":
+        return _verdict("not_executable", f"isolation: {original['failure']}",
+                        isolation=isolation)
     if original["outcome"] == "timeout":
-        return _verdict("timeout", f"no result within {timeout:g} s", passes=False)
+        return _verdict("timeout", f"no result within {timeout:g} s", passes=False,
+                        isolation=isolation)
     if original["outcome"] == "error":
-        sandbox = original["sandbox"]
-        return _verdict("error", f"sandbox {sandbox.status}: {sandbox.reason or 'no report'}",
-                        passes=False)
+        return _verdict("error", str(original["failure"])[:300], passes=False,
+                        isolation=isolation)
     failure = original["failure"]
     if original["outcome"] == "import_module":
         return _verdict("not_executable", f"import {module} failed: {failure['error']}"
                         + (f": {failure['name']}" if failure.get("name") else
-                           f": {failure['message'][:120]}"))
+                           f": {failure['message'][:120]}"), isolation=isolation)
     if original["outcome"] == "import_tests":
         if failure["error"] == "ModuleNotFoundError" \
                 and not corpus_names(corpus, failure.get("name")):
             return _verdict("not_executable", f"the tests need {failure['name']!r}, "
-                                              "which is not installed here")
+                                              "which is not installed here",
+                            isolation=isolation)
         return _verdict("error", f"the tests do not import: {failure['error']}: "
-                                 f"{failure['message'][:160]}", passes=False)
+                                 f"{failure['message'][:160]}", passes=False,
+                        isolation=isolation)
     results = original["results"]
     if not results:
         why = "; ".join(f"{name}: {what}" for name, what in original["skipped"][:3])
-        return _verdict("not_executable", f"no runnable test case ({why or 'none found'})")
+        return _verdict("not_executable", f"no runnable test case ({why or 'none found'})",
+                        isolation=isolation)
     bad = [r for r in results if r[1] != "passed"]
     if bad:
         name, kind, message = bad[0]
         return _verdict("failed", f"{len(bad)}/{len(results)} failed on the original; "
                                   f"{name}: {kind}: {message}", passes=False,
-                        tests=len(results))
+                        tests=len(results), isolation=isolation)
 
     buggy = item.get("buggy_source")
-    if not buggy:
-        return _verdict("passed", f"{len(results)} passed", passes=True, tests=len(results))
+    if not isinstance(buggy, str) or not buggy.strip():
+        return _verdict("passed", f"{len(results)} passed", passes=True, tests=len(results),
+                        isolation=isolation)
     span = locate(file_text, item)
     if isinstance(span, str):
         return _verdict("passed", f"{len(results)} passed; mutant not run: {span}",
-                        passes=True, tests=len(results))
-    mutant_files = {**files, **module_files(corpus, source_file,
-                                             replace_function(file_text, span, str(buggy)))}
-    mutant = run_tests(mutant_files, module, corpus, timeout)
+                        passes=True, tests=len(results), isolation=isolation)
+    mutant_files = {**files, **module_files(view, source_file,
+                                             replace_function(file_text, span, buggy))}
+    mutant = run_tests(mutant_files, module, view, timeout, require_minimum)
+    if mutant["outcome"] == "below_minimum":
+        return _verdict("passed", f"{len(results)} passed; mutant not run: isolation",
+                        passes=True, tests=len(results), isolation=isolation)
     if mutant["outcome"] == "ran":
         caught = [r for r in mutant["results"] if r[1] != "passed"]
         kills = bool(caught) or len(mutant["results"]) != len(results)
@@ -160,7 +206,7 @@ def unit_test_verdict(response: str, item: dict, corpus_dir: Path | None, *,
     else:
         kills, detail = True, f"the mutant run ended in {mutant['outcome']}"
     return _verdict("passed", f"{len(results)} passed; {detail}", passes=True, kills=kills,
-                    tests=len(results))
+                    tests=len(results), isolation=isolation)
 
 
 def executable(record: dict[str, Any]) -> bool:
@@ -191,7 +237,8 @@ class UnitTest(Family):
                  "has a mutant that was run, fail against it (passes_original & "
                  "kills_mutant); tests that cannot be executed do not pass")
     seed_reasons = ("no_test_function", "no_assert")
-    filter_reasons = (*STATUS_REASONS.values(), "unit_test_misses_mutant")
+    filter_reasons = (*STATUS_REASONS.values(), "unit_test_misses_mutant",
+                      "unit_test_unverified")
     metrics = (
         Metric("passes_original", lambda r: r["verdict"].get("passes_original") is True
                if executable(r) else None),
@@ -226,17 +273,23 @@ class UnitTest(Family):
 
     def verdict(self, response: str, item: dict[str, Any], context: CheckContext
                 ) -> dict[str, Any]:
-        return unit_test_verdict(response, item, context.corpus_dir, timeout=context.timeout)
+        return unit_test_verdict(response, item, context.corpus_dir, timeout=context.timeout,
+                                 allow_weak_sandbox=context.allow_weak_sandbox)
 
     def filter(self, verdict: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         facts = {"unit_test_status": verdict["status"],
                  "unit_test_kills_mutant": verdict["kills_mutant"],
                  "unit_test_tests": verdict["tests"],
-                 "unit_test_reason": verdict["reason"]}
+                 "unit_test_reason": verdict["reason"],
+                 "unit_test_isolation": verdict.get("isolation")}
         if verdict["status"] != "passed":
             return STATUS_REASONS.get(verdict["status"], "unit_test_error"), facts
         if verdict["kills_mutant"] is False:
             return "unit_test_misses_mutant", facts
+        if verdict["kills_mutant"] is None:
+            # Passing alone proves nothing (a test that asserts nothing passes, and a run
+            # can claim it passed): gold tests must also catch the function's mutant.
+            return "unit_test_unverified", facts
         return None, facts
 
     def passes(self, verdict: dict[str, Any]) -> bool:

@@ -28,6 +28,7 @@ from trackb_core.config import StageConfig
 from trackb_core.errors import ConfigError
 from trackb_core.k8s.settings import KubernetesConfig, Resources
 from trackb_core.pipeline import RUN_ID, TINY, PipelineConfig, plan, steps_for
+from trackb_core.sandbox import RUNTIME_ENV as SANDBOX_RUNTIME_ENV
 from trackb_core.stages import STEPS, Step, step
 from trackb_core.store import open_store
 
@@ -184,7 +185,10 @@ def _resources(res: Resources, gpu: bool) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
-def _container_security(k8s: KubernetesConfig) -> dict[str, Any]:
+def _container_security(k8s: KubernetesConfig, code: bool = False) -> dict[str, Any]:
+    """The restricted container securityContext; a code-running container (``code``)
+    gets the Localhost seccomp profile when one is configured."""
+    profile = k8s.sandbox.seccomp_localhost_profile if code else None
     return {
         "allowPrivilegeEscalation": False,
         "privileged": False,
@@ -193,7 +197,8 @@ def _container_security(k8s: KubernetesConfig) -> dict[str, Any]:
         "runAsUser": k8s.security.run_as_user,
         "runAsGroup": k8s.security.run_as_group,
         "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
+        "seccompProfile": {"type": "Localhost", "localhostProfile": profile} if profile
+        else {"type": "RuntimeDefault"},
     }
 
 
@@ -308,8 +313,11 @@ def _pod_spec(k8s: KubernetesConfig, *, containers: list[dict[str, Any]],
               volumes: list[dict[str, Any]], gpu: bool, restart: str = "Never",
               init_containers: list[dict[str, Any]] | None = None,
               service_account: str | None = None, mount_token: bool = False,
-              subdomain: str | None = None) -> dict[str, Any]:
+              subdomain: str | None = None, runtime_class: str | None = None
+              ) -> dict[str, Any]:
     spec: dict[str, Any] = {"restartPolicy": restart}
+    if runtime_class:
+        spec["runtimeClassName"] = runtime_class
     account = service_account if service_account is not None else k8s.job_service_account
     if account:
         spec["serviceAccountName"] = account
@@ -540,6 +548,9 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
         _check_locked_network(config, row)
         # Egress is locked to the object store: never try the hub.
         env += [{"name": "HF_HUB_OFFLINE", "value": "1"}]
+    if row.runs_model_code and k8s.sandbox.gvisor:
+        # trackb's sandbox counts gVisor as meeting its minimum isolation.
+        env.append({"name": SANDBOX_RUNTIME_ENV, "value": "gvisor"})
     if nodes > 1:
         env.append({"name": "NODE_RANK", "valueFrom": {"fieldRef": {
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})
@@ -553,7 +564,7 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
         "args": args,
         "env": env,
         "resources": _resources(res, gpu=on_gpu),
-        "securityContext": _container_security(k8s),
+        "securityContext": _container_security(k8s, code=row.runs_model_code),
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": mounts,
     }
@@ -590,7 +601,9 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
         objects.append(_network_policy(k8s, run_id, stage, locked_egress=locked,
                                        ingress=peers))
     pod = _pod_spec(k8s, containers=[main], volumes=volumes, gpu=pod_gpu,
-                    init_containers=init, subdomain=headless)
+                    init_containers=init, subdomain=headless,
+                    runtime_class=k8s.sandbox.runtime_class_name if row.runs_model_code
+                    else None)
     objects.append(_job(k8s, name, run_id, stage, pod, _deadline(k8s, row), indexed=nodes
                         if nodes > 1 else 0))
     return objects

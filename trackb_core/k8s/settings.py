@@ -303,6 +303,29 @@ class NetworkConfig(StageConfig):
     _n = field_validator("store_namespace", "dns_namespace")(_check_name)
 
 
+class SandboxConfig(StageConfig):
+    """The pods that run model-written code (build-dataset, eval-baseline, eval-post).
+
+    trackb's own sandbox (seccomp, Landlock where the node's kernel has it) holds in any
+    pod; these add walls around the whole pod. gVisor (GKE Sandbox: runtime class
+    "gvisor") puts a user-space kernel between the code and the node's: the usual choice
+    for untrusted code on a shared cluster, and it needs no GPU here, since these pods
+    have none. A Localhost seccomp profile narrows what the pod may call further.
+    """
+
+    runtime_class_name: str | None = Field(
+        None, description="runtimeClassName of code-running pods (e.g. gvisor on GKE "
+        "Sandbox); empty: the cluster's default runtime.")
+    gvisor: bool = Field(False, description="The runtime class is gVisor: trackb's sandbox "
+                         "then counts as meeting its minimum even where seccomp or Landlock "
+                         "cannot be applied inside it.")
+    seccomp_localhost_profile: str | None = Field(
+        None, description="A seccomp profile installed on the nodes (path under the "
+        "kubelet's seccomp folder) for code-running containers; empty: RuntimeDefault.")
+
+    _n = field_validator("runtime_class_name")(_check_name)
+
+
 class LauncherConfig(StageConfig):
     """How long the k8s launcher waits on a stuck pod before it fails the run."""
 
@@ -352,6 +375,9 @@ class KubernetesConfig(StageConfig):
                                            description="Multi-GPU and multi-node training.")
     network: NetworkConfig = Field(default_factory=NetworkConfig,
                                    description="NetworkPolicies (eval egress lock-down).")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig,
+                                   description="Pods that run model-written code: runtime "
+                                   "class (gVisor) and seccomp profile.")
     budgets: LauncherConfig = Field(default_factory=LauncherConfig,
                                     description="The launcher's waits for stuck pods.")
 
