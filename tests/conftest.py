@@ -46,6 +46,28 @@ def tiny_model_dir(tmp_path_factory, stdlib_corpus) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def verl_dataset(tmp_path_factory):
+    """``(build-dataset folder, {stage: manifest})`` of extract, generate (reference) and
+    build-dataset over the real verl 0.9.1 corpus; built once per session (about a
+    minute), shared by the integration tests that look at it."""
+    from trackb_core import dataset, extract, generate
+    from trackb_core.dataset import DatasetConfig
+    from trackb_core.extract import ExtractConfig
+    from trackb_core.generate import GenerateConfig
+    from trackb_core.store import LocalStore
+
+    root = LocalStore(tmp_path_factory.mktemp("verl"))
+    manifests = {
+        "extract": extract.run(ExtractConfig(corpus="pypi:verl==0.9.1"), root.child("extract")),
+        "generate": generate.run(GenerateConfig(tasks=root.child("extract").uri),
+                                 root.child("generate")),
+        "dataset": dataset.run(DatasetConfig(responses=root.child("generate").uri),
+                               root.child("build-dataset")),
+    }
+    return root.child("build-dataset").root, manifests
+
+
 # -- S3: moto's real server over HTTP -------------------------------------------------
 REGION = "us-east-1"
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -144,14 +146,26 @@ def _sdist_bytes(members: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
-class FakePip:
-    """Stands in for ``pip download``: drops the given files into ``-d`` and records calls."""
+NO_SUCH = ("ERROR: Could not find a version that satisfies the requirement nope==1.0 "
+           "(from versions: none)\nERROR: No matching distribution found for nope==1.0\n")
+NETWORK = ("WARNING: Retrying (Retry(total=4)) after connection broken by "
+           "'NewConnectionError(\"Failed to establish a new connection: "
+           "[Errno -3] Temporary failure in name resolution\")': /simple/nope/\n" + NO_SUCH)
 
-    def __init__(self, files: dict[str, bytes], returncode: int = 0, stderr: str = ""):
+
+class FakePip:
+    """Stands in for ``pip download``: drops the given files into ``-d`` and records calls;
+    ``pip config list`` prints ``config`` (default: no index, no find-links)."""
+
+    def __init__(self, files: dict[str, bytes], returncode: int = 0, stderr: str = "",
+                 config: str = ":env:.no-index='1'\n"):
         self.files, self.returncode, self.stderr = files, returncode, stderr
+        self.config = config
         self.calls: list[list[str]] = []
 
     def __call__(self, cmd):
+        if cmd[3] == "config":
+            return subprocess.CompletedProcess(cmd, 0, self.config, "")
         self.calls.append(cmd)
         dest = Path(cmd[cmd.index("-d") + 1])
         dest.mkdir(parents=True, exist_ok=True)
@@ -179,8 +193,8 @@ def test_pypi_wheel_is_unpacked_cached_and_reused(tmp_path, monkeypatch):
                             "filename": "demo-1.0-py3-none-any.whl", "sha256": got.sha256}
     assert json.loads((got.path / MARKER).read_text()) == got.metadata
     cmd = pip.calls[0]
-    assert cmd[1:] == ["-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                       "demo==1.0", "-d", cmd[-1]]
+    assert cmd[1:] == ["-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                       "--disable-pip-version-check", "demo==1.0", "-d", cmd[-1]]
     # Only the finished folder is left beside the cache entries.
     assert sorted(p.name for p in got.path.parent.iterdir()) == ["demo-1.0"]
 
@@ -211,13 +225,51 @@ def test_unwritable_cache_is_store_error(tmp_path, monkeypatch):
         resolve_corpus("pypi:demo==1.0")
 
 
-def test_pypi_sdist_when_there_is_no_wheel(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRACKB_CACHE", str(tmp_path))
+def test_pypi_sdist_when_there_is_no_wheel_is_fetched_as_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACKB_CACHE", str(tmp_path / "cache"))
+    links = tmp_path / "links"
+    links.mkdir()
     sdist = _sdist_bytes({"demo-2.0/demo/mod.py": "x = 1\n", "demo-2.0/PKG-INFO": ""})
-    monkeypatch.setattr(corpus, "_run_pip", FakePip({"demo-2.0.tar.gz": sdist}))
+    (links / "demo-2.0.tar.gz").write_bytes(sdist)
+    (links / "demo-1.9.tar.gz").write_bytes(b"other version")
+    calls = []
+
+    def pip(cmd):
+        calls.append(cmd[3])
+        if cmd[3] == "config":  # what pip is configured with: these find-links only
+            return subprocess.CompletedProcess(cmd, 0, f"global.find-links='{links}'\n"
+                                               ":env:.no-index='1'\n", "")
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution "
+                                           "found for demo==2.0")
+
+    monkeypatch.setattr(corpus, "_run_pip", pip)
     got = resolve_corpus("pypi:demo==2.0")
+    assert calls == ["download", "config"]  # a wheel only; then the file, never built
     assert (got.path / "demo-2.0" / "demo" / "mod.py").read_text() == "x = 1\n"
     assert got.metadata["filename"] == "demo-2.0.tar.gz"
+
+
+def test_an_sdist_only_package_never_runs_its_build_backend(tmp_path):
+    """Real pip, a local find-links folder and an sdist whose setup.py writes a file."""
+    marker = tmp_path / "the-build-backend-ran"
+    links = tmp_path / "links"
+    links.mkdir()
+    setup = (f"open({str(marker)!r}, 'w').write('ran')\n"
+             "from setuptools import setup\nsetup(name='evilpkg', version='1.0')\n")
+    module = ("def tally(values):\n    total = 0\n    for value in values:\n"
+              "        if value > 0:\n            total += value\n    return total\n")
+    (links / "evilpkg-1.0.tar.gz").write_bytes(_sdist_bytes({
+        "evilpkg-1.0/setup.py": setup, "evilpkg-1.0/PKG-INFO": "Name: evilpkg\n",
+        "evilpkg-1.0/evilpkg/__init__.py": "", "evilpkg-1.0/evilpkg/core.py": module}))
+    env = {**os.environ, "TRACKB_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": str(links), "PIP_CONFIG_FILE": os.devnull}
+    proc = subprocess.run([sys.executable, "-m", "trackb_core.cli", "extract", "--corpus",
+                           "pypi:evilpkg==1.0", "--out", str(tmp_path / "extract")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not marker.exists(), "the package's setup.py ran on the host"
+    functions = (tmp_path / "extract" / "functions.jsonl").read_text()
+    assert '"name": "tally"' in functions
 
 
 def test_half_unpacked_cache_is_not_reused(tmp_path, monkeypatch):
@@ -240,7 +292,15 @@ def test_half_unpacked_cache_is_not_reused(tmp_path, monkeypatch):
 def test_archive_paths_escaping_the_target_are_refused(make, tmp_path, monkeypatch):
     monkeypatch.setenv("TRACKB_CACHE", str(tmp_path / "cache"))
     name, data = make()
-    monkeypatch.setattr(corpus, "_run_pip", FakePip({name: data}))
+    if name.endswith(".whl"):
+        pip = FakePip({name: data})
+    else:  # no wheel: the sdist file comes from the find-links folder
+        links = tmp_path / "links"
+        links.mkdir()
+        (links / name).write_bytes(data)
+        pip = FakePip({}, returncode=1, stderr=NO_SUCH,
+                      config=f"global.find-links='{links}'\n:env:.no-index='1'\n")
+    monkeypatch.setattr(corpus, "_run_pip", pip)
     with pytest.raises(InputError, match="unsafe path"):
         resolve_corpus("pypi:evil==1.0")
     assert not (tmp_path / "escape.py").exists()
@@ -256,20 +316,14 @@ def test_corrupt_archive_is_input_error(tmp_path, monkeypatch):
     assert not (tmp_path / "corpus" / "demo-1.0").exists()
 
 
-NO_SUCH = ("ERROR: Could not find a version that satisfies the requirement nope==1.0 "
-           "(from versions: none)\nERROR: No matching distribution found for nope==1.0\n")
-NETWORK = ("WARNING: Retrying (Retry(total=4)) after connection broken by "
-           "'NewConnectionError(\"Failed to establish a new connection: "
-           "[Errno -3] Temporary failure in name resolution\")': /simple/nope/\n" + NO_SUCH)
-
-
 def test_pip_no_such_distribution_is_missing_input(tmp_path, monkeypatch):
     monkeypatch.setenv("TRACKB_CACHE", str(tmp_path))
     monkeypatch.setattr(corpus, "_run_pip", FakePip({}, returncode=1, stderr=NO_SUCH))
     with pytest.raises(MissingInputError) as info:
         resolve_corpus("pypi:nope==1.0")
     assert str(info.value) == ("pypi: no distribution nope==1.0 "
-                               "(pip: No matching distribution found for nope==1.0)")
+                               "(pip: No matching distribution found for nope==1.0; and no "
+                               "source archive in the configured indexes)")
     assert not (tmp_path / "corpus" / "nope-1.0").exists()
 
 

@@ -339,14 +339,10 @@ def test_reference_rows_survive_the_filters(tmp_path, responses, filter_set):
 
 
 @pytest.fixture(scope="module")
-def verl_split(tmp_path_factory):
-    root = LocalStore(tmp_path_factory.mktemp("verl-dataset"))
-    extract.run(ExtractConfig(corpus="pypi:verl==0.9.1"), root.child("extract"))
-    generate.run(GenerateConfig(tasks=root.child("extract").uri), root.child("generate"))
-    manifest = run(DatasetConfig(responses=root.child("generate").uri),
-                   root.child("build-dataset"))
-    folder = root.child("build-dataset").root
-    return read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "test.jsonl"), manifest
+def verl_split(verl_dataset):
+    folder, manifests = verl_dataset
+    return (read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "test.jsonl"),
+            manifests["dataset"])
 
 
 @pytest.mark.integration
@@ -380,3 +376,28 @@ def test_verl_split_has_no_near_duplicate_across_sides(verl_split):
             assert similarity < threshold, (source, train_sources[other], similarity)
     assert manifest["counts"]["near_duplicate_function_pairs"] > 0
     print(f"pairs measured exactly: {checked}; stage timings: {manifest['timings']}")
+
+
+def _check_that_misbehaves(job):
+    """A worker's check that dies on one row and hangs on another (picklable by name)."""
+    import os
+    import time
+
+    from trackb_core.filters import FilterVerdict
+
+    row, _ = job
+    if row["id"] == "dies":
+        os._exit(3)
+    if row["id"] == "hangs":
+        time.sleep(600)
+    return row, FilterVerdict(None), False
+
+
+def test_a_worker_that_dies_or_hangs_costs_its_own_row_only():
+    from trackb_core.dataset import WORKER_DIED, WORKER_HUNG, _check_in_pool
+
+    ids = ["a", "b", "dies", "c", "hangs", "d", "e"]
+    jobs = [({"id": i}, None) for i in ids]
+    results = _check_in_pool(jobs, workers=2, hang_seconds=5, check=_check_that_misbehaves)
+    assert [r[0]["id"] if r[0] else r[1].reason for r in results] == [
+        "a", "b", WORKER_DIED, "c", WORKER_HUNG, "d", "e"]

@@ -388,3 +388,71 @@ def test_no_corpus_or_file_is_not_executable(corpus):
     missing = unit_item(source_file="shop/absent.py")
     assert unit_test.unit_test_verdict(KILLING_TESTS, missing, corpus)["status"] \
         == "not_executable"
+
+
+# -- no verdict raises, whatever it is given ------------------------------------------------
+
+HOSTILE_RESPONSES = ["", None, 42, "```python\n" + "(" * 5000 + "\n```", "\x00\x01\x02",
+                     "```python\ndef clamp(value, low, high):\n    return value\n```",
+                     "```python\nfrom shop.maths import clamp\n\ndef test_x():\n"
+                     "    assert clamp(1, 0, 2) == 1\n```"]
+HOSTILE_ITEMS = [
+    {},
+    {"source_function": 5, "params": "value", "returns_value": "yes", "signature": 3},
+    {**ITEM, "mutation": ["not", "a", "dict"], "buggy_source": 7},
+    {**ITEM, "source_file": "../../etc/passwd.py", "category": "unit_test"},
+    {**ITEM, "source_file": "/etc/passwd.py", "category": "unit_test"},
+    {**ITEM, "source_file": "shop/../../x.py", "line": "one", "end_line": None},
+    {**ITEM, "source_file": ["a.py"], "qualname": None, "function_name": 3},
+    {**ITEM, "source_file": "shop/maths.py", "line": -5, "end_line": 10 ** 9},
+]
+
+
+@pytest.mark.parametrize("family", ["bugfix", "complete", "docstring", "explain", "unit_test"])
+def test_no_verdict_raises_on_malformed_answers_items_or_paths(family, tmp_path):
+    from trackb_core import families
+    from trackb_core.families import CheckContext
+
+    corpus = tmp_path / "corpus"
+    (corpus / "shop").mkdir(parents=True)
+    (corpus / "shop" / "__init__.py").write_text("")
+    (corpus / "shop" / "maths.py").write_text(ORIGINAL)
+    subject = families.get(family)
+    for item in HOSTILE_ITEMS:
+        for response in HOSTILE_RESPONSES:
+            verdict = subject.verdict(response, item, CheckContext(corpus, timeout=5))
+            assert isinstance(verdict, dict)
+            assert isinstance(subject.passes(verdict), bool)
+            reason, facts = subject.filter(verdict)
+            assert reason is None or reason in subject.filter_reasons
+    # Paths that leave the corpus are not executable, and nothing outside is read.
+    escaping = {**ITEM, "source_file": "../outside.py"}
+    (tmp_path / "outside.py").write_text(ORIGINAL)
+    tests = "```python\nfrom outside import clamp\n\ndef test_x():\n    assert clamp(1, 0, 2)\n```"
+    verdict = families.get("unit_test").verdict(tests, escaping, CheckContext(corpus))
+    assert verdict["status"] == "not_executable" and "inside the corpus" in verdict["reason"]
+
+
+@pytest.mark.parametrize("report", [
+    b"", b"\xff\xfe", b"not json\n", b"[1, 2]\n", b'{"stage": "ran"}\n',
+    b'{"stage": "ran", "results": "x", "skipped": []}\n',
+    b'{"stage": "ran", "results": [["t", "passed"]], "skipped": []}\n',
+    b'{"stage": "ran", "results": [["t", "won", ""]], "skipped": []}\n',
+    b'{"stage": "ran", "results": [[1, "passed", ""]], "skipped": []}\n',
+    b'{"stage": "import_module", "error": 3, "message": "m"}\n',
+    b'{"stage": "elsewhere"}\n', b"[" * 100_000 + b"\n",
+    b'{"stage": "ran", "results": [], "skipped": []}\n' * 2,
+])
+def test_malformed_or_repeated_reports_are_errors_never_verdicts(report):
+    from trackb_core.testrun import parse_report
+
+    assert isinstance(parse_report(report), str)
+
+
+def test_a_well_formed_report_is_read():
+    from trackb_core.testrun import parse_report
+
+    parsed = parse_report(b'{"stage": "ran", "results": [["t", "passed", ""]], '
+                          b'"skipped": [["u", "needs fixture x"]]}\n')
+    assert parsed == {"stage": "ran", "results": [["t", "passed", ""]],
+                      "skipped": [["u", "needs fixture x"]]}

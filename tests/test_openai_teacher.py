@@ -232,3 +232,66 @@ def test_identity_changes_with_model_sampling_and_prompt_version(monkeypatch):
     assert OpenAITeacher("http://127.0.0.1:1/v1", model="m", n=2).identity() != base
     monkeypatch.setattr(openai_teacher, "TEACHER_PROMPT_VERSION", "v3")
     assert OpenAITeacher("http://127.0.0.1:1/v1", model="m").identity() != base
+
+
+# -- hostile or broken replies --------------------------------------------------------------
+
+BAD_BODIES = {
+    "choices-not-a-list": b'{"choices": "x"}',
+    "message-a-string": b'{"choices": [{"message": "hi", "finish_reason": "stop"}]}',
+    "content-a-number": b'{"choices": [{"message": {"content": 5}, "finish_reason": "stop"}]}',
+    "not-json": b"<html>gateway</html>",
+    "a-json-list": b"[1, 2]",
+    "nested-deep": b"[" * 200_000 + b"]" * 200_000,
+    "huge": b'{"choices": [{"message": {"content": "' + b"x" * (9 << 20) + b'"}}]}',
+}
+GOOD_BUT_ODD = b'{"choices": [{"message": {"content": "def f(): pass"}, "finish_reason": ' \
+               b'"stop"}], "usage": [1, 2], "model": {"not": "a string"}}'
+
+
+@pytest.fixture
+def crafted_server():
+    """A server answering /v1/models normally and each chat request with the body named
+    by the request's message (``BAD_BODIES``), over plain HTTP."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self._send(b'{"data": [{"id": "m"}]}')
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            name = body["messages"][-1]["content"]
+            self._send(BAD_BODIES.get(name, GOOD_BUT_ODD))
+
+        def _send(self, payload: bytes):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            try:
+                self.wfile.write(payload)
+            except OSError:
+                pass  # the client stopped reading a reply it will not keep
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_malformed_and_oversized_replies_are_bad_responses_never_a_crash(crafted_server):
+    teacher = OpenAITeacher(crafted_server, model="m", timeout=20, max_retries=0)
+    tasks = [chat_task(name, name) for name in BAD_BODIES] + [chat_task("odd", "odd")]
+    results = {r.id: r for r in teacher.answer_all(tasks)}
+    for name in BAD_BODIES:
+        assert results[name].status == "rejected" and results[name].reason == "bad_response", \
+            (name, results[name])
+    # Odd fields around a good answer are ignored, not trusted.
+    assert results["odd"].ok and results["odd"].response == "def f(): pass"
+    assert results["odd"].model == "m" and results["odd"].usage == {}

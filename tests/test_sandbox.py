@@ -151,3 +151,41 @@ def test_file_names_must_stay_inside():
         run_python("pass", files={"../escape.py": ""})
     with pytest.raises(ValueError):
         run_python("pass", network="host")
+
+
+def test_a_protected_process_keeps_its_environment_from_same_user_processes():
+    """PR_SET_DUMPABLE 0: /proc/<pid>/environ is closed even to an unsandboxed child of the
+    same user (as in a pod: no capabilities; root with CAP_SYS_PTRACE could still read)."""
+    import subprocess
+    import sys
+
+    from test_sandbox_attacks import POD_WRAPPER, pod_mode_available
+
+    if why := pod_mode_available():
+        pytest.skip(why)
+    read = ("import os\ntry:\n    print(open(f'/proc/{os.getppid()}/environ').read())\n"
+            "except OSError as exc:\n    print('refused', exc.errno)\n")
+    code = ("import os, subprocess, sys\n{protect}\n"
+            "out = subprocess.run([sys.executable, '-c', {read!r}], "
+            "capture_output=True, text=True).stdout\nprint(out)\n")
+    env = {**os.environ, "TRACKB_CANARY": "c4n4ry"}
+
+    def run(protect: str) -> str:
+        command = ["unshare", "--user", "--map-root-user", "sh", "-c", POD_WRAPPER, "sh",
+                   sys.executable, "-c", code.format(protect=protect, read=read)]
+        return subprocess.run(command, capture_output=True, text=True, env=env).stdout
+
+    assert "c4n4ry" in run("")  # without it, any same-user process reads the secret
+    protected = run("from trackb_core.sandbox import protect_process\nprotect_process()")
+    assert "c4n4ry" not in protected and "refused 13" in protected
+
+
+def test_every_trackb_command_protects_its_process(monkeypatch):
+    from click.testing import CliRunner
+
+    from trackb_core import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "protect_process", lambda: calls.append(True))
+    CliRunner().invoke(cli.main, ["extract", "--help"])
+    assert calls

@@ -357,6 +357,8 @@ def test_parse_jsonl_reads_objects_and_skips_blank_lines():
         (b'{"a": 1}\n"just a string"\n', r"^data/f.jsonl: line 2 is not a JSON object$"),
         (b"[1]\n", r"^data/f.jsonl: line 1 is not a JSON object$"),
         (b'{"a": "\xff"}\n', r"^data/f.jsonl is not UTF-8 text$"),
+        (b'{"a": 1}\n' + b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+         r"^data/f.jsonl: line 2 is nested too deeply to read$"),
     ],
 )
 def test_parse_jsonl_errors_name_the_line(data, message):
@@ -426,3 +428,59 @@ def test_a_corrupt_snapshot_falls_back_to_the_corpus_spec(extracted):
     manifest["outputs"]["corpus.tar.gz"]["sha256"] = "0" * 64  # force a fresh unpack
     root.child("extract").put_text("manifest.json", json.dumps(manifest))
     assert upstream_corpus_dir(root.child("generate").uri, "responses.jsonl") == corpus
+
+
+@pytest.mark.parametrize("recorded", ["../../../../tmp/trackb-escape", "", "ABC", "0" * 63,
+                                      "g" * 64, None, 12])
+def test_a_snapshot_hash_that_is_no_sha256_is_never_used_as_a_path(tmp_path, recorded):
+    from trackb_core.corpus import snapshot_bytes, unpack_snapshot
+    from trackb_core.errors import InputError
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "m.py").write_text("x = 1\n")
+    archive = tmp_path / "corpus.tar.gz"
+    archive.write_bytes(snapshot_bytes(corpus))
+    with pytest.raises(InputError, match="not a sha256"):
+        unpack_snapshot(archive, recorded)
+    assert not (tmp_path.parent / "trackb-escape").exists()
+
+
+def test_a_snapshot_must_match_the_hash_its_manifest_records(tmp_path):
+    import hashlib
+
+    from trackb_core.corpus import snapshot_bytes, unpack_snapshot
+    from trackb_core.errors import InputError
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "m.py").write_text("x = 1\n")
+    archive = tmp_path / "corpus.tar.gz"
+    archive.write_bytes(snapshot_bytes(corpus))
+    good = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert (unpack_snapshot(archive, good) / "m.py").read_text() == "x = 1\n"
+    with pytest.raises(InputError, match="not the .* its manifest records"):
+        unpack_snapshot(archive, "1" * 64)
+
+
+def test_a_pypi_corpus_named_by_a_manifest_is_not_fetched_unless_allowed(extracted,
+                                                                         monkeypatch):
+    from trackb_core import corpus as corpus_module
+    from trackb_core.errors import UnavailableError
+
+    _, root = extracted
+    manifest = json.loads(root.child("extract").get_bytes("manifest.json"))
+    manifest["inputs"]["corpus"]["uri"] = "pypi:evil-package==6.6.6"
+    del manifest["outputs"]["corpus.tar.gz"]  # no snapshot: only the spec is left
+    root.child("extract").put_text("manifest.json", json.dumps(manifest))
+    asked = []
+
+    def resolve(name, version):
+        asked.append((name, version))
+        raise UnavailableError("no index here")
+
+    monkeypatch.setattr(corpus_module, "_resolve_pypi", resolve)
+    assert upstream_corpus_dir(root.child("generate").uri, "responses.jsonl") is None
+    assert asked == []
+    upstream_corpus_dir(root.child("generate").uri, "responses.jsonl", fetch=True)
+    assert asked == [("evil-package", "6.6.6")]

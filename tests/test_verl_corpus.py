@@ -9,28 +9,10 @@ import tokenize
 
 import pytest
 
-from trackb_core import dataset, extract, generate
-from trackb_core.dataset import DatasetConfig
-from trackb_core.extract import ExtractConfig
-from trackb_core.generate import GenerateConfig
 from trackb_core.mutations import MAX_KIND_SHARE, SEED_KINDS, changed_site
-from trackb_core.store import LocalStore
 
 pytestmark = pytest.mark.integration
 VERL = "pypi:verl==0.9.1"
-
-
-@pytest.fixture(scope="module")
-def verl_dataset(tmp_path_factory):
-    root = LocalStore(tmp_path_factory.mktemp("verl"))
-    manifests = {
-        "extract": extract.run(ExtractConfig(corpus=VERL), root.child("extract")),
-        "generate": generate.run(GenerateConfig(tasks=root.child("extract").uri),
-                                 root.child("generate")),
-        "dataset": dataset.run(DatasetConfig(responses=root.child("generate").uri),
-                               root.child("build-dataset")),
-    }
-    return root.child("build-dataset").root, manifests
 
 
 def rows(path):

@@ -27,6 +27,7 @@ from trackb_core.config import (
 )
 from trackb_core.errors import TrackbError
 from trackb_core.publish import PublishConfig
+from trackb_core.sandbox import protect_process
 from trackb_core.stages import COMMANDS, Command
 
 EPILOG_URIS = (
@@ -126,6 +127,9 @@ def main() -> None:
 
     Run `trackb COMMAND --help` for a command's inputs, outputs and defaults.
     """
+    # Every trackb process may hold secrets (S3 keys, the hub token) in its environment:
+    # no same-user process, model-written code included, may read them through /proc.
+    protect_process()
 
 
 # The stage list comes from the command table, so a new command shows up by itself.

@@ -1,4 +1,4 @@
-"""Where a corpus comes from: a local folder, or a PyPI release fetched with pip.
+"""Where a corpus comes from: a local folder, or a PyPI release fetched without running it.
 
 :func:`resolve_corpus` turns a corpus spec into a local folder to walk, a sha256 that
 pins its content, and JSON-able metadata for the manifest. It is called whenever a
@@ -8,6 +8,11 @@ stage hashes its inputs, so a PyPI corpus is fetched once into
 A cached corpus is complete only when its ``trackb-corpus.json`` marker exists: the
 archive is unpacked into a temporary folder which is renamed into place, and the
 marker is written last, so an interrupted fetch is never mistaken for a finished one.
+
+A package's code is never run to fetch it: pip downloads a wheel only
+(``--only-binary=:all:``; ``pip download`` of an sdist would run its build backend to
+prepare metadata), and a release with no wheel has its sdist file found in the same
+indexes and find-links pip uses (PEP 503 pages, read here) and unpacked as an archive.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from trackb_core.errors import (
     InputError,
     MissingInputError,
     StoreError,
+    TrackbError,
     UnavailableError,
 )
 
@@ -141,12 +147,23 @@ def snapshot_bytes(root: Path) -> bytes:
     return gzip.compress(raw.getvalue(), mtime=0)
 
 
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def unpack_snapshot(archive: Path, sha256: str) -> Path:
     """The folder ``archive`` (from :func:`snapshot_bytes`) unpacks to, cached by hash.
 
-    Raises InputError for a corrupt or unsafe archive, StoreError when the cache
-    cannot be written.
+    ``sha256`` is what the manifest says the archive's hash is: it must be one (64 hex
+    digits: it also names the cache folder) and match the archive. Raises InputError
+    for a malformed or mismatched hash or a corrupt or unsafe archive, StoreError when
+    the cache cannot be written.
     """
+    if not isinstance(sha256, str) or not SHA256.match(sha256):
+        raise InputError(f"corpus snapshot: {str(sha256)[:80]!r} is not a sha256 digest")
+    actual = _file_sha256(archive)
+    if actual != sha256:
+        raise InputError(f"corpus snapshot: {archive.name} has sha256 {actual}, not the "
+                         f"{sha256} its manifest records")
     target = cache_root() / "snapshots" / sha256
     if target.is_dir():
         return target
@@ -238,12 +255,12 @@ def _fetch_into(target: Path, name: str, version: str) -> None:
 
 
 def _pip_download(name: str, version: str, dest: Path) -> Path:
-    """Download ``name==version`` (no deps) into ``dest``; the wheel if there is one."""
+    """Download ``name==version`` (no deps) into ``dest``: its wheel, else its sdist file,
+    without running any of its code."""
     dest.mkdir(parents=True, exist_ok=True)
     requirement = f"{name}=={version}"
-    base = [sys.executable, "-m", "pip", "download", "--no-deps",
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
             "--disable-pip-version-check", requirement, "-d", str(dest)]
-    # pip itself prefers a wheel over the sdist when the release has both.
     result = _run_pip(base)
     if result.returncode != 0:
         line = _pip_error_line(result.stderr)
@@ -252,17 +269,137 @@ def _pip_download(name: str, version: str, dest: Path) -> Path:
                                    f"(pip: {line})")
         if "No matching distribution" in result.stderr or "Could not find a version" in \
                 result.stderr:
-            raise MissingInputError(f"pypi: no distribution {requirement} (pip: {line})")
+            return _fetch_sdist(name, version, dest, line)  # no wheel: the source archive
         raise InputError(f"pypi: pip download {requirement} failed (pip: {line})")
-    files = sorted(p for p in dest.iterdir() if p.is_file())
-    wheels = [p for p in files if p.suffix == ".whl"]
-    sdists = [p for p in files if p.name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".zip"))]
+    wheels = sorted(p for p in dest.iterdir() if p.is_file() and p.suffix == ".whl")
     if wheels:
         return wheels[0]
-    if sdists:
-        return sdists[0]
-    raise InputError(f"pypi: pip download {requirement} gave no wheel or sdist "
-                     f"({', '.join(p.name for p in files) or 'no files'})")
+    raise InputError(f"pypi: pip download {requirement} gave no wheel")
+
+
+SDIST_SUFFIXES = (".tar.gz", ".zip")
+SDIST_BYTES = 256 << 20  # the largest source archive fetched
+FETCH_TIMEOUT_S = 120
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[-_.]+", "-", text).lower()
+
+
+def _pip_settings() -> dict[str, list[str]]:
+    """``index-url``, ``extra-index-url``, ``find-links`` and ``no-index`` as pip sees them
+    (its config files and PIP_* variables), each a list of values."""
+    result = _run_pip([sys.executable, "-m", "pip", "config", "list"])
+    found: dict[str, list[str]] = {}
+    for line in result.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        key = key.rpartition(".")[2]
+        if key in ("index-url", "extra-index-url", "find-links", "no-index"):
+            found[key] = value.strip().strip("'\"").split()
+    return found
+
+
+class _Links:
+    """The links of a PEP 503 page (or of a folder), ``{file name: URL}``."""
+
+    @staticmethod
+    def of_page(html: str, base: str) -> dict[str, str]:
+        from html.parser import HTMLParser
+        from urllib.parse import unquote, urljoin, urlsplit
+
+        found: dict[str, str] = {}
+
+        class Parser(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                href = dict(attrs).get("href")
+                if tag == "a" and href:
+                    url = urljoin(base, href)
+                    found[unquote(urlsplit(url).path.rpartition("/")[2])] = url
+
+        Parser().feed(html)
+        return found
+
+    @staticmethod
+    def of_folder(folder: Path) -> dict[str, str]:
+        try:
+            return {p.name: p.resolve().as_uri() for p in folder.iterdir() if p.is_file()}
+        except OSError:
+            return {}
+
+
+def _read_url(url: str, limit: int) -> bytes:
+    """The bytes at ``url`` (http, https or file), at most ``limit``. Raises
+    UnavailableError when it cannot be read, InputError when it is larger."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:
+            data = response.read(limit + 1)
+    except OSError as exc:
+        raise UnavailableError(f"pypi: cannot read {url}: {exc}") from exc
+    if len(data) > limit:
+        raise InputError(f"pypi: {url} is larger than {limit} bytes")
+    return data
+
+
+def _sdist_links(name: str) -> dict[str, str]:
+    """Every file the configured find-links and indexes offer for ``name``."""
+    settings = _pip_settings()
+    links: dict[str, str] = {}
+    for location in settings.get("find-links", []):
+        if "://" in location and not location.startswith("file:"):
+            try:
+                links.update(_Links.of_page(_read_url(location, 16 << 20).decode(
+                    "utf-8", "replace"), location))
+            except TrackbError:
+                continue
+        else:
+            links.update(_Links.of_folder(Path(location.removeprefix("file://"))))
+    if settings.get("no-index", ["false"])[0].lower() in ("1", "true", "yes", "on"):
+        return links
+    indexes = (settings.get("index-url") or ["https://pypi.org/simple"]) + \
+        settings.get("extra-index-url", [])
+    for index in indexes:
+        page = f"{index.rstrip('/')}/{_normalise(name)}/"
+        if index.startswith("file:"):
+            folder = Path(page.removeprefix("file://"))
+            html = folder / "index.html"
+            links.update(_Links.of_page(html.read_text("utf-8", "replace"), html.as_uri())
+                         if html.is_file() else _Links.of_folder(folder))
+            continue
+        try:
+            links.update(_Links.of_page(_read_url(page, 16 << 20).decode("utf-8", "replace"),
+                                        page))
+        except TrackbError:
+            continue
+    return links
+
+
+def _fetch_sdist(name: str, version: str, dest: Path, pip_said: str = "") -> Path:
+    """The sdist file of ``name==version`` from the configured indexes, downloaded into
+    ``dest`` and checked against the ``#sha256=`` its index gives. Never built, never run.
+
+    Raises MissingInputError when no index has it, UnavailableError when none can be
+    read, InputError when it does not match its hash or is too large.
+    """
+    wanted = _normalise(f"{name}-{version}")
+    matches = sorted((file_name, url) for file_name, url in _sdist_links(name).items()
+                     if file_name.endswith(SDIST_SUFFIXES) and _normalise(
+                         file_name.removesuffix(".tar.gz").removesuffix(".zip")) == wanted)
+    if not matches:
+        raise MissingInputError(f"pypi: no distribution {name}=={version} (pip: "
+                                f"{pip_said or 'no wheel'}; and no source archive in the "
+                                "configured indexes)")
+    file_name, url = matches[0]
+    data = _read_url(url, SDIST_BYTES)
+    digest = url.partition("#sha256=")[2][:64]
+    if digest and hashlib.sha256(data).hexdigest() != digest:
+        raise InputError(f"pypi: {file_name} does not match the sha256 its index gives")
+    target = dest / Path(file_name).name
+    target.write_bytes(data)
+    return target
 
 
 def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess[str]:

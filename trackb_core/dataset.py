@@ -95,6 +95,10 @@ class DatasetConfig(StageConfig):
         False, description="Run teacher-written unit tests even where the sandbox cannot "
         "reach its minimum isolation (seccomp, plus Landlock where the kernel has it): macOS, "
         "old kernels. Only on a disposable machine with no secrets")
+    fetch_upstream_corpus: bool = Field(
+        False, description="When no corpus snapshot is stored upstream, download the "
+        "pypi: corpus an upstream manifest names (off: a manifest never makes trackb fetch "
+        "a package; unit tests count as not executable instead)")
     near_dup_threshold: float = Field(
         neardup.REMOVAL_THRESHOLD, ge=0.5, le=1.0,
         description="Rows of one category whose instructions, or whose response code, reach "
@@ -149,15 +153,18 @@ def _hang_seconds(context: filters.FilterContext) -> float:
     return 2 * context.sandbox_timeout * 8 + 120
 
 
-def _check_in_pool(jobs: list, workers: int, hang_seconds: float) -> list:
+def _check_in_pool(jobs: list, workers: int, hang_seconds: float,
+                   check: Any = None) -> list:
     """:func:`_check_candidates` over ``jobs`` in a pool of ``workers`` processes.
 
     A worker that dies (killed, out of memory, a crash in a parser) breaks the pool:
     the rows not yet done run again in a fresh pool, and after a second break each one
     alone, so only the row that kills its worker is lost (rejected as
     ``strict:worker_died``). A pool that finishes no row for ``hang_seconds`` is killed
-    the same way (``strict:worker_hung``). The stage always completes.
+    the same way (``strict:worker_hung``). The stage always completes. ``check`` is the
+    function a worker runs on one job (:func:`_check_candidates`).
     """
+    check = check or _check_candidates
     from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -171,7 +178,7 @@ def _check_in_pool(jobs: list, workers: int, hang_seconds: float) -> list:
         for batch in batches:
             pool = ProcessPoolExecutor(max_workers=1 if alone else workers,
                                        initializer=protect_process)
-            futures = {pool.submit(_check_candidates, jobs[i]): i for i in batch}
+            futures = {pool.submit(check, jobs[i]): i for i in batch}
             failure = None
             try:
                 pending = set(futures)
@@ -492,7 +499,8 @@ def run(config: DatasetConfig, out: Store) -> dict:
         _check_rows(rows, where)
         rows.sort(key=lambda r: str(r["id"]))
         corpus = upstream_corpus(config.responses, "responses.jsonl")
-        folder = upstream_corpus_dir(config.responses, "responses.jsonl")
+        folder = upstream_corpus_dir(config.responses, "responses.jsonl",
+                                     fetch=config.fetch_upstream_corpus)
         if folder is None:
             say(STAGE, "corpus folder not found upstream: unit tests count as not executable")
 

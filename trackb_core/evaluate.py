@@ -102,6 +102,10 @@ class EvalConfig(StageConfig):
         "upstream (best effort; without it unit tests count as not executable).")
     score: bool = Field(True, description="Score the answers too (eval.json); off: only "
                         "generate them, for `trackb score`.")
+    fetch_upstream_corpus: bool = Field(
+        False, description="When no corpus snapshot is stored upstream, download the "
+        "pypi: corpus an upstream manifest names (off: a manifest never makes trackb fetch "
+        "a package; unit tests count as not executable instead)")
     allow_weak_sandbox: bool = Field(
         False, description="Run model-written unit tests even where the sandbox cannot reach "
         "its minimum isolation (seccomp, plus Landlock where the kernel has it): macOS, old "
@@ -131,6 +135,10 @@ class ScoreConfig(StageConfig):
     corpus: str | None = Field(
         None, description="Corpus the test items come from, for executing unit-test answers; "
         "unset: found from the dataset's manifests (best effort).")
+    fetch_upstream_corpus: bool = Field(
+        False, description="When no corpus snapshot is stored upstream, download the "
+        "pypi: corpus an upstream manifest names (off: a manifest never makes trackb fetch "
+        "a package; unit tests count as not executable instead)")
     allow_weak_sandbox: bool = Field(
         False, description="Run model-written unit tests even where the sandbox cannot reach "
         "its minimum isolation (seccomp, plus Landlock where the kernel has it): macOS, old "
@@ -164,18 +172,19 @@ def load_items(run: StageRun, max_items: int | None = None, seed: int = 42
     return sorted(rows, key=lambda r: str(r["id"]))
 
 
-def corpus_dir_for(corpus: str | None, dataset_uri: str) -> Path | None:
+def corpus_dir_for(corpus: str | None, dataset_uri: str, fetch: bool = False) -> Path | None:
     """The local corpus folder unit-test answers run against, or None if unknown.
 
     An explicit ``corpus`` must resolve (its errors propagate: ConfigError,
     MissingInputError, InputError, UnavailableError); otherwise the corpus recorded
-    upstream of the dataset is used when it can be resolved, else None.
+    upstream of the dataset is used when it can be resolved (a ``pypi:`` one downloaded
+    only when ``fetch``), else None.
     """
     from trackb_core.corpus import resolve_corpus
 
     if corpus:
         return Path(resolve_corpus(corpus).path)
-    folder = upstream_corpus_dir(dataset_uri, "test.jsonl")
+    folder = upstream_corpus_dir(dataset_uri, "test.jsonl", fetch=fetch)
     if folder is None:
         say(STAGE, "corpus not found upstream of the dataset; unit tests are not executed")
     return folder
@@ -410,8 +419,7 @@ def run(config: EvalConfig, out: Store) -> dict[str, Any]:
         if config.score:
             with run.timed("score"):
                 result = _score(run, items, {p["id"]: p for p in predictions}, config.tag,
-                                config.corpus, config.allow_weak_sandbox,
-                                config.temperature if config.n_samples else None)
+                                config, config.temperature if config.n_samples else None)
             result["trackb"] = {**generation, "corpus_dir": result.pop("_corpus_dir")}
             run.write_json("eval.json", result)
             run.extra["metrics"] = headline_summary(result)
@@ -423,7 +431,7 @@ def run(config: EvalConfig, out: Store) -> dict[str, Any]:
 
 
 def _score(run: StageRun, items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]],
-           tag: str, corpus: str | None, allow_weak_sandbox: bool,
+           tag: str, config: EvalConfig | ScoreConfig,
            temperature: float | None) -> dict[str, Any]:
     """:func:`score_all` with the corpus resolved and the sandbox checked first when an
     item's family runs code (recorded in the manifest; raises ConfigError below the
@@ -431,10 +439,11 @@ def _score(run: StageRun, items: list[dict[str, Any]], predictions: dict[str, di
     code = {family.name for family in families.all_families() if family.runs_code}
     corpus_dir = None
     if any(item.get("category") in code for item in items):
-        run.sandbox = stage_isolation(allow_weak_sandbox)
-        corpus_dir = corpus_dir_for(corpus, run.input_uri("dataset"))
+        run.sandbox = stage_isolation(config.allow_weak_sandbox)
+        corpus_dir = corpus_dir_for(config.corpus, run.input_uri("dataset"),
+                                    fetch=config.fetch_upstream_corpus)
     result = score_all(items, predictions, tag, corpus_dir=corpus_dir, temperature=temperature,
-                       allow_weak_sandbox=allow_weak_sandbox)
+                       allow_weak_sandbox=config.allow_weak_sandbox)
     result["_corpus_dir"] = str(corpus_dir) if corpus_dir else None
     return result
 
@@ -463,8 +472,7 @@ def score(config: ScoreConfig, out: Store) -> dict[str, Any]:
         temperature = config.temperature
         if temperature is None and generation and generation.get("n_samples"):
             temperature = generation.get("temperature")
-        result = _score(run, items, predictions, config.tag, config.corpus,
-                        config.allow_weak_sandbox, temperature)
+        result = _score(run, items, predictions, config.tag, config, temperature)
         wanted = {str(item["id"]) for item in items}
         result["trackb"] = {
             **{k: v for k, v in (generation or {}).items() if k not in ("items", "tag")},

@@ -201,7 +201,7 @@ class ResponseCache:
             for line in lines[:-1]:
                 try:
                     entry = json.loads(line)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     self.stats["corrupt_lines"] += 1
                     continue
                 if not isinstance(entry, dict) or wanted.get(str(entry.get("id"))) is None:

@@ -54,6 +54,9 @@ TEACHER_SYSTEM_PROMPT = (
 )
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# The most bytes kept of one reply: a completion of max_tokens_cap tokens is a few
+# hundred kilobytes at most; a server (or a proxy) sending more is not answering.
+MAX_REPLY_BYTES = 8 << 20
 # A server asking for a longer pause than this is treated as asking for this long.
 RETRY_AFTER_CEILING = 300.0
 # Fatal errors stop the remaining requests; the loop thread gets this long to wind down.
@@ -221,14 +224,14 @@ class OpenAITeacher:
         try:
             async with session.request(method, self.base_url + path, json=body,
                                        timeout=aiohttp.ClientTimeout(total=timeout)) as reply:
-                payload = await reply.read()
                 status, retry_after = reply.status, reply.headers.get("Retry-After")
+                payload = await _read_capped(reply, MAX_REPLY_BYTES)
         except TimeoutError as exc:
             raise _Transient("timeout", f"no answer within {timeout:g} s") from exc
         except (aiohttp.ClientError, OSError) as exc:  # refused, reset, closed mid-answer
             raise _Transient("connection", str(exc) or type(exc).__name__) from exc
         if status >= 400:
-            detail = short(payload.decode("utf-8", "replace"), 200)
+            detail = short((payload or b"(too long)").decode("utf-8", "replace"), 200)
             if status in (401, 403):
                 raise ConfigError(f"teacher server at {self.base_url} refused the credentials "
                                   f"(HTTP {status}): check {self.key_hint}")
@@ -240,9 +243,12 @@ class OpenAITeacher:
                 raise _Transient("http_429" if status == 429 else "http_5xx",
                                  f"HTTP {status}: {detail}", parse_retry_after(retry_after))
             raise _Rejected(f"http_{status}", detail)
+        if payload is None:
+            raise _Rejected("bad_response", f"the server's answer is larger than "
+                                            f"{MAX_REPLY_BYTES} bytes")
         try:
             decoded = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise _Rejected("bad_response", "the server's answer is not JSON") from exc
         if not isinstance(decoded, dict):
             raise _Rejected("bad_response", "the server's answer is not a JSON object")
@@ -308,8 +314,10 @@ class OpenAITeacher:
                 try:
                     listing = await self._request(session, "GET", "/models", None,
                                                   min(self.timeout, 10.0))
-                    served = [str(m.get("id")) for m in listing.get("data") or []
-                              if isinstance(m, dict) and m.get("id")]
+                    data = listing.get("data")
+                    served = [str(m["id"]) for m in (data if isinstance(data, list) else [])
+                              if isinstance(m, dict) and isinstance(m.get("id"), str)
+                              and m["id"]]
                     problem = "it serves no model yet"
                 except (_Transient, _Rejected) as exc:
                     served, problem = [], str(exc)
@@ -356,7 +364,9 @@ class OpenAITeacher:
                 return self._rejected(task_id, exc.reason, truncated_retries, exc.transient)
             reply_usage = _usage(reply)
             self.usage_spent.update(reply_usage)
-            choices = [c for c in reply.get("choices") or [] if isinstance(c, dict)]
+            listed = reply.get("choices")
+            choices = [c for c in (listed if isinstance(listed, list) else [])
+                       if isinstance(c, dict) and _content(c) is not None]
             if not choices:
                 return self._rejected(task_id, "bad_response", truncated_retries)
             complete = [c for c in choices if c.get("finish_reason") != "length"
@@ -365,7 +375,8 @@ class OpenAITeacher:
             last_failure = "truncated" if truncated else "empty_response"
             if complete:
                 if not kept:
-                    model = str(reply.get("model") or self.model)
+                    served = reply.get("model")
+                    model = served if isinstance(served, str) and served else self.model
                     finish = str(complete[0].get("finish_reason") or "stop")
                 kept += [_content(c).strip() for c in complete]
                 usage.update(reply_usage)
@@ -460,13 +471,33 @@ class OpenAITeacher:
                 loop.close()
 
 
+async def _read_capped(reply, cap: int) -> bytes | None:
+    """The reply's body, or None when it is longer than ``cap`` bytes (read no further)."""
+    declared = reply.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        return None
+    body = bytearray()
+    while chunk := await reply.content.read(65536):
+        body += chunk
+        if len(body) > cap:
+            return None
+    return bytes(body)
+
+
 def _usage(reply: dict[str, Any]) -> dict[str, int]:
-    usage = reply.get("usage") or {}
+    usage = reply.get("usage")
+    if not isinstance(usage, dict):
+        return {}
     return {k: int(v) for k, v in usage.items()
             if k in ("prompt_tokens", "completion_tokens", "total_tokens")
             and isinstance(v, int) and not isinstance(v, bool)}
 
 
-def _content(choice: dict[str, Any]) -> str:
-    content = (choice.get("message") or {}).get("content")
-    return content if isinstance(content, str) else ""
+def _content(choice: dict[str, Any]) -> str | None:
+    """The choice's text ('' when the model said nothing); None when the choice is not
+    shaped like an OpenAI chat answer at all."""
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if content is None and isinstance(message, dict) and message.get("role"):
+        return ""  # an answer without content (a refusal or a tool call)
+    return content if isinstance(content, str) else None

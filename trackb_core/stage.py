@@ -93,14 +93,16 @@ def upstream_corpus(uri: str, filename: str) -> dict[str, Any] | None:
     return None
 
 
-def upstream_corpus_dir(uri: str, filename: str) -> Path | None:
+def upstream_corpus_dir(uri: str, filename: str, fetch: bool = False) -> Path | None:
     """A local folder holding the corpus a stage output descends from, or None.
 
     Prefers the snapshot the extract stage stored beside its outputs (no network: pods
-    whose egress reaches only the object store can use it), else resolves the corpus
-    spec (a folder, or a PyPI download). Best effort: returns None, never raises.
+    whose egress reaches only the object store can use it; its hash must match its
+    manifest), else resolves the corpus spec: a folder, or, only when ``fetch`` allows
+    it, a ``pypi:`` download (a manifest is data: what it names is not fetched on its
+    word). Best effort: returns None, never raises.
     """
-    from trackb_core.corpus import SNAPSHOT_FILE, resolve_corpus, unpack_snapshot
+    from trackb_core.corpus import PYPI_PREFIX, SNAPSHOT_FILE, resolve_corpus, unpack_snapshot
 
     for store, folder, manifest in _upstream_chain(uri, filename):
         corpus = (manifest.get("inputs") or {}).get("corpus")
@@ -117,8 +119,13 @@ def upstream_corpus_dir(uri: str, filename: str) -> Path | None:
             except TrackbError as exc:
                 say("corpus", f"stored corpus snapshot unusable ({exc}); resolving "
                               f"{corpus.get('uri')} instead")
+        spec = str(corpus.get("uri", ""))
+        if spec.startswith(PYPI_PREFIX) and not fetch:
+            say("corpus", f"no usable snapshot; {spec} is not downloaded on a manifest's "
+                          "word (fetch_upstream_corpus allows it)")
+            return None
         try:
-            return resolve_corpus(str(corpus.get("uri", ""))).path
+            return resolve_corpus(spec).path
         except TrackbError:
             return None
     return None
@@ -341,6 +348,8 @@ def parse_jsonl(data: bytes, where: str) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}: line {number} is not valid JSON ({exc.msg})") from exc
+        except RecursionError as exc:
+            raise InputError(f"{where}: line {number} is nested too deeply to read") from exc
         if not isinstance(row, dict):
             raise InputError(f"{where}: line {number} is not a JSON object")
         rows.append(row)

@@ -256,9 +256,9 @@ def bugfix_verdict(response: str, item: dict) -> dict:
     if code is None or parses(code) is None:
         return {"parses": False, "exact_fix": False, "site_fix": False}
     original = str(item.get("source_function", ""))
+    mutation = item.get("mutation") if isinstance(item.get("mutation"), dict) else {}
     exact = restores_original(code, original)
-    site = exact or restores_site(code, original, str(item.get("buggy_source", "")),
-                                  item.get("mutation") or {})
+    site = exact or restores_site(code, original, str(item.get("buggy_source", "")), mutation)
     return {"parses": True, "exact_fix": exact, "site_fix": site}
 
 
