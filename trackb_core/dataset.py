@@ -34,9 +34,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from trackb_core import codeblocks, families, filters, neardup, prompts
-from trackb_core.config import StageConfig, declared_inputs, input_field
+from trackb_core.config import declared_inputs, input_field
 from trackb_core.errors import InputError
-from trackb_core.sandbox import protect_process, stage_isolation
+from trackb_core.sandbox import CodeRunOptions, protect_process, stage_isolation
 from trackb_core.stage import (
     MANIFEST,
     resolve_file,
@@ -62,7 +62,7 @@ HUB_LICENSES = {"apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "isc", "mpl
                 "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0", "artistic-2.0", "bsl-1.0", "wtfpl"}
 
 
-class DatasetConfig(StageConfig):
+class DatasetConfig(CodeRunOptions):
     """Filter, deduplicate and split teacher responses into a train/test dataset.
 
     Reads responses.jsonl (the generate stage's output folder or the file itself).
@@ -91,14 +91,6 @@ class DatasetConfig(StageConfig):
                                    "in the sandbox (strict filters)")
     filter_workers: int = Field(4, ge=1, description="Processes that check rows in parallel "
                                 "(1: in this process)")
-    allow_weak_sandbox: bool = Field(
-        False, description="Run teacher-written unit tests even where the sandbox cannot "
-        "reach its minimum isolation (seccomp, plus Landlock where the kernel has it): macOS, "
-        "old kernels. Only on a disposable machine with no secrets")
-    fetch_upstream_corpus: bool = Field(
-        False, description="When no corpus snapshot is stored upstream, download the "
-        "pypi: corpus an upstream manifest names (off: a manifest never makes trackb fetch "
-        "a package; unit tests count as not executable instead)")
     near_dup_threshold: float = Field(
         neardup.REMOVAL_THRESHOLD, ge=0.5, le=1.0,
         description="Rows of one category whose instructions, or whose response code, reach "

@@ -38,12 +38,12 @@ from typing import Any, Literal
 from pydantic import Field
 
 from trackb_core import families, vllm_backend
-from trackb_core.config import StageConfig, input_field
+from trackb_core.config import input_field
 from trackb_core.errors import ConfigError, InputError
 from trackb_core.generation import Generations, decode_answer, stop_ids_for
 from trackb_core.metrics import index_predictions, score_all
 from trackb_core.prompts import render_prompt
-from trackb_core.sandbox import stage_isolation
+from trackb_core.sandbox import CodeRunOptions, stage_isolation
 from trackb_core.stage import StageRun, say, stage_run, upstream_corpus_dir
 from trackb_core.store import Store
 
@@ -51,7 +51,7 @@ STAGE = "eval"
 BACKENDS = ("auto", "hf", "vllm")
 
 
-class EvalConfig(StageConfig):
+class EvalConfig(CodeRunOptions):
     """Generate answers for the test split with a model (+ optional LoRA adapter) and score them.
 
     Reads test.jsonl from build-dataset (--dataset), the base model (--model: a local
@@ -102,17 +102,9 @@ class EvalConfig(StageConfig):
         "upstream (best effort; without it unit tests count as not executable).")
     score: bool = Field(True, description="Score the answers too (eval.json); off: only "
                         "generate them, for `trackb score`.")
-    fetch_upstream_corpus: bool = Field(
-        False, description="When no corpus snapshot is stored upstream, download the "
-        "pypi: corpus an upstream manifest names (off: a manifest never makes trackb fetch "
-        "a package; unit tests count as not executable instead)")
-    allow_weak_sandbox: bool = Field(
-        False, description="Run model-written unit tests even where the sandbox cannot reach "
-        "its minimum isolation (seccomp, plus Landlock where the kernel has it): macOS, old "
-        "kernels. Only on a disposable machine with no secrets.")
 
 
-class ScoreConfig(StageConfig):
+class ScoreConfig(CodeRunOptions):
     """Score predictions made elsewhere with the same scorer as `trackb eval`.
 
     Reads test.jsonl (--dataset) and a predictions.jsonl (--predictions) whose rows are
@@ -135,14 +127,6 @@ class ScoreConfig(StageConfig):
     corpus: str | None = Field(
         None, description="Corpus the test items come from, for executing unit-test answers; "
         "unset: found from the dataset's manifests (best effort).")
-    fetch_upstream_corpus: bool = Field(
-        False, description="When no corpus snapshot is stored upstream, download the "
-        "pypi: corpus an upstream manifest names (off: a manifest never makes trackb fetch "
-        "a package; unit tests count as not executable instead)")
-    allow_weak_sandbox: bool = Field(
-        False, description="Run model-written unit tests even where the sandbox cannot reach "
-        "its minimum isolation (seccomp, plus Landlock where the kernel has it): macOS, old "
-        "kernels. Only on a disposable machine with no secrets.")
 
 
 GENERATION_FILE = "generation.json"

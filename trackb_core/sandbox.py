@@ -53,7 +53,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import Field
+
 from trackb_core import sandbox_child
+from trackb_core.config import StageConfig
 from trackb_core.errors import ConfigError
 
 OUTPUT_CHARS = 20_000
@@ -439,6 +442,19 @@ def probe(require_minimum: bool = True) -> Isolation:
 
 
 WEAK_FLAG = "--allow-weak-sandbox"
+
+
+class CodeRunOptions(StageConfig):
+    """The options every stage that runs model- or teacher-written code shares."""
+
+    allow_weak_sandbox: bool = Field(
+        False, description="Run model- or teacher-written tests even where the sandbox "
+        "cannot reach its minimum isolation (seccomp, plus Landlock where the kernel has "
+        "it): macOS, old kernels. Only on a disposable machine with no secrets.")
+    fetch_upstream_corpus: bool = Field(
+        False, description="When no corpus snapshot is stored upstream, download the "
+        "pypi: corpus an upstream manifest names (off: a manifest never makes trackb fetch "
+        "a package; unit tests count as not executable instead).")
 
 
 def stage_isolation(allow_weak: bool) -> dict:
