@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import random
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -117,8 +119,8 @@ def test_split_groups_join_exact_and_near_copies(responses):
               r["source_function"].replace("\n", "  \n", 1)} for r in originals[:10]]
     near = [near_copy(r, "near", "vendored/b.py") for r in originals[10:20]]
     rows = originals + exact + near
-    groups, pairs = split_groups(rows, neardup.CLUSTER_THRESHOLD)
-    assert pairs >= len({r["function_id"] for r in near})
+    groups, joins = split_groups(rows, neardup.CLUSTER_THRESHOLD)
+    assert joins["near_duplicate_function_pairs"] >= len({r["function_id"] for r in near})
     by_id = {r["id"]: r for r in rows}
     for copy in exact + near:
         original = by_id[copy["id"].replace(".exact-", "-").replace(".near-", "-")]
@@ -130,6 +132,160 @@ def test_split_groups_join_exact_and_near_copies(responses):
     train, test = grouped_split(rows, 0.3, 42, groups)
     assert train and test
     assert_no_leak(train, test, neardup.CLUSTER_THRESHOLD)
+
+
+# A module whose `outer` holds `square`, a function extract also takes on its own
+# (`outer.<locals>.square`), among unrelated functions.
+NESTED_MODULE = '''
+def outer(items):
+    """Sum the squares of the even items, capped."""
+    def square(value):
+        result = value * value
+        if result > 1000:
+            result = 1000
+        return result
+
+    total = 0
+    for item in items:
+        if item % 2 == 0:
+            total += square(item)
+    return total
+
+
+def mean(values):
+    """The arithmetic mean of ``values``."""
+    if not values:
+        raise ValueError("no values")
+    return sum(values) / len(values)
+
+
+def words(text):
+    """The lower-cased words of ``text``."""
+    found = []
+    for word in text.split():
+        found.append(word.strip(".,;").lower())
+    return found
+
+
+def clamp(value, low, high):
+    """``value`` limited to ``low`` .. ``high``."""
+    if value < low:
+        return low
+    if value > high:
+        return high
+    return value
+
+
+def invert(mapping):
+    """A dict from each value of ``mapping`` to its key."""
+    inverted = {}
+    for key, value in mapping.items():
+        inverted[value] = key
+    return inverted
+
+
+def chunks(items, size):
+    """``items`` in lists of ``size`` (the last may be shorter)."""
+    out = []
+    for start in range(0, len(items), size):
+        out.append(items[start:start + size])
+    return out
+'''
+
+
+def sides(train: list[dict], test: list[dict], qualnames: set[str]) -> set[str]:
+    """Which sides hold rows of the functions named ``qualnames``."""
+    return {side for side, rows in (("train", train), ("test", test))
+            for r in rows if r.get("qualname") in qualnames}
+
+
+def test_a_nested_function_and_its_outer_function_stay_on_one_side(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "numbers.py").write_text(NESTED_MODULE)
+    store = LocalStore(tmp_path)
+    extract.run(ExtractConfig(corpus=str(corpus)), store.child("extract"))
+    generate.run(GenerateConfig(tasks=store.child("extract").uri), store.child("generate"))
+    rows = read_jsonl(tmp_path / "generate" / "responses.jsonl")
+    pair = {"outer", "outer.<locals>.square"}
+    assert {r["qualname"] for r in rows} >= pair
+    # by source function alone, some seeds put the two on different sides
+    apart = [seed for seed in range(40) if len(sides(*grouped_split(rows, 0.3, seed), pair)) == 2]
+    assert apart
+    groups, joins = split_groups(rows)
+    assert joins["nested_functions"] == 1 and joins["functions_sharing_a_body"] == 2
+    for seed in apart:
+        assert len(sides(*grouped_split(rows, 0.3, seed, groups), pair)) == 1, seed
+    # and the stage itself
+    out, manifest = build(tmp_path, rows, test_ratio=0.3, seed=apart[0], filter_set="seed")
+    train, test = read_jsonl(out / "train.jsonl"), read_jsonl(out / "test.jsonl")
+    assert train and test and len(sides(train, test, pair)) == 1
+    assert manifest["counts"]["nested_functions"] == 1
+    assert "1 of the 7 source functions are nested in another one" in \
+        (out / "README.md").read_text()
+
+
+def task_row(name: str, source: str, file: str, line: int) -> dict:
+    return {"id": f"{name}-explain", "category": "explain", "instruction": f"Explain {name}.",
+            "response": "It does something.", "source_function": source, "source_file": file,
+            "function_id": name, "qualname": name, "line": line,
+            "end_line": line + source.count("\n") - 1}
+
+
+RETRY = '''def retry(func):
+    attempts = 3
+
+    def wrapper(*args):
+        """Call func."""
+        return func(*args)  # no retry yet
+
+    return wrapper
+'''
+LOGGED = '''def logged(func):
+    import functools
+    print("wrapping", func)
+
+    @functools.wraps(func)
+    def wrapper(*args):
+        """Call the wrapped function."""
+        return func(
+            *args)
+
+    return wrapper
+'''
+UNRELATED = '''def unrelated(func):
+    def wrapper(*args):
+        return func(*args, 1)
+
+    return wrapper
+'''
+
+
+def test_functions_sharing_a_nested_body_share_a_group_whatever_their_files():
+    # the same wrapper, up to docstring, comment, decorator and layout, in two files
+    rows = [task_row("retry", RETRY, "a.py", 1), task_row("logged", LOGGED, "b.py", 1),
+            task_row("unrelated", UNRELATED, "a.py", 20)]
+    groups, joins = split_groups(rows)
+    assert groups["retry-explain"] == groups["logged-explain"] != groups["unrelated-explain"]
+    assert joins == {"source_functions": 3, "near_duplicate_function_pairs": 0,
+                     "nested_functions": 0, "functions_sharing_a_body": 2}
+    assert split_groups(list(reversed(rows))) == (groups, joins)
+    # a copy of a whole function that differs only in comments and docstring, too
+    commented = task_row("retry2", RETRY.replace('"""Call func."""', "# calls func"), "c.py", 1)
+    assert split_groups(rows + [commented])[0]["retry2-explain"] == groups["retry-explain"]
+
+
+def test_overlap_counts_test_rows_and_ngrams_found_in_train():
+    train = [task_row("a", "def a(x):\n    return x + 1 + 2 + 3 + 4 + 5 + 6\n", "a.py", 1)]
+    # 20 tokens: 8 13-grams, of which the 6 that do not hold the name are in train
+    renamed = task_row("b", "def b(x):\n    return x + 1 + 2 + 3 + 4 + 5 + 6\n", "b.py", 1)
+    test = [renamed, {**renamed, "id": "b-complete", "category": "complete"},
+            task_row("c", "def c():\n    pass\n", "c.py", 1)]  # 6 tokens: one n-gram
+    assert dataset.ngram_overlap(train, test) == {
+        "ngram": 13, "test_rows": 3, "test_rows_sharing_an_ngram": 2, "test_row_share": 0.6667,
+        "test_ngrams": 9, "test_ngrams_in_train": 6, "test_ngram_share": 0.6667}
+    assert dataset.ngram_overlap(train, [])["test_row_share"] == 0.0
+    assert dataset.ngram_overlap([], test)["test_ngrams_in_train"] == 0
 
 
 def test_split_is_stratified_by_category(tmp_path, responses):
@@ -272,7 +428,16 @@ def test_dataset_card_describes_counts_filters_mutations_and_corpus(tmp_path, pi
         assert f"| {kind} | {kinds['train'].get(kind, 0)} | {kinds['test'].get(kind, 0)} |" in card
     removed = counts["duplicates_removed"]
     assert f"Near-duplicate instructions (same category): {removed['near_instruction']}" in card
-    assert "at least 0.85" in card and "at least 0.7 (joined transitively" in card
+    assert "at least 0.85" in card and "at least 0.7 (" in card
+    assert 'in the order of sha256("42:<group>")' in card
+    assert f"{counts['nested_functions']} of the {counts['source_functions']} source " \
+        "functions are nested in another one" in card
+    overlap = counts["test_train_overlap"]
+    assert overlap["test_rows"] == counts["test_rows"] and overlap["ngram"] == 13
+    assert (f"shares at least one token 13-gram with a train row's source function: "
+            f"{overlap['test_rows_sharing_an_ngram']} of {counts['test_rows']}") in card
+    assert (f"also found in train: {overlap['test_ngrams_in_train']} of "
+            f"{overlap['test_ngrams']}") in card
     assert "- Sampling: none (the reference teacher" in card
     assert "seed: 42" in card and "test_ratio: 0.15" in card and str(tmp_path) not in card
 
@@ -376,6 +541,70 @@ def test_verl_split_has_no_near_duplicate_across_sides(verl_split):
             assert similarity < threshold, (source, train_sources[other], similarity)
     assert manifest["counts"]["near_duplicate_function_pairs"] > 0
     print(f"pairs measured exactly: {checked}; stage timings: {manifest['timings']}")
+
+
+@pytest.fixture(scope="module")
+def click_split(tmp_path_factory):
+    """``(train, test, build-dataset manifest)`` of extract, generate (reference) and
+    build-dataset over click 8.1.7 (a second real corpus, with decorator factories that
+    nest their wrappers), built once for this module."""
+    root = LocalStore(tmp_path_factory.mktemp("click"))
+    extract.run(ExtractConfig(corpus="pypi:click==8.1.7"), root.child("extract"))
+    generate.run(GenerateConfig(tasks=root.child("extract").uri), root.child("generate"))
+    manifest = run(DatasetConfig(responses=root.child("generate").uri),
+                   root.child("build-dataset"))
+    folder = root.child("build-dataset").root
+    return read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "test.jsonl"), manifest
+
+
+def every_function_body(rows: list[dict]) -> set[str]:
+    """The AST dump, docstrings and decorators dropped, of every def (at any depth, the
+    row's function itself included) in each row's source function.
+
+    Written here on its own, not with the stage's code, so that the test does not share
+    a blind spot with what it checks."""
+    bodies = set()
+    for source in {r["source_function"] for r in rows}:
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                node.decorator_list = []
+                first = node.body[0]
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                        and isinstance(first.value.value, str):
+                    node.body = node.body[1:] or [ast.Pass()]
+        bodies.update(ast.dump(node) for node in ast.walk(tree)
+                      if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef))
+    return bodies
+
+
+def thirteen_grams(source: str) -> set[tuple[str, ...]]:
+    found = re.findall(r"\w+|[^\w\s]", source)
+    return {tuple(found[i:i + 13]) for i in range(max(1, len(found) - 12))}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("split", ["verl_split", "click_split"])
+def test_no_function_body_is_on_both_sides_of_a_real_split(split, request):
+    train, test, manifest = request.getfixturevalue(split)
+    counts = manifest["counts"]
+    assert len(train) > 500 and len(test) > 100
+    assert counts["nested_functions"] > 10  # the corpus nests functions: the check has teeth
+    nested = {r["function_id"] for r in train + test if ".<locals>." in r["qualname"]}
+    assert len(nested) >= 10
+    assert not every_function_body(train) & every_function_body(test)
+    # the card's overlap figures, counted again with tuples of tokens instead of hashes
+    train_grams = set().union(*(thirteen_grams(s) for s in {r["source_function"] for r in train}))
+    test_grams = {s: thirteen_grams(s) for s in {r["source_function"] for r in test}}
+    overlap = counts["test_train_overlap"]
+    assert overlap["test_rows_sharing_an_ngram"] == sum(
+        bool(test_grams[r["source_function"]] & train_grams) for r in test)
+    every = set().union(*test_grams.values())
+    assert (overlap["test_ngrams"], overlap["test_ngrams_in_train"]) == (
+        len(every), len(every & train_grams))
+    print(f"{split}: {counts['nested_functions']} of {counts['source_functions']} source "
+          f"functions nested, {counts['functions_sharing_a_body']} share a body; "
+          f"overlap {overlap}")
 
 
 def _check_that_misbehaves(job):

@@ -10,18 +10,25 @@ Reads ``responses.jsonl`` (from generate) and writes, in order:
    then near-duplicates by MinHash LSH within each category, over instructions and over
    the response's code (:mod:`trackb_core.neardup`; Jaccard >= ``near_dup_threshold`` on
    token 5-grams). The first row by id stays.
-3. **A grouped split**: source functions whose token 5-gram Jaccard is >=
-   ``group_threshold`` are joined into one cluster (union-find, exact copies and rows of
-   one ``function_id`` included) and every cluster lands on one side, because the seed's
-   plain shuffle let the same function sit in train and test. Stratified by category
-   towards ``test_ratio``; independent of the input's row order.
-4. ``train.jsonl`` / ``test.jsonl`` (every task field plus the chat ``messages``),
+3. **A grouped split**: source functions are joined into one cluster (union-find) when
+   they are exact copies or rows of one ``function_id``, when one is nested in the other
+   (same file, containing line span), when they share any function body (AST without
+   docstrings and decorators, nested defs included) or when their token 5-gram Jaccard
+   is >= ``group_threshold``; every cluster lands on one side, because the seed's plain
+   shuffle let the same function sit in train and test, and a nested function's body
+   would otherwise sit verbatim on both sides. Stratified by category towards
+   ``test_ratio``; independent of the input's row order.
+4. **Test-train overlap**: how many test rows' source functions share a token 13-gram
+   with train's, and the share of test 13-grams found in train (:func:`ngram_overlap`),
+   for the manifest and the card.
+5. ``train.jsonl`` / ``test.jsonl`` (every task field plus the chat ``messages``),
    ``data/train.parquet`` / ``data/test.parquet`` (the same rows, for Hugging Face
    ``datasets``) and the dataset card ``README.md``.
 """
 
 from __future__ import annotations
 
+import ast
 import email.parser
 import hashlib
 import json
@@ -33,7 +40,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from trackb_core import codeblocks, families, filters, neardup, prompts
+from trackb_core import codeblocks, families, filters, neardup, prompts, pyast
 from trackb_core.config import declared_inputs, input_field
 from trackb_core.errors import InputError
 from trackb_core.sandbox import CodeRunOptions, protect_process, stage_isolation
@@ -55,6 +62,9 @@ GENERATION_FIELDS = ("teacher", "teacher_model", "finish_reason", "usage", "cand
 # Sampling settings of generate's config worth stating on the card, where present.
 SAMPLING_FIELDS = ("model", "temperature", "top_p", "max_tokens", "n", "seed")
 MAX_FACT_VALUES = 12
+# Test-train overlap is reported over token 13-grams, the n of GPT-3's contamination
+# check: long enough that a shared one is mostly copied code rather than idiom.
+OVERLAP_NGRAM = 13
 UNKNOWN_LICENSE = "unknown — check the corpus' license before redistributing"
 # SPDX ids the Hugging Face Hub also uses as its `license:` values.
 HUB_LICENSES = {"apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "isc", "mpl-2.0",
@@ -68,7 +78,8 @@ class DatasetConfig(CodeRunOptions):
     Reads responses.jsonl (the generate stage's output folder or the file itself).
     Filters every row (and each of its candidates, keeping the first that passes) with
     the chosen filter set, removes exact and MinHash near-duplicates, and splits grouped
-    by clusters of near-duplicate source functions, stratified by category. Writes
+    by clusters of source functions that share code (copies, nested functions, shared
+    function bodies, near-duplicates), stratified by category. Writes
     train.jsonl and test.jsonl (every task field plus the chat messages trl trains on,
     sorted by id), data/train.parquet and data/test.parquet (the same rows for Hugging
     Face datasets) and README.md, the dataset card.
@@ -334,22 +345,81 @@ def group_key(row: dict[str, Any]) -> str:
     return _sha256(_normalise(row["source_function"]))
 
 
-def split_groups(rows: list[dict[str, Any]],
-                 threshold: float = neardup.CLUSTER_THRESHOLD) -> tuple[dict[str, str], int]:
-    """``({row id: group}, near_pairs)``: the split group of every row.
+def function_bodies(source: str) -> set[bytes]:
+    """A digest of every function body in ``source``: each ``def``/``async def`` at any
+    depth (the function itself, nested functions, methods of nested classes), compared
+    as :func:`trackb_core.pyast.dump` of its :func:`~trackb_core.pyast.normalised` AST,
+    so formatting, comments, docstrings and decorators do not count. Empty when
+    ``source`` does not parse or nests deeper than :func:`ast.dump` can recurse (such a
+    function still joins its copies and the functions it nests in or holds)."""
+    tree = codeblocks.parses(source)
+    if tree is None:
+        return set()
+    # normalising the module once normalises every def in it, nested ones included
+    pyast.normalised(tree)
+    try:
+        return {hashlib.blake2b(pyast.dump(node).encode("utf-8"), digest_size=16).digest()
+                for node in ast.walk(tree) if isinstance(node, pyast.FunctionNode)}
+    except RecursionError:  # e.g. a sum of a thousand terms: one BinOp inside the next
+        return set()
 
-    Rows share a group when their source functions are exact copies (up to whitespace),
-    when they share a ``function_id``, or through a chain of source functions with token
-    5-gram Jaccard >= ``threshold`` (union-find). A group is named by the
-    :func:`group_key` of its first member in sorted order, so it does not depend on row
-    order. ``near_pairs`` counts the distinct function pairs joined by similarity.
+
+def nested_pairs(rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """``{(outer, inner)}`` by :func:`group_key`: rows whose functions sit in one another,
+    told by their ``source_file`` and line span (``line`` .. ``end_line``). Only the
+    innermost enclosing function is paired; the chain joins the rest. Rows without a
+    file or span are left out."""
+    spans: dict[str, set[tuple[int, int, str]]] = defaultdict(set)
+    for row in rows:
+        file, line, end = row.get("source_file"), row.get("line"), row.get("end_line")
+        if isinstance(file, str) and isinstance(line, int) and isinstance(end, int):
+            spans[file].add((line, end, group_key(row)))
+    pairs: set[tuple[str, str]] = set()
+    for file in spans:
+        # outer spans first (earlier start, then later end): a stack of open spans
+        open_spans: list[tuple[int, int, str]] = []
+        for line, end, key in sorted(spans[file], key=lambda s: (s[0], -s[1], s[2])):
+            while open_spans and open_spans[-1][1] < line:
+                open_spans.pop()
+            if open_spans and open_spans[-1][1] >= end:
+                pairs.add((open_spans[-1][2], key))
+            open_spans.append((line, end, key))
+    return pairs
+
+
+def split_groups(rows: list[dict[str, Any]], threshold: float = neardup.CLUSTER_THRESHOLD
+                 ) -> tuple[dict[str, str], dict[str, int]]:
+    """``({row id: group}, joins)``: the split group of every row.
+
+    Rows share a group (union-find, transitively) when their source functions
+
+    * are exact copies (up to whitespace), or share a ``function_id``;
+    * sit one inside the other (same ``source_file``, containing line span): a nested
+      function's body is verbatim in its outer function's, and their Jaccard
+      (about ``|inner| / |outer|``) stays below any useful threshold;
+    * share any function body (:func:`function_bodies`: the function itself or any def
+      nested in it, as AST without docstrings and decorators), so that no function body
+      ends up on both sides of the split, even copied into another file or another
+      outer function;
+    * reach token 5-gram Jaccard >= ``threshold``.
+
+    A group is named by the :func:`group_key` of its first member in sorted order, so it
+    does not depend on row order. ``joins``: ``source_functions`` (distinct source
+    functions), ``near_duplicate_function_pairs`` (distinct pairs joined by similarity),
+    ``nested_functions`` (source functions nested in another one), and
+    ``functions_sharing_a_body`` (source functions with a function body another one
+    also holds).
     """
     keys = sorted({group_key(r) for r in rows})
     index = {key: i for i, key in enumerate(keys)}
-    source = {group_key(r): _normalise(r["source_function"]) for r in rows}
+    # one key can stand for sources that differ in whitespace (inside a string, say):
+    # all of them count, so the groups do not depend on which row came first
+    sources: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        sources[group_key(row)].add(row["source_function"])
     pairs: list[tuple[int, int, Any]] = [
-        (i, j, s) for i, j, s in
-        neardup.similar_pairs(neardup.shingle_hashes([source[k] for k in keys]), threshold)]
+        (i, j, s) for i, j, s in neardup.similar_pairs(
+            neardup.shingle_hashes([_normalise(min(sources[k])) for k in keys]), threshold)]
     near_pairs = len(pairs)
     by_function: dict[str, int] = {}
     for row in sorted(rows, key=lambda r: str(r["id"])):
@@ -357,8 +427,22 @@ def split_groups(rows: list[dict[str, Any]],
         if function_id:
             first = by_function.setdefault(str(function_id), index[group_key(row)])
             pairs.append((first, index[group_key(row)], None))
+    nested = nested_pairs(rows)
+    pairs += [(index[outer], index[inner], None) for outer, inner in nested]
+    holders: dict[bytes, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        for body in set().union(*map(function_bodies, sources[key])):
+            holders[body].append(i)
+    sharing: set[int] = set()
+    for members in holders.values():
+        if len(members) > 1:
+            sharing.update(members)
+            pairs += [(members[0], other, None) for other in members[1:]]
     roots = neardup.clusters(len(keys), pairs)
-    return {str(r["id"]): keys[roots[index[group_key(r)]]] for r in rows}, near_pairs
+    joins = {"source_functions": len(keys), "near_duplicate_function_pairs": near_pairs,
+             "nested_functions": len({inner for _, inner in nested}),
+             "functions_sharing_a_body": len(sharing)}
+    return {str(r["id"]): keys[roots[index[group_key(r)]]] for r in rows}, joins
 
 
 def grouped_split(rows: list[dict[str, Any]], test_ratio: float, seed: int,
@@ -396,6 +480,51 @@ def grouped_split(rows: list[dict[str, Any]], test_ratio: float, seed: int,
     train = [r for key in order if key not in chosen for r in members[key]]
     test = [r for key in order if key in chosen for r in members[key]]
     return sorted(train, key=lambda r: str(r["id"])), sorted(test, key=lambda r: str(r["id"]))
+
+
+def ngram_overlap(train: list[dict[str, Any]], test: list[dict[str, Any]],
+                  n: int = OVERLAP_NGRAM) -> dict[str, Any]:
+    """How much of test's source code also appears in train, by token ``n``-grams.
+
+    Tokens are :func:`trackb_core.neardup.tokens` (word runs and single punctuation
+    characters; whitespace dropped, comments and strings kept); a source function shorter
+    than ``n`` tokens is one n-gram of all its tokens. N-grams are compared as 64-bit
+    hashes (:func:`trackb_core.neardup.shingle_hashes`) in sorted arrays, so verl's ~9k
+    rows take about a second. Returns ``ngram`` (``n``), ``test_rows``, ``test_rows_sharing_an_ngram``
+    (test rows whose source function shares at least one n-gram with any train row's),
+    ``test_ngrams`` (distinct n-grams over all test source functions),
+    ``test_ngrams_in_train``, and the two shares (0 when test is empty).
+    """
+    import numpy as np
+
+    train_sources = sorted({str(r["source_function"]) for r in train})
+    test_sources = sorted({str(r["source_function"]) for r in test})
+    hashes = neardup.shingle_hashes(train_sources + test_sources, n)
+    empty = np.zeros(0, dtype=np.uint64)
+    seen = np.unique(np.concatenate(hashes[:len(train_sources)] or [empty]))
+    test_hashes = hashes[len(train_sources):]
+    # one membership test over all test n-grams, then counted per source function
+    flat = np.concatenate(test_hashes or [empty])
+    owner = np.repeat(np.arange(len(test_hashes)), [len(h) for h in test_hashes])
+    hits = np.bincount(owner[_members(flat, seen)], minlength=len(test_hashes))
+    shares_one = {source for source, count in zip(test_sources, hits, strict=True) if count}
+    rows_sharing = sum(str(r["source_function"]) in shares_one for r in test)
+    every = np.unique(flat)
+    in_train = int(_members(every, seen).sum())
+    return {"ngram": n, "test_rows": len(test), "test_rows_sharing_an_ngram": rows_sharing,
+            "test_row_share": round(rows_sharing / len(test), 4) if test else 0.0,
+            "test_ngrams": len(every), "test_ngrams_in_train": in_train,
+            "test_ngram_share": round(in_train / len(every), 4) if len(every) else 0.0}
+
+
+def _members(values: Any, sorted_set: Any) -> Any:
+    """Boolean mask: which of ``values`` are in the sorted numpy array ``sorted_set``."""
+    import numpy as np
+
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
 
 
 # -- outputs -------------------------------------------------------------------------------
@@ -513,8 +642,9 @@ def run(config: DatasetConfig, out: Store) -> dict:
         with run.timed("dedup"):
             kept, removed = deduplicate(kept, config.near_dup_threshold)
         with run.timed("split"):
-            groups, near_pairs = split_groups(kept, config.group_threshold)
+            groups, joins = split_groups(kept, config.group_threshold)
             train, test = grouped_split(kept, config.test_ratio, config.seed, groups)
+            overlap = ngram_overlap(train, test)
 
         with run.timed("write"):
             published = {"train": [dataset_row(r) for r in train],
@@ -537,7 +667,8 @@ def run(config: DatasetConfig, out: Store) -> dict:
             "test_rows": len(test),
             "train_groups": len({groups[str(r["id"])] for r in train}),
             "test_groups": len({groups[str(r["id"])] for r in test}),
-            "near_duplicate_function_pairs": near_pairs,
+            **joins,
+            "test_train_overlap": overlap,
             "mutations": {"train": _mutation_kinds(train), "test": _mutation_kinds(test)},
         }
         run.counts.update(counts)
@@ -675,8 +806,9 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
         lines.append(f"| {category} | {tr} | {te} | {tr + te} |")
     lines.append(f"| **all** | {counts['train_rows']} | {counts['test_rows']} | "
                  f"{counts['train_rows'] + counts['test_rows']} |")
-    lines += ["", f"Split groups (clusters of near-duplicate source functions): "
-                  f"{counts['train_groups']} in train, {counts['test_groups']} in test.", ""]
+    lines += ["", f"Split groups (clusters of source functions that share code, see Split "
+                  f"method): {counts['train_groups']} in train, {counts['test_groups']} in "
+                  "test.", ""]
     lines += _mutation_section(counts["mutations"])
     lines += _filter_section(config, counts)
     removed = counts["duplicates_removed"]
@@ -695,16 +827,28 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
         "",
         "## Split method",
         "",
-        "Grouped by source function: every task made from one function, from exact copies "
-        "of it, and from functions whose token "
-        f"{neardup.NGRAM}-gram Jaccard similarity with it is at least "
-        f"{config.group_threshold:g} (joined transitively, union-find) is on one side only "
-        f"({counts['near_duplicate_function_pairs']} near-duplicate function pairs joined). "
-        f"Groups are visited in the order of sha256(\"{config.seed}:<group>\") and a group "
-        "goes to test when that brings each category's test count closer to "
-        f"{config.test_ratio:g} of its rows (stratified by category). Rows are sorted by "
-        "id; the split does not depend on input order.",
+        "Grouped by source function: every task made from one function is on one side "
+        "only, together with every task made from",
         "",
+        "- exact copies of it (up to whitespace),",
+        "- functions nested in it or enclosing it (same file, containing line span: "
+        f"{counts['nested_functions']} of the {counts['source_functions']} source functions "
+        "are nested in another one),",
+        "- functions that share any function body with it: every `def` / `async def` in a "
+        "source function, itself and nested ones included, compared as its AST without "
+        f"docstrings and decorators ({counts['functions_sharing_a_body']} source functions "
+        "share a body with another),",
+        f"- functions whose token {neardup.NGRAM}-gram Jaccard similarity with it is at "
+        f"least {config.group_threshold:g} ({counts['near_duplicate_function_pairs']} "
+        "near-duplicate function pairs).",
+        "",
+        "These are joined transitively (union-find), so no function body, nested or not, is "
+        "in both train and test. Groups are visited in the order of "
+        f"sha256(\"{config.seed}:<group>\") and a group goes to test when that brings each "
+        f"category's test count closer to {config.test_ratio:g} of its rows (stratified by "
+        "category). Rows are sorted by id; the split does not depend on input order.",
+        "",
+        *_overlap_section(counts["test_train_overlap"]),
         "## Fields",
         "",
         ", ".join(f"`{c}`" for c in columns) + ".",
@@ -722,6 +866,26 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
         "",
     ]
     return "\n".join(lines)
+
+
+def _overlap_section(overlap: dict[str, Any]) -> list[str]:
+    n = overlap["ngram"]
+    return [
+        "## Test-train overlap",
+        "",
+        f"- Test rows whose source function shares at least one token {n}-gram with a train "
+        f"row's source function: {overlap['test_rows_sharing_an_ngram']} of "
+        f"{overlap['test_rows']} ({overlap['test_row_share']:.1%})",
+        f"- Distinct token {n}-grams of the test source functions also found in train: "
+        f"{overlap['test_ngrams_in_train']} of {overlap['test_ngrams']} "
+        f"({overlap['test_ngram_share']:.1%})",
+        "",
+        "Tokens are runs of word characters and single punctuation characters, whitespace "
+        "dropped (comments and strings count); a source function shorter than "
+        f"{n} tokens is one n-gram. The grouping keeps whole function bodies apart, so what "
+        "remains is code shared in part: signatures, common call sequences, boilerplate.",
+        "",
+    ]
 
 
 def _mutation_section(mutations: dict[str, dict[str, int]]) -> list[str]:

@@ -10,7 +10,9 @@ build-dataset uses it twice (field notes §2; BigCode's dedup settings):
 * **Split grouping** (:data:`CLUSTER_THRESHOLD` = 0.7): source functions with Jaccard
   >= 0.7 are joined (union-find) into one cluster, and a cluster sits on one side of
   the split. Lower than removal on purpose: a test function that merely resembles a
-  training function still leaks (Allamanis 2019).
+  training function still leaks (Allamanis 2019). Jaccard cannot see a function nested
+  in another (about ``|inner| / |outer|``) or a helper copied into two larger functions:
+  build-dataset joins those by line span and by AST (:func:`trackb_core.dataset.split_groups`).
 
 Similarity is the Jaccard index of two texts' sets of token 5-grams. Tokens are runs of
 word characters or single punctuation characters, so whitespace and formatting do not
