@@ -98,7 +98,7 @@ def main() -> None:
         print(f"padding: {len(lengths)} train examples of verl 0.9.1 (tiny-model BPE tokens: "
               f"median {statistics.median(lengths):.0f}, max {max(lengths)}; "
               f"{trainer.trackb_fit['examples_too_long']} over {config.max_length} dropped); "
-              f"per-device batch {batch}, effective {batch * config.grad_accum}")
+              f"per-device batch {batch}, effective {config.effective_batch}")
         efficiency = {}
         for grouped in (False, True):
             per_seed = [real / padded_tokens(lengths, sampler_order(trainer, grouped, seed),

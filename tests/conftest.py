@@ -47,6 +47,21 @@ def tiny_model_dir(tmp_path_factory, stdlib_corpus) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_template_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with the published Qwen2.5-Coder-Instruct chat template (default
+    system prompt, tool branches; tests/qwen_chat_template.py) in place of its ChatML."""
+    from qwen_chat_template import QWEN2_5_CODER_CHAT_TEMPLATE
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("qwen_template_model")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    tokenizer.chat_template = QWEN2_5_CODER_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def verl_dataset(tmp_path_factory):
     """``(build-dataset folder, {stage: manifest})`` of extract, generate (reference) and
     build-dataset over the real verl 0.9.1 corpus; built once per session (about a

@@ -1,4 +1,5 @@
-"""The one prompt builder: training and evaluation see the same messages, template and tokens."""
+"""The one prompt builder: training and evaluation see the same messages, template and tokens,
+with the tiny model's plain ChatML and with the published Qwen2.5-Coder chat template."""
 
 from __future__ import annotations
 
@@ -45,14 +46,36 @@ def test_render_prompt_is_the_chat_template_with_the_assistant_opener(tiny_model
     assert text.count("<|im_start|>system") == 1  # no template default system prompt added
 
 
-@pytest.fixture(scope="module")
-def trained_and_eval_ids(tiny_model_dir, tmp_path_factory):
-    """(trl's tokenised training examples, eval's prompt ids) for every case."""
-    config = TrainConfig(dataset="unused", model=str(tiny_model_dir), save_steps=0)
+def test_render_prompt_keeps_qwens_default_system_prompt_out(qwen_template_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_template_model_dir, local_files_only=True)
+    default = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    # The template injects its default system turn when a conversation has none (what
+    # the seed's eval prompts got and its training never saw) ...
+    bare = tokenizer.apply_chat_template([{"role": "user", "content": "Explain `f`."}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert bare.startswith(f"<|im_start|>system\n{default}<|im_end|>\n")
+    # ... and render_prompt always sends trackb's own.
+    text = render_prompt(tokenizer, "Explain `f`.")
+    assert default not in text
+    assert text == (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+                    "<|im_start|>user\nExplain `f`.<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module", params=["tiny_model_dir", "qwen_template_model_dir"],
+                ids=["tiny-chatml", "qwen2.5-coder-template"])
+def trained_and_eval_ids(request, tmp_path_factory):
+    """(trl's tokenised training examples, eval's prompt ids) for every case, with each
+    chat template."""
+    model_dir = request.getfixturevalue(request.param)
+    config = TrainConfig(dataset="unused", model=str(model_dir), save_steps=0)
     examples = [chat_example(i, r) for i, r in CASES]
-    trainer = build_trainer(config, examples, str(tiny_model_dir),
+    trainer = build_trainer(config, examples, str(model_dir),
                             str(tmp_path_factory.mktemp("prompts")))
     tokenizer = trainer.processing_class
+    if request.param == "qwen_template_model_dir":  # the trainer loaded the real template
+        assert "You are Qwen, created by Alibaba Cloud" in tokenizer.chat_template
     # Exactly as trackb_core/evaluate.py tokenises a prompt for generate().
     eval_ids = [tokenizer(render_prompt(tokenizer, i), add_special_tokens=False)["input_ids"]
                 for i, _ in CASES]

@@ -78,6 +78,19 @@ def test_the_tables_steps_are_the_folders_plan_produces(tmp_path):
             assert getattr(config, field) == value
 
 
+def test_run_all_names_the_tracking_run_after_the_run_id(tmp_path):
+    from trackb_core.config import load_yaml
+
+    run = LocalStore(tmp_path).child("runs/demo-7")
+    configs = {row.folder: config for row, config in plan(PipelineConfig(model="tiny"), run)}
+    assert configs["train"].run_name == "demo-7"
+    chosen = PipelineConfig.model_validate({"model": "tiny", "train": {"run_name": "mine"}})
+    assert {row.folder: c for row, c in plan(chosen, run)}["train"].run_name == "mine"
+    # The demo config sets the effective batch, not the old grad_accum.
+    demo = PipelineConfig.model_validate(load_yaml(ROOT / "jobs/configs/demo.yaml"))
+    assert (demo.train.batch_size, demo.train.effective_batch) == (4, 16)
+
+
 def test_sections_resources_and_folders_are_consistent():
     folders = [row.folder for row in STEPS]
     assert len(set(folders)) == len(folders)

@@ -1,5 +1,6 @@
-"""The train stage: loss on the completion only, prompts identical to eval's, the runtime
-plan per device, checkpoints in the store and resuming from them, DDP, real artifacts."""
+"""The train stage: loss on the completion only, prompts identical to eval's, the effective
+batch across process counts, a data order that survives resuming, checkpoints in the store
+and resuming from them, DDP, TensorBoard logs, real artifacts."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from trackb_core import train
+from trackb_core.config import build_config
 from trackb_core.errors import ConfigError, InputError, MissingInputError
 from trackb_core.prompts import chat_example, render_prompt
+from trackb_core.runtime import runtime_plan
 from trackb_core.store import LocalStore, open_store
 from trackb_core.train import (
     CHECKPOINT_MARKER,
@@ -24,14 +28,24 @@ from trackb_core.train import (
     TrainConfig,
     build_trainer,
     examples_from_rows,
+    grad_accum_for,
     latest_checkpoint,
     run,
-    runtime_plan,
     stored_checkpoints,
     upload_checkpoint,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tracking configured in a developer's shell must not reach these runs (tests/test_tracking.py
+# sets it up on purpose).
+TRACKING_ENV = ("MLFLOW_TRACKING_URI", "WANDB_PROJECT", "WANDB_API_KEY", "WANDB_MODE",
+                "TRACKB_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_from_the_shell(monkeypatch):
+    for name in TRACKING_ENV:
+        monkeypatch.delenv(name, raising=False)
 
 FUNCTION = '''def clamp(value, low, high):
     if value < low:
@@ -142,7 +156,7 @@ def test_one_epoch_run_writes_loadable_adapter(tiny_model_dir, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", make_rows(20))
     out = tmp_path / "train"
     config = TrainConfig(dataset=str(tmp_path), model=str(tiny_model_dir), epochs=1.0,
-                         batch_size=4, grad_accum=1, learning_rate=2e-3)
+                         batch_size=4, effective_batch=4, learning_rate=2e-3)
     manifest = run(config, open_store(str(out)))
 
     assert (out / "manifest.json").is_file()
@@ -170,6 +184,27 @@ def test_one_epoch_run_writes_loadable_adapter(tiny_model_dir, tmp_path):
         with tuned.disable_adapter():
             base_logits = tuned(**ids).logits
     assert not torch.allclose(tuned_logits, base_logits)  # the adapter learned something
+
+    # TensorBoard: the same loss curve, read back from the stored event files.
+    assert any(key.startswith("tensorboard/events.out.tfevents.") for key in manifest["outputs"])
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    assert [step for step, _ in scalars["train/loss"]] == [p["step"] for p in metrics["train_loss"]]
+    assert [value for _, value in scalars["train/loss"]] == pytest.approx(
+        [p["loss"] for p in metrics["train_loss"]], abs=1e-5)
+    assert [step for step, _ in scalars["train/learning_rate"]] == [1, 2, 3, 4, 5]
+    assert "train/mean_loss" in scalars  # transformers' run mean, off the loss curve
+    assert manifest["tracking"] == {"run_name": open_store(str(out)).uri,
+                                    "tensorboard": {"logdir": "tensorboard"}}
+
+
+def _tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in the event files of ``logdir``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
 
 
 def test_missing_model_folder_is_a_missing_input(tmp_path):
@@ -233,8 +268,51 @@ def test_trainer_batches_by_length_with_seed_hyperparameters(trainer_and_rows):
     trainer, _ = trainer_and_rows
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler)
-    assert sampler.batch_size == 16  # the effective batch: 4 x grad-accum 4
+    assert sampler.batch_size == 16  # the effective batch on one process: 4 x grad-accum 4
     assert trainer.args.per_device_train_batch_size == 4
+    assert trainer.args.gradient_accumulation_steps == 4
+
+
+def test_data_order_is_a_function_of_seed_and_epoch_only(trainer_and_rows):
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    trainer, _ = trainer_and_rows
+    sampler = trainer._get_train_sampler()
+    orders = {}
+    for epoch in (0, 1, 0):
+        torch.manual_seed(1000 + epoch)  # whatever the global RNG holds ...
+        torch.rand(7)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert orders.setdefault(epoch, order) == order  # ... the order does not change
+        assert order == get_length_grouped_indices(
+            sampler.lengths, sampler.batch_size,
+            generator=torch.Generator().manual_seed(trainer.args.seed + epoch))
+    assert sorted(orders[0]) == list(range(len(sampler.lengths)))
+
+
+@pytest.mark.parametrize("effective, batch, processes, accum", [
+    (16, 4, 1, 4), (16, 4, 2, 2), (16, 2, 2, 4), (16, 16, 1, 1), (16, 2, 8, 1),
+])
+def test_grad_accum_keeps_the_effective_batch_across_process_counts(effective, batch,
+                                                                    processes, accum):
+    assert grad_accum_for(effective, batch, processes) == accum
+    assert batch * accum * processes == effective
+
+
+def test_an_effective_batch_the_processes_cannot_split_is_a_config_error():
+    with pytest.raises(ConfigError, match="--effective-batch 16 is not a multiple of "
+                                          r"--batch-size 4 x 8 process\(es\) = 32"):
+        grad_accum_for(16, 4, 8)
+    with pytest.raises(ConfigError, match="--batch-size 3 x 1"):
+        grad_accum_for(16, 3, 1)
+
+
+def test_the_old_grad_accum_option_says_what_replaced_it():
+    assert TrainConfig().effective_batch == 16
+    with pytest.raises(ConfigError, match="grad_accum is derived now: set effective_batch"):
+        build_config(TrainConfig, {"batch_size": 4, "grad_accum": 4})
 
 
 def test_non_finite_loss_stops_the_run(trainer_and_rows):
@@ -247,42 +325,6 @@ def test_non_finite_loss_stops_the_run(trainer_and_rows):
             stop.on_log(trainer.args, trainer.state, trainer.control, logs={"loss": bad})
 
 
-CPU = {"cuda": False}
-T4 = {"cuda": True, "gpu_count": 1, "gpu_name": "Tesla T4", "compute_capability": [7, 5],
-      "bf16_native": False, "flash_attn_varlen": False}
-A100 = {"cuda": True, "gpu_count": 8, "gpu_name": "NVIDIA A100-SXM4-80GB",
-        "compute_capability": [8, 0], "bf16_native": True, "flash_attn_varlen": False}
-H100_FA = {"cuda": True, "gpu_count": 1, "gpu_name": "NVIDIA H100", "compute_capability": [9, 0],
-           "bf16_native": True, "flash_attn_varlen": True}
-
-
-@pytest.mark.parametrize("facts, precision, autocast", [
-    (CPU, "fp32", None), (T4, "fp16", "float16"), (A100, "bf16", "bfloat16"),
-    (H100_FA, "bf16", "bfloat16"),
-])
-def test_auto_runtime_plan_per_device(facts, precision, autocast):
-    plan = runtime_plan("auto", facts)
-    assert plan["precision"] == precision and plan["autocast"] == autocast
-    assert plan["lora_dtype"] == "float32"
-    assert plan["base_dtype"] == {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[
-        precision]
-    assert plan["packing"] is False
-    # Padding-free only with FlashAttention varlen kernels; SDPA everywhere else.
-    assert plan["padding_free"] is (facts is H100_FA)
-    assert plan["attention"] == ("flash_attention_2" if facts is H100_FA else "sdpa")
-    assert plan["device"] == ("cpu" if facts is CPU else "cuda")
-    json.dumps(plan)  # recorded in the manifest as is
-
-
-def test_runtime_plan_refuses_precision_the_hardware_lacks():
-    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
-        runtime_plan("fp16", CPU)
-    with pytest.raises(ConfigError, match="native bf16.*Tesla T4"):
-        runtime_plan("bf16", T4)
-    assert runtime_plan("fp32", T4)["autocast"] is None  # fp32 is always allowed
-    assert runtime_plan("fp16", A100)["precision"] == "fp16"
-
-
 def test_ranks_come_from_torchrun_environment():
     assert Ranks.from_environ({}) == Ranks(0, 0, 1)
     ranks = Ranks.from_environ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
@@ -292,7 +334,7 @@ def test_ranks_come_from_torchrun_environment():
 def test_lora_weights_stay_fp32_on_a_half_precision_base(tiny_model_dir, tmp_path):
     import torch
 
-    plan = {**runtime_plan("fp32", CPU), "base_dtype": "float16"}  # a T4's storage on CPU
+    plan = {**runtime_plan("fp32", {"cuda": False}), "base_dtype": "float16"}  # a T4's storage
     config = TrainConfig(dataset="unused", model=str(tiny_model_dir), save_steps=0)
     trainer = build_trainer(config, examples_from_rows(make_rows(2), "rows"),
                             str(tiny_model_dir), str(tmp_path), plan)
@@ -358,7 +400,7 @@ def test_stale_checkpoints_are_not_resumed_and_finished_runs_remove_them(tiny_mo
     out = LocalStore(tmp_path / "train")
     upload_checkpoint(out, _fake_checkpoint(tmp_path, 99), 99, "stale", keep=2)
     config = TrainConfig(dataset=str(tmp_path), model=str(tiny_model_dir), epochs=1.0,
-                         batch_size=4, grad_accum=1, save_steps=1, resume=True)
+                         batch_size=4, effective_batch=4, save_steps=1, resume=True)
     manifest = run(config, out)
     # The stale checkpoint (another fingerprint) was not resumed from.
     assert manifest["resumed_from_step"] == 0
@@ -373,7 +415,7 @@ def test_stale_checkpoints_are_not_resumed_and_finished_runs_remove_them(tiny_mo
 
 def _train_command(dataset: Path, model: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "jobs.train", "--dataset", str(dataset), "--model", str(model),
-            "--out", str(out), "--epochs", "2", "--batch-size", "2", "--grad-accum", "1",
+            "--out", str(out), "--epochs", "2", "--batch-size", "2", "--effective-batch", "2",
             "--learning-rate", "1e-3", "--save-steps", "2", *extra]
 
 
@@ -421,23 +463,101 @@ def test_killed_run_resumes_from_the_stored_checkpoint(tiny_model_dir, tmp_path)
     assert not (out / "checkpoints").exists()
 
 
+# 48 examples make 3 optimizer steps at the effective batch of 16; an effective batch that
+# grew with the processes (2 x grad-accum 8 x 2 = 32) would make 2.
+EFFECTIVE_BATCH_EXAMPLES = 48
+
+
+def _assert_effective_batch_16(manifest: dict, metrics: dict, processes: int) -> None:
+    assert metrics["examples"] == EFFECTIVE_BATCH_EXAMPLES
+    assert metrics["steps"] == metrics["steps_planned"] == EFFECTIVE_BATCH_EXAMPLES // 16
+    assert manifest["batch"] == {"batch_size": 2, "grad_accum": 8 // processes,
+                                 "world_size": processes, "effective_batch": 16}
+    assert manifest["runtime"]["world_size"] == processes
+
+
+def test_effective_batch_is_16_on_one_process(tiny_model_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", make_rows(EFFECTIVE_BATCH_EXAMPLES))
+    out = tmp_path / "train"
+    config = TrainConfig(dataset=str(tmp_path), model=str(tiny_model_dir), epochs=1.0,
+                         batch_size=2, effective_batch=16, save_steps=0)
+    manifest = run(config, open_store(str(out)))
+    _assert_effective_batch_16(manifest, json.loads((out / "metrics.json").read_text()), 1)
+
+
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_writes_once(tiny_model_dir, tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", make_rows(16))
+def test_ddp_on_two_cpu_processes_writes_once_with_effective_batch_16(tiny_model_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", make_rows(EFFECTIVE_BATCH_EXAMPLES))
     out = tmp_path / "train"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node=2", "-m", "jobs.train", "--dataset", str(tmp_path),
                "--model", str(tiny_model_dir), "--out", str(out), "--epochs", "1",
-               "--batch-size", "2", "--grad-accum", "2", "--save-steps", "1",
+               "--batch-size", "2", "--effective-batch", "16", "--save-steps", "1",
                "--keep-checkpoints"]
     proc = subprocess.run(command, cwd=ROOT, env=_environment(), capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert manifest["runtime"]["world_size"] == 2
-    # 16 examples / (2 per device x 2 accumulation x 2 processes) = 2 optimizer steps:
-    # each process saw its own half of every batch.
-    assert metrics["steps"] == metrics["steps_planned"] == 2
-    assert sorted(stored_checkpoints(LocalStore(out))) == [1, 2]
+    # Each process saw its own half of every optimizer step's 16 examples: 2 per device
+    # x grad-accum 4 x 2 processes, the same 3 steps as on one process.
+    _assert_effective_batch_16(manifest, metrics, 2)
+    assert sorted(stored_checkpoints(LocalStore(out))) == [2, 3]  # --save-total-limit 2
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # Only rank 0 logged: one TensorBoard event file.
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+class Preempted(Exception):
+    """Stands for a kill right after a checkpoint reached the store."""
+
+
+def _adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter" / "adapter_model.safetensors")
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_model_dir, tmp_path,
+                                                                   monkeypatch):
+    import torch
+
+    # 6 optimizer steps an epoch, 2 epochs; the interruption falls in the second epoch,
+    # whose shuffle an uninterrupted run draws after a whole epoch of dropout.
+    write_jsonl(tmp_path / "train.jsonl", make_rows(12))
+    config = TrainConfig(dataset=str(tmp_path), model=str(tiny_model_dir), epochs=2.0,
+                         batch_size=2, effective_batch=2, learning_rate=1e-3, save_steps=2)
+    whole = run(config, open_store(str(tmp_path / "whole")))
+
+    # Deterministic interruption: the run dies as soon as checkpoint 8 is stored.
+    upload = train.upload_checkpoint
+
+    def upload_then_die(out, folder, step, run_fingerprint, keep):
+        upload(out, folder, step, run_fingerprint, keep)
+        if step == 8:
+            raise Preempted(f"after checkpoint {step}")
+
+    resumed_out = open_store(str(tmp_path / "resumed"))
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "upload_checkpoint", upload_then_die)
+        with pytest.raises(Preempted):
+            run(config, resumed_out)
+    assert latest_checkpoint(resumed_out, whole["fingerprint"]) == 8
+    resumed = run(config, resumed_out)
+
+    assert resumed["resumed_from_step"] == 8 and whole["resumed_from_step"] == 0
+    metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text())
+               for name in ("whole", "resumed")}
+    assert metrics["resumed"]["steps"] == metrics["whole"]["steps"] == 12
+    # The same batches in the same order: the same loss at every step ...
+    assert [p["loss"] for p in metrics["resumed"]["train_loss"]] == pytest.approx(
+        [p["loss"] for p in metrics["whole"]["train_loss"]], abs=1e-6)
+    # ... and the same adapter, tensor for tensor.
+    expected, got = _adapter_tensors(tmp_path / "whole"), _adapter_tensors(tmp_path / "resumed")
+    assert sorted(got) == sorted(expected) and len(got) > 0
+    for name, tensor in expected.items():
+        assert got[name].dtype == torch.float32
+        assert torch.allclose(got[name], tensor, rtol=0, atol=1e-6), name
+    # TensorBoard covers the whole run, the steps before the interruption included.
+    scalars = _tensorboard_scalars(tmp_path / "resumed" / "tensorboard")
+    assert [step for step, _ in scalars["train/loss"]] == list(range(1, 13))

@@ -120,14 +120,18 @@ def _resolve(ref: Input, config: PipelineSettings, run: Store) -> str | None:
 
 def step_config(step: Step, config: PipelineSettings, run: Store) -> StageConfig:
     """``step``'s config in the run at ``run``: its section (or its command's defaults)
-    with the inputs wired and the step's fixed fields set. Raises ConfigError (see
-    :func:`_wired`)."""
+    with the inputs wired and the step's fixed fields set. A config with a ``run_name``
+    field (the experiment-tracking run) left empty gets the run id: the name of the run's
+    folder, ``runs/<run_id>``. Raises ConfigError (see :func:`_wired`)."""
     if step.section is not None:
         section = getattr(config, step.section)
     else:
         section = step.cli.load()[1]()
     inputs = {name: _resolve(ref, config, run) for name, ref in step.inputs.items()}
-    return _wired(section, **inputs).model_copy(update=dict(step.fixed))
+    wired = _wired(section, **inputs).model_copy(update=dict(step.fixed))
+    if "run_name" in type(wired).model_fields and wired.run_name is None:
+        wired = wired.model_copy(update={"run_name": run.uri.rstrip("/").rsplit("/", 1)[-1]})
+    return wired
 
 
 def plan(config: PipelineSettings, run: Store) -> list[tuple[Step, StageConfig]]:

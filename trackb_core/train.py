@@ -1,13 +1,15 @@
 """The train stage: LoRA supervised fine-tuning with trl's SFTTrainer.
 
 Recipe, top to bottom (:func:`run`): validate the config, decide the runtime from the
-hardware (:func:`runtime_plan`: precision, attention, padding), read and check the
+hardware (:func:`trackb_core.runtime.runtime_plan`, shared with eval: precision,
+attention, padding) and the gradient accumulation from the effective batch and the
+number of processes (:func:`grad_accum_for`), read and check the
 dataset rows, turn each into a conversational prompt-completion example through
 :func:`trackb_core.prompts.chat_example` (the same messages eval generates from), load
 the base model and tokenizer (local folder, store URI or a hub id already in the local
 cache), train a peft LoRA adapter with the loss on the completion only, then save
 ``adapter/`` (adapter + tokenizer), ``metrics.json``, ``loss_curve.png`` and, with
-``--merge``, ``merged/`` (the base with the adapter folded in).
+``--merge``, ``merged/`` (the base with the adapter folded in), and ``tensorboard/``.
 
 Truthful training, in the details:
 
@@ -15,12 +17,18 @@ Truthful training, in the details:
   labels the prompt -100. Examples longer than ``--max-length`` are dropped, not cut
   (``--overlong``), so every trained example ends with the end-of-turn token the model
   must learn to stop on; the manifest counts what was dropped.
-* Runtime, decided once from device facts (:func:`runtime_plan`, unit-tested without
-  hardware): CPU fp32; T4 (compute capability 7.5) fp16 autocast with a GradScaler;
+* Runtime, decided once from device facts (:mod:`trackb_core.runtime`, unit-tested
+  without hardware): CPU fp32; T4 (compute capability 7.5) fp16 autocast with a GradScaler;
   bf16 only where the GPU does it natively (cc >= 8; ``torch.cuda.is_bf16_supported()``
   says yes on a T4 too, through emulation). LoRA weights stay fp32, attention is SDPA,
   and there is no packing or padding-free batching unless FlashAttention's varlen
   kernels are there. Length-grouped batches keep padding low instead.
+* Batches: ``--effective-batch`` examples per optimizer step however many processes
+  run; the gradient accumulation is derived from it (and recorded in the manifest), so
+  a DDP run takes the same optimizer steps as a single-GPU one.
+* Data order: a pure function of the seed and the epoch (the length-grouped sampler has
+  its own generator, :func:`seeded_length_sampler`), so a run resumed mid-epoch sees the
+  batches an uninterrupted run sees and ends with the same adapter weights.
 * Checkpoints: every ``--save-steps`` optimizer steps the trainer's checkpoint is
   uploaded to ``checkpoints/checkpoint-<step>/`` in the output store, marker file last;
   at most ``--save-total-limit`` are kept. ``--resume`` (the default) continues from the
@@ -29,9 +37,13 @@ Truthful training, in the details:
   ``--keep-checkpoints``.
 * Several GPUs: ``torchrun --standalone --nproc-per-node=N -m jobs.train ...`` runs DDP
   (gloo on CPU); only rank 0 writes to the store.
+* Tracking (:mod:`trackb_core.tracking`): TensorBoard event files always, in
+  ``tensorboard/``; MLflow and Weights & Biases when the environment configures them,
+  in a tracking run named after the trackb run id (``--run-name``).
 
 Defaults are the seed's hyperparameters (r 16, alpha 32, dropout 0.05, the seven
-projections, 3 epochs, lr 2e-4 cosine, batch 4 x grad-accum 4).
+projections, 3 epochs, lr 2e-4 cosine, batch 4 and effective batch 16: grad-accum 4 on
+one process).
 """
 
 from __future__ import annotations
@@ -50,13 +62,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from trackb_core.config import StageConfig, input_field
 from trackb_core.errors import ConfigError, InputError, MissingInputError, TrackbError
 from trackb_core.prompts import chat_example
+from trackb_core.runtime import device_facts, runtime_plan
 from trackb_core.stage import StageRun, fingerprint, local_dir, say, stage_run
 from trackb_core.store import Store
+from trackb_core.tracking import TENSORBOARD, check_configured, run_name, training_callback
 
 STAGE = "train"
 SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,11 +89,14 @@ class TrainConfig(StageConfig):
     is downloaded). The loss covers the response only; prompts come from the same function
     eval uses. Precision follows the hardware (CPU fp32, T4 fp16, bf16 where native).
     Checkpoints go to OUT/checkpoints/ every --save-steps steps; with --resume (default)
-    a killed run continues from the newest one. Several GPUs: run it under
-    `torchrun --standalone --nproc-per-node=N -m jobs.train`. Writes adapter/ (PEFT LoRA
-    adapter + tokenizer files), metrics.json (loss per logged step, final loss, runtime,
-    steps, examples, tokens, trainable parameters), loss_curve.png and, with --merge,
-    merged/.
+    a killed run continues from the newest one, with the same data order. Several GPUs:
+    run it under `torchrun --standalone --nproc-per-node=N -m jobs.train`; the effective
+    batch stays --effective-batch. Writes adapter/ (PEFT LoRA adapter + tokenizer files),
+    metrics.json (loss per logged step, final loss, runtime, steps, examples, tokens,
+    trainable parameters), loss_curve.png, tensorboard/ (TensorBoard event files) and,
+    with --merge, merged/. MLflow (MLFLOW_TRACKING_URI) and Weights & Biases
+    (WANDB_PROJECT with WANDB_API_KEY or WANDB_MODE=offline) log too when the
+    environment configures them.
     """
 
     dataset: str | None = input_field(
@@ -102,7 +119,9 @@ class TrainConfig(StageConfig):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate")
     lr_scheduler: str = Field("cosine", description="transformers learning-rate schedule name")
     batch_size: int = Field(4, ge=1, description="Examples per device step")
-    grad_accum: int = Field(4, ge=1, description="Gradient accumulation steps (effective batch = batch_size x grad_accum x GPUs)")
+    effective_batch: int = Field(
+        16, ge=1, description="Examples per optimizer step over all processes; gradient "
+        "accumulation = effective_batch / (batch_size x processes), which must be whole")
     max_length: int = Field(1024, ge=16, description="Longest tokenised example (prompt + response)")
     overlong: Literal["drop", "truncate"] = Field(
         "drop", description="Examples longer than max_length: drop (every trained example "
@@ -130,79 +149,40 @@ class TrainConfig(StageConfig):
         False, description="Keep OUT/checkpoints/ after a finished run (else removed then)")
     merge: bool = Field(False, description="Also save merged/: the base model with the adapter "
                         "folded in")
+    run_name: str | None = Field(
+        None, description="Name of the tracking run (TensorBoard, MLflow, W&B); default "
+        "$TRACKB_RUN_ID, else the output URI (run-all sets the run id)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grad_accum_is_derived(cls, data: Any) -> Any:
+        # The old knob: a fixed grad_accum made the effective batch grow with the GPUs.
+        if isinstance(data, dict) and "grad_accum" in data:
+            raise ValueError("grad_accum is derived now: set effective_batch, the examples "
+                             "per optimizer step (batch_size x grad_accum x processes), e.g. "
+                             "effective_batch: 16 for batch_size 4 x grad_accum 4")
+        return data
 
 
 class LossDivergedError(TrackbError):
     """The training loss became NaN or infinite."""
 
 
-# -- runtime plan --------------------------------------------------------------------------
+# -- processes ------------------------------------------------------------------------------
 
-def device_facts() -> dict[str, Any]:
-    """What this machine offers for training, as plain data (see :func:`runtime_plan`)."""
-    import torch
+def grad_accum_for(effective_batch: int, batch_size: int, world_size: int) -> int:
+    """Gradient accumulation steps that give ``effective_batch`` examples per optimizer
+    step with ``batch_size`` examples per process and ``world_size`` processes.
 
-    if not torch.cuda.is_available():
-        return {"cuda": False, "gpu_count": 0, "gpu_name": None, "compute_capability": None,
-                "bf16_native": False, "flash_attn_varlen": False}
-    from transformers.utils import is_flash_attn_2_available
-
-    major, minor = torch.cuda.get_device_capability(0)
-    return {
-        "cuda": True,
-        "gpu_count": torch.cuda.device_count(),
-        "gpu_name": torch.cuda.get_device_name(0),
-        "compute_capability": [major, minor],
-        # Without including_emulation=False a T4 answers True (bf16 emulated, slowly).
-        "bf16_native": torch.cuda.is_bf16_supported(including_emulation=False),
-        "flash_attn_varlen": bool(is_flash_attn_2_available()),
-    }
-
-
-def runtime_plan(precision: str, facts: dict[str, Any]) -> dict[str, Any]:
-    """How to train with ``precision`` ("auto", "fp16", "bf16", "fp32") on a machine
-    described by ``facts`` (:func:`device_facts`'s keys). Pure: no hardware needed.
-
-    Returns ``{"device", "gpus", "gpu_name", "compute_capability", "precision",
-    "autocast", "base_dtype", "lora_dtype", "attention", "packing", "padding_free",
-    "reason"}``. Raises ConfigError when fp16/bf16 is asked of hardware without it.
+    Raises ConfigError if ``batch_size x world_size`` does not divide ``effective_batch``.
     """
-    cuda = bool(facts.get("cuda"))
-    capability = tuple(facts.get("compute_capability") or (0, 0))
-    bf16 = cuda and bool(facts.get("bf16_native", capability >= (8, 0)))
-    where = facts.get("gpu_name") or ("CUDA GPU" if cuda else "CPU")
-    if precision == "auto":
-        chosen = "fp32" if not cuda else ("bf16" if bf16 else "fp16")
-        reason = ("CPU: fp32" if not cuda else
-                  f"{where} (cc {capability[0]}.{capability[1]}): "
-                  + ("native bf16" if bf16 else "no native bf16, fp16 autocast + loss scaling"))
-    elif precision == "fp16" and not cuda:
-        raise ConfigError("--precision fp16 needs a CUDA GPU; use fp32 or auto on CPU")
-    elif precision == "bf16" and not bf16:
-        raise ConfigError(f"--precision bf16 needs a GPU with native bf16 (compute capability "
-                          f"8+; {where} has not): use fp16 or auto")
-    else:
-        chosen, reason = precision, f"{where}: --precision {precision}"
-    # Padding-free batches need FlashAttention's varlen kernels (Ampere or newer); SDPA
-    # has none, and packing without them lets examples attend to each other.
-    padding_free = cuda and capability >= (8, 0) and bool(facts.get("flash_attn_varlen"))
-    dtypes = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-    return {
-        "device": "cuda" if cuda else "cpu",
-        "gpus": int(facts.get("gpu_count") or 0),
-        "gpu_name": facts.get("gpu_name"),
-        "compute_capability": list(capability) if cuda else None,
-        "precision": chosen,
-        "autocast": None if chosen == "fp32" else dtypes[chosen],
-        # The frozen base is stored in the autocast dtype (half the memory on a T4) ...
-        "base_dtype": dtypes[chosen],
-        # ... the trained LoRA weights never are: fp16 weights cannot take the updates.
-        "lora_dtype": "float32",
-        "attention": "flash_attention_2" if padding_free else "sdpa",
-        "packing": False,
-        "padding_free": padding_free,
-        "reason": reason,
-    }
+    per_pass = batch_size * world_size
+    if effective_batch % per_pass:
+        raise ConfigError(
+            f"--effective-batch {effective_batch} is not a multiple of --batch-size "
+            f"{batch_size} x {world_size} process(es) = {per_pass}: choose a batch size that "
+            f"times {world_size} divides {effective_batch}")
+    return effective_batch // per_pass
 
 
 @dataclass(frozen=True)
@@ -403,26 +383,75 @@ def fit_to_max_length(dataset, max_length: int, overlong: str):
                     "overlong": overlong, "max_length": max_length}
 
 
+def seeded_length_sampler(lengths: list[int], batch_size: int, seed: int):
+    """transformers' LengthGroupedSampler with an order that is a pure function of
+    ``seed`` and the epoch (``set_epoch``).
+
+    transformers builds it without a generator, so it shuffles from the global torch RNG
+    at the start of each epoch; a run resumed mid-epoch draws from a different RNG state
+    than the uninterrupted run did (the checkpoint's RNG state is restored only after the
+    dataloader has started) and trains on other batches.
+    """
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class SeededLengthGroupedSampler(LengthGroupedSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __iter__(self):
+            self.generator = torch.Generator().manual_seed(seed + self.epoch)
+            return super().__iter__()
+
+    return SeededLengthGroupedSampler(batch_size, lengths=list(lengths))
+
+
 def build_trainer(config: TrainConfig, examples: list[dict[str, Any]], model_path: str,
                   output_dir: str, plan: dict[str, Any] | str = "fp32",
-                  callbacks: list[Any] | tuple[Any, ...] = ()):
+                  callbacks: list[Any] | tuple[Any, ...] = (), world_size: int | None = None):
     """An SFTTrainer ready to train a LoRA adapter on ``examples``.
 
-    ``plan`` is a :func:`runtime_plan` (or a precision name, planned for this machine).
-    Its ``train_dataset`` is trl's own tokenisation (``input_ids`` and ``labels`` with
-    -100 on prompt tokens) after :func:`fit_to_max_length`, whose report is
-    ``trainer.trackb_fit``. Raises MissingInputError if the model cannot be loaded,
-    ConfigError if LoRA finds none of the target modules or the plan needs hardware
-    that is not here, InputError if no example fits ``max_length``.
+    ``plan`` is a :func:`~trackb_core.runtime.runtime_plan` (or a precision name,
+    planned for this machine); ``world_size`` the number of processes (default: from
+    the torchrun environment), which with the batch size sets the gradient accumulation
+    (:func:`grad_accum_for`). Its ``train_dataset`` is trl's own tokenisation
+    (``input_ids`` and ``labels`` with -100 on prompt tokens) after
+    :func:`fit_to_max_length`, whose report is ``trainer.trackb_fit``. Raises
+    MissingInputError if the model cannot be loaded, ConfigError if LoRA finds none of
+    the target modules, the plan needs hardware that is not here or the effective batch
+    does not divide, InputError if no example fits ``max_length``.
     """
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
+    from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import SFTConfig, SFTTrainer
 
     if isinstance(plan, str):
         plan = runtime_plan(plan, device_facts())
+    if world_size is None:
+        world_size = Ranks.from_environ().world_size
+    grad_accum = grad_accum_for(config.effective_batch, config.batch_size, world_size)
+
+    class SeededOrderTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler):
+                sampler = seeded_length_sampler(sampler.lengths, sampler.batch_size,
+                                                config.seed)
+            self.trackb_sampler = sampler
+            return sampler
+
+    class EpochToSampler(TrainerCallback):
+        # The Trainer's set_epoch reaches the sampler through some of accelerate's
+        # dataloader wrappers, not all (a skipping one under DDP): tell it here too.
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            sampler = getattr(trainer, "trackb_sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(math.floor(state.epoch or 0))
 
     class StopOnNonFiniteLoss(TrainerCallback):
         # fp16 Qwen2 can overflow; stop at the first bad loss instead of saving garbage.
@@ -443,7 +472,7 @@ def build_trainer(config: TrainConfig, examples: list[dict[str, Any]], model_pat
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
+        gradient_accumulation_steps=grad_accum,
         # Length is handled after tokenising (fit_to_max_length): trl would cut silently.
         max_length=None,
         warmup_steps=config.warmup_ratio,  # a value below 1 is a ratio in transformers 5
@@ -461,13 +490,15 @@ def build_trainer(config: TrainConfig, examples: list[dict[str, Any]], model_pat
         packing=plan["packing"],
         padding_free=plan["padding_free"],
         # transformers 5's spelling of group_by_length: LengthGroupedSampler over the
-        # effective batch (batch_size x grad_accum), sorted within shuffled mega-batches.
+        # batches of one optimizer step (batch_size x grad_accum), sorted within shuffled
+        # mega-batches; SeededOrderTrainer gives it a generator of its own.
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         # Every LoRA weight takes part in every forward: no unused-parameter search.
         ddp_find_unused_parameters=False,
         save_strategy="steps" if checkpointing else "no",
         save_steps=config.save_steps if checkpointing else 500,
         save_total_limit=config.save_total_limit,
+        # Tracking is trackb_core.tracking's callback: one run identity for train and eval.
         report_to="none",
         disable_tqdm=False,
     )
@@ -480,13 +511,13 @@ def build_trainer(config: TrainConfig, examples: list[dict[str, Any]], model_pat
         task_type="CAUSAL_LM",
     )
     try:
-        trainer = SFTTrainer(
+        trainer = SeededOrderTrainer(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(examples),
             processing_class=tokenizer,
             peft_config=lora,
-            callbacks=[StopOnNonFiniteLoss(), *callbacks],
+            callbacks=[StopOnNonFiniteLoss(), EpochToSampler(), *callbacks],
         )
     except ValueError as exc:
         if "target modules" in str(exc).lower():
@@ -562,7 +593,8 @@ def loss_curve_png(losses: list[dict[str, float]], title: str) -> bytes:
 def run(config: TrainConfig, out: Store) -> dict:
     """Run the train stage into ``out`` (under torchrun: every rank calls it; rank 0 writes).
 
-    Raises ConfigError (no --dataset, bad precision or target modules),
+    Raises ConfigError (no --dataset, bad precision or target modules, an effective
+    batch the processes cannot split, a tracking backend configured but not installed),
     MissingInputError (dataset or model not found), InputError (empty dataset, a row
     without instruction/response, a tokenizer without chat template, nothing fits
     --max-length), LossDivergedError (NaN/inf loss), StoreError (``out`` not writable).
@@ -572,6 +604,8 @@ def run(config: TrainConfig, out: Store) -> dict:
     check_model_source(config.model)
     plan = runtime_plan(config.precision, device_facts())
     ranks = Ranks.from_environ()
+    grad_accum_for(config.effective_batch, config.batch_size, ranks.world_size)
+    check_configured()
     if ranks.is_main:
         with stage_run(STAGE, config, out) as run:
             _train(run, config, out, plan, ranks)
@@ -626,11 +660,18 @@ def _train(run: StageRun, config: TrainConfig, out: Store, plan: dict[str, Any],
                    f"{ranks.world_size} process(es)")
 
     with _workdir(ranks) as work:
-        callbacks = ([checkpoint_uploader(out, run_fingerprint, config.save_total_limit)]
-                     if ranks.is_main and config.save_steps else [])
+        callbacks: list[Any] = []
+        if ranks.is_main:
+            if config.save_steps:
+                callbacks.append(checkpoint_uploader(out, run_fingerprint,
+                                                     config.save_total_limit))
+            tracking = training_callback(
+                run_name(config.run_name, out.uri), tensorboard_dir=work / TENSORBOARD,
+                params={f"train.{k}": v for k, v in config.model_dump(mode="json").items()})
+            callbacks.append(tracking)
         with run.timed("setup"):
             trainer = build_trainer(config, examples, model_path, str(work / "trainer"), plan,
-                                    callbacks)
+                                    callbacks, ranks.world_size)
         stats = token_stats(trainer, len(examples))
         trainable, total_params = trainer.model.get_nb_trainable_parameters()
         stats.update(trainable_params=int(trainable), total_params=int(total_params))
@@ -651,6 +692,10 @@ def _train(run: StageRun, config: TrainConfig, out: Store, plan: dict[str, Any],
         if not ranks.is_main:
             return
         _save_outputs(run, config, trainer, result, work, plan, stats, ranks, resume_step)
+        if (work / TENSORBOARD).is_dir():
+            run.write_dir(TENSORBOARD, work / TENSORBOARD)
+        if tracking.tracker is not None:
+            run.extra["tracking"] = tracking.tracker.describe()
 
 
 def _save_outputs(run: StageRun, config: TrainConfig, trainer, result, work: Path,
@@ -688,6 +733,10 @@ def _save_outputs(run: StageRun, config: TrainConfig, trainer, result, work: Pat
         "examples": len(trainer.train_dataset),
         "precision": plan["precision"],
         "world_size": ranks.world_size,
+        "batch_size": config.batch_size,
+        "grad_accum": int(trainer.args.gradient_accumulation_steps),
+        "effective_batch": config.batch_size * int(trainer.args.gradient_accumulation_steps)
+        * ranks.world_size,
         **stats,
     }
     run.write_json("metrics.json", metrics)
@@ -702,6 +751,9 @@ def _save_outputs(run: StageRun, config: TrainConfig, trainer, result, work: Pat
         "loss_final": metrics["final_loss"],
     })
     run.extra["runtime"] = {**plan, "world_size": ranks.world_size}
+    # As resolved for this run: the accumulation depends on the number of processes.
+    run.extra["batch"] = {key: metrics[key] for key in
+                          ("batch_size", "grad_accum", "world_size", "effective_batch")}
     run.extra["resumed_from_step"] = resume_step
     say(STAGE, f"{metrics['steps']} steps in {metrics['runtime_seconds']} s: loss "
                f"{metrics['first_loss']} -> {metrics['final_loss']}")
