@@ -3,7 +3,8 @@
 The seed generated every answer with its own ``generate`` call: per item the greedy
 answer, then each of the 2 samples (T = 0.6, top-p 0.95), batch size 1 (422.7 s for 46
 items on a T4). trackb renders the same prompts and generates the greedy answers in one
-left-padded batch pass and the samples in another (``num_return_sequences``).
+left-padded batch pass and the samples in another (each prompt repeated per sample,
+each row drawn by its own seeded generator).
 
 Both run here on the same tiny model (built offline with trackb_core.tinymodel from a
 few standard-library modules, a fixed number of pretraining steps), the same items
@@ -97,6 +98,7 @@ def main() -> None:
     import torch
 
     from trackb_core.evaluate import generate_hf, load_model, stop_token_ids
+    from trackb_core.generation import SamplingSettings
     from trackb_core.prompts import render_prompt
     from trackb_core.tinymodel import TinyModelConfig, build_tiny_model
 
@@ -109,7 +111,7 @@ def main() -> None:
         build_tiny_model(TinyModelConfig(corpus=str(corpus), pretrain_steps=PRETRAIN_STEPS,
                                          batch_size=4, seq_len=128), model_dir)
         build_seconds = time.perf_counter() - started
-        model, tokenizer, device = load_model(str(model_dir), None, str(model_dir))
+        model, tokenizer, device, _ = load_model(str(model_dir), None, str(model_dir))
         instructions = _instructions(corpus, ITEMS)
         stops = stop_token_ids(model, tokenizer)
 
@@ -119,9 +121,11 @@ def main() -> None:
 
         def trackb_run() -> None:
             prompts = [render_prompt(tokenizer, text) for text in instructions]
-            generate_hf(model, tokenizer, device, prompts, n_samples=SAMPLES, temperature=0.6,
-                        top_p=0.95, max_new_tokens=MAX_NEW_TOKENS, batch_size=BATCH_SIZE,
-                        seed=42)
+            generate_hf(model, tokenizer, device, prompts,
+                        [str(i) for i in range(len(prompts))], batch_size=BATCH_SIZE,
+                        settings=SamplingSettings(max_new_tokens=MAX_NEW_TOKENS,
+                                                  n_samples=SAMPLES, temperature=0.6,
+                                                  top_p=0.95, seed=42))
 
         trackb_run()  # warm-up: first-call allocations count for neither side
         seed_times, trackb_times = [], []

@@ -158,7 +158,8 @@ def seed_lora_settings() -> dict[str, Any]:
         "lora_dropout": defaults.lora_dropout,
         "target_modules": list(defaults.target_modules),
         "batch_size": defaults.batch_size,
-        "grad_accum": defaults.grad_accum,
+        # One process: the accumulation that makes the effective batch.
+        "grad_accum": defaults.effective_batch // defaults.batch_size,
         "learning_rate": defaults.learning_rate,
     }
 
@@ -497,7 +498,7 @@ def train_trackb_trainer(shape: Shape, precision: str, env: dict[str, Any], para
     tokenizer = train_tokenizer(texts, min(shape.trainer_vocab, shape.model["vocab_size"]))
     config = TrainConfig(max_length=shape.seq_len, epochs=1, logging_steps=1,
                          precision=precision)
-    per_step = config.batch_size * config.grad_accum
+    per_step = config.effective_batch
     examples = fitted_examples(tokenizer, texts, shape.seq_len,
                                per_step * (1 + shape.timed_steps), chat_example)
     clock: list[float] = []
@@ -703,7 +704,8 @@ def timed_loop(name: str, seconds: float, calls, model, shape: Shape, eos: int, 
 
 
 def eval_precision(env: dict[str, Any]) -> str:
-    """The dtype ``trackb eval`` loads the model in here (evaluate.load_model's rule)."""
+    """The dtype ``trackb eval`` loads the model in here (the runtime plan's rule,
+    :func:`trackb_core.runtime.eval_dtype`: native bf16 only)."""
     if not env["cuda"]:
         return "fp32"
     return "bf16" if env["bf16_supported"] else "fp16"

@@ -3,6 +3,7 @@ trackb score (hand-written predictions), both through the one scorer."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import json
 import subprocess
@@ -21,12 +22,16 @@ from trackb_core.evaluate import (
     run,
     score,
 )
+from trackb_core.generation import item_seed
+from trackb_core.metrics import METRIC_VERSION
 from trackb_core.store import LocalStore
 
 SEED_KEYS = {"tag", "total_samples", "k", "pass_at_1", "pass_at_k", "avg_style_score",
              "hallucination_rate", "execution_rate", "per_category", "failures"}
-EVAL_KEYS = {"tag", "metric_version", "n_items", "headline", "seed_compatible", "unbiased",
-             "execution", "per_category", "items", "trackb"}
+EVAL_KEYS = {"tag", "metric_version", "n_items", "settings", "headline", "seed_compatible",
+             "functional", "families", "budget", "per_category", "items", "trackb"}
+SETTINGS_KEYS = {"dataset", "sampling", "backend", "dtype", "device", "model", "adapter",
+                 "corpus", "scorer", "tag"}
 
 CATEGORIES = ("docstring", "complete", "bugfix", "explain", "unit_test", "complete")
 
@@ -86,7 +91,8 @@ def eval_config(dataset_dir, tiny_model_dir, **overrides):
 def test_eval_defaults_match_the_seed_and_allow_unbiased_pass_at_3():
     config = EvalConfig()
     assert config.n_samples == 3 and config.temperature == 0.6 and config.top_p == 0.95
-    assert config.backend == "auto" and config.max_new_tokens == 384
+    # a whole 60-line function fits; the seed block still scores the first 384 tokens
+    assert config.backend == "auto" and config.max_new_tokens >= 1024
 
 
 def test_eval_with_tiny_model_is_complete_and_deterministic(tmp_path, dataset_dir,
@@ -102,9 +108,12 @@ def test_eval_with_tiny_model_is_complete_and_deterministic(tmp_path, dataset_di
     ids = [p["id"] for p in predictions]
     assert ids == sorted(f"item-{i}" for i in range(len(CATEGORIES)))  # every id, sorted
     for p in predictions:
-        assert set(p) == {"id", "greedy", "samples"}
+        assert set(p) == {"id", "greedy", "samples", "truncated", "seed_view"}
         assert isinstance(p["greedy"], str) and len(p["samples"]) == 3  # default n = 3
         assert all(isinstance(s, str) for s in p["samples"])
+        assert len(p["truncated"]["samples"]) == 3 and len(p["seed_view"]["samples"]) == 3
+        # 12 tokens is under the seed's 384: the seed view is the whole answer
+        assert p["seed_view"] == {"greedy": p["greedy"], "samples": p["samples"]}
     # the barely pretrained fixture model may only emit whitespace, but it emits
     # something: all-empty answers would mean the prompt tokens were cut, not the new ones
     assert all(p["greedy"] for p in predictions)
@@ -119,44 +128,152 @@ def test_eval_with_tiny_model_is_complete_and_deterministic(tmp_path, dataset_di
 
     result = json.loads(outs[0].get_text("eval.json"))
     assert EVAL_KEYS <= set(result)
-    assert result["metric_version"] == 2 and result["tag"] == "baseline"
+    assert result["metric_version"] == METRIC_VERSION and result["tag"] == "baseline"
     assert result["n_items"] == len(CATEGORIES)
     assert_every_headline_has_its_ci(result)
     # 3 samples: the seed's pass@3 (greedy + 2 samples) and the unbiased pass@3 both exist
     assert result["headline"]["seed_pass_at_3"]["value"] is not None
-    assert result["headline"]["pass_at_3"]["value"] is not None
-    assert result["unbiased"]["n_samples"] == 3 and result["unbiased"]["temperature"] == 0.6
+    assert result["functional"]["n_samples"] == 3
+    assert result["functional"]["temperature"] == 0.6
     seed = result["seed_compatible"]
     assert SEED_KEYS <= set(seed) and seed["k"] == 3 and seed["total_samples"] == 6
     assert seed["per_category"]["complete"]["count"] == 2
     assert {i["id"] for i in result["items"]} == set(ids)
+    settings = result["settings"]
+    assert set(settings) == SETTINGS_KEYS
+    assert settings["model"] == str(tiny_model_dir) and settings["adapter"] is None
+    assert settings["backend"] == "hf" and settings["device"] == "cpu"
+    assert settings["dtype"] == "float32"  # the runtime plan on a CPU
+    assert settings["dataset"]["items"] == len(CATEGORIES)
+    assert settings["dataset"]["sha256"] == hashlib.sha256(
+        (dataset_dir / "test.jsonl").read_bytes()).hexdigest()
+    assert settings["sampling"] == {
+        "max_new_tokens": 12, "n_samples": 3, "temperature": 0.6, "top_p": 0.95, "seed": 42,
+        "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+        "stop_tokens": ["<|im_end|>", "<|im_start|>"], "seed_view_tokens": 12}
+    assert settings["corpus"] == {"needed": True, "available": False, "sha256": None}
+    assert settings["scorer"]["metric_version"] == METRIC_VERSION
+    # the barely trained model rambles: 12 tokens cut most answers, and eval says so
+    truncated = [p["truncated"]["greedy"] for p in predictions]
+    assert result["headline"]["truncated_rate"]["value"] == pytest.approx(
+        sum(truncated) / len(truncated))
+    assert result["budget"]["known"] is True
     facts = result["trackb"]
-    assert facts["model"] == str(tiny_model_dir) and facts["adapter"] is None
-    assert facts["backend"] == "hf" and facts["device"] == "cpu"
-    assert facts["n_items"] == len(CATEGORIES) and facts["n_samples"] == 3
-    assert facts["temperature"] == 0.6
     # at most max_new_tokens per answer, 4 answers per item
     assert 0 < facts["tokens_generated"] <= 4 * 12 * len(CATEGORIES)
     assert facts["generation_seconds"] > 0
+    generation = json.loads(outs[0].get_text("generation.json"))
+    assert generation["settings"] == {k: v for k, v in settings.items()
+                                      if k not in ("corpus", "scorer", "tag")}
     manifest = json.loads(outs[0].get_text("manifest.json"))
     assert manifest["metrics"]["seed_pass_at_1"]["ci"] is not None
 
 
-def test_sampling_is_seeded_same_seed_same_samples_other_seed_other_samples(tiny_model_dir):
+def settings_for(**overrides):
+    from trackb_core.generation import SamplingSettings
+
+    values = {"max_new_tokens": 10, "n_samples": 3, "temperature": 1.0, "top_p": 1.0,
+              "seed": 7, **overrides}
+    return SamplingSettings(**values)
+
+
+def texts(answers):
+    return [[a.text for a in row] for row in answers]
+
+
+def hf_generator(tiny_model_dir, count):
+    """``(generate(prompts, ids, settings, batch_size), prompts, ids)`` for the first
+    ``count`` test rows on the tiny model."""
     from trackb_core.evaluate import generate_hf, load_model
     from trackb_core.prompts import render_prompt
 
-    model, tokenizer, device = load_model(str(tiny_model_dir), None, str(tiny_model_dir))
-    prompts = [render_prompt(tokenizer, r["instruction"]) for r in dataset_rows()[:3]]
-    options = {"n_samples": 3, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 10,
-               "batch_size": 3}
-    first = generate_hf(model, tokenizer, device, prompts, seed=7, **options)
-    again = generate_hf(model, tokenizer, device, prompts, seed=7, **options)
-    other = generate_hf(model, tokenizer, device, prompts, seed=8, **options)
-    assert first.samples == again.samples and first.greedy == again.greedy
+    model, tokenizer, device, _ = load_model(str(tiny_model_dir), None, str(tiny_model_dir))
+    rows = dataset_rows()[:count]
+
+    def run_hf(prompts, ids, settings, batch_size):
+        return generate_hf(model, tokenizer, device, prompts, ids, settings=settings,
+                           batch_size=batch_size)
+
+    return (run_hf, [render_prompt(tokenizer, r["instruction"]) for r in rows],
+            [r["id"] for r in rows])
+
+
+def test_sampling_is_seeded_same_seed_same_samples_other_seed_other_samples(tiny_model_dir):
+    generate_hf, prompts, ids = hf_generator(tiny_model_dir, 3)
+    first = generate_hf(prompts, ids, settings_for(), 3)
+    again = generate_hf(prompts, ids, settings_for(), 3)
+    other = generate_hf(prompts, ids, settings_for(seed=8), 3)
+    assert texts(first.samples) == texts(again.samples)
+    assert [a.text for a in first.greedy] == [a.text for a in again.greedy]
     assert all(len(s) == 3 for s in first.samples)
-    assert other.samples != first.samples
-    assert other.greedy == first.greedy  # greedy does not depend on the seed
+    assert texts(other.samples) != texts(first.samples)
+    # greedy does not depend on the seed
+    assert [a.text for a in other.greedy] == [a.text for a in first.greedy]
+
+
+def test_an_items_samples_do_not_depend_on_its_batch_or_neighbours(tiny_model_dir):
+    generate_hf, prompts, ids = hf_generator(tiny_model_dir, 4)
+    together = generate_hf(prompts, ids, settings_for(), 12)
+    # item 2 alone, one row per batch, and in reverse order among the others
+    alone = generate_hf(prompts[2:3], ids[2:3], settings_for(), 1)
+    reordered = generate_hf(prompts[::-1], ids[::-1], settings_for(), 5)
+    assert texts(alone.samples)[0] == texts(together.samples)[2]
+    assert texts(reordered.samples)[::-1] == texts(together.samples)
+
+
+def test_hf_generation_inherits_nothing_from_the_models_generation_config(tiny_model_dir):
+    # A model whose generation_config.json asks for a repetition penalty, top-k 5 and a
+    # minimum length: greedy answers must be the plain argmax continuation anyway.
+    import torch
+
+    from trackb_core.evaluate import generate, load_model, stop_token_ids
+    from trackb_core.prompts import render_prompt
+
+    model, tokenizer, device, _ = load_model(str(tiny_model_dir), None, str(tiny_model_dir))
+    prompt = render_prompt(tokenizer, dataset_rows()[0]["instruction"])
+    settings = settings_for(max_new_tokens=8, n_samples=0)
+    stops = stop_token_ids(model, tokenizer)
+    clean = generate(model, tokenizer, device, [prompt], settings=settings, stop_ids=stops,
+                     batch_size=1)
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.top_k = 5
+    model.generation_config.min_new_tokens = 8
+    model.generation_config.no_repeat_ngram_size = 1
+    polluted = generate(model, tokenizer, device, [prompt], settings=settings, stop_ids=stops,
+                        batch_size=1)
+    assert texts(polluted) == texts(clean)
+    assert model.generation_config.repetition_penalty == 5.0  # the model's own is restored
+    # and the clean answer is the argmax continuation, step by step
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    generated = []
+    with torch.inference_mode():
+        for _ in range(8):
+            token = int(model(ids).logits[0, -1].argmax())
+            generated.append(token)
+            if token in stops:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    assert clean[0][0].text == tokenizer.decode(
+        [t for t in generated if t not in stops], skip_special_tokens=True)
+
+
+def test_seeded_sampler_keeps_the_nucleus_and_draws_per_row(tiny_model_dir):
+    import torch
+
+    from trackb_core.evaluate import SeededSampler
+
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
+    nucleus = SeededSampler([1, 1], "cpu", temperature=1.0, top_p=0.7, top_k=0, min_p=0.0)
+    drawn = set()
+    for _ in range(200):
+        out = nucleus(None, scores)
+        chosen = out.argmax(dim=-1).tolist()
+        assert chosen[0] == chosen[1]  # same seed, same draw, whatever the row
+        assert torch.isinf(out).sum() == 2 * 3  # exactly one token left per row
+        drawn.add(chosen[0])
+    assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are cut
+    top1 = SeededSampler([3], "cpu", temperature=1.0, top_p=1.0, top_k=1, min_p=0.0)
+    assert {int(top1(None, scores[:1]).argmax()) for _ in range(50)} == {0}
 
 
 def test_eval_max_items_is_a_seeded_sample(tmp_path, dataset_dir, tiny_model_dir):
@@ -171,8 +288,8 @@ def test_eval_max_items_is_a_seeded_sample(tmp_path, dataset_dir, tiny_model_dir
         result = json.loads(out.get_text("eval.json"))
         assert result["seed_compatible"]["k"] == 1
         # no samples: the sample-based metrics say why they are missing
-        assert "samples" in result["headline"]["pass_at_1"]["reason"]
-        assert result["unbiased"]["temperature"] is None
+        assert "samples" in result["headline"]["functional_pass_at_1"]["reason"]
+        assert result["functional"]["temperature"] is None
     assert len(picked[0]) == 3 and picked[0] == sorted(picked[0]) and picked[0] == picked[1]
 
 
@@ -201,7 +318,7 @@ def test_eval_with_adapter_changes_answers(tmp_path, dataset_dir, tiny_model_dir
                                adapter=str(train_dir), tag="post_sft"), tuned)
     assert "adapter" in manifest["inputs"]
     result = json.loads(tuned.get_text("eval.json"))
-    assert result["tag"] == "post_sft" and result["trackb"]["adapter"] == str(train_dir)
+    assert result["tag"] == "post_sft" and result["settings"]["adapter"] == str(train_dir)
     assert plain.get_bytes("predictions.jsonl") != tuned.get_bytes("predictions.jsonl")
 
 
@@ -209,7 +326,7 @@ def test_batched_greedy_is_left_padded_and_matches_one_at_a_time(tiny_model_dir)
     from trackb_core.evaluate import generate, load_model, stop_token_ids
     from trackb_core.prompts import render_prompt
 
-    model, tokenizer, device = load_model(str(tiny_model_dir), None, str(tiny_model_dir))
+    model, tokenizer, device, _ = load_model(str(tiny_model_dir), None, str(tiny_model_dir))
     assert tokenizer.padding_side == "left"
     # prompts of different lengths, so the batch really is padded
     prompts = [render_prompt(tokenizer, r["instruction"] + " more" * (3 * i))
@@ -219,11 +336,13 @@ def test_batched_greedy_is_left_padded_and_matches_one_at_a_time(tiny_model_dir)
     stops = stop_token_ids(model, tokenizer)
     assert tokenizer.eos_token_id in stops
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
-    single, tokens_single = generate(model, tokenizer, device, prompts, batch_size=1,
-                                     max_new_tokens=8, stop_ids=stops)
-    batched, tokens_batched = generate(model, tokenizer, device, prompts, batch_size=6,
-                                       max_new_tokens=8, stop_ids=stops)
-    assert single == batched and tokens_single == tokens_batched
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") in stops
+    settings = settings_for(max_new_tokens=8, n_samples=0)
+    single = generate(model, tokenizer, device, prompts, batch_size=1, settings=settings,
+                      stop_ids=stops)
+    batched = generate(model, tokenizer, device, prompts, batch_size=6, settings=settings,
+                       stop_ids=stops)
+    assert single == batched
     assert all(len(answers) == 1 for answers in single)
 
 
@@ -237,6 +356,26 @@ def test_decode_answer_cuts_at_the_first_stop_and_counts_it(tiny_model_dir):
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert decode_answer(tokenizer, ids + [stop] + ids, [stop]) == ("return x", len(ids) + 1)
     assert decode_answer(tokenizer, ids, [stop]) == ("return x", len(ids))
+
+
+def test_an_answer_knows_whether_the_budget_cut_it_and_keeps_its_seed_view(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from trackb_core.generation import finish_answer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    words = tokenizer(" word" * 20, add_special_tokens=False)["input_ids"]
+    settings = settings_for(max_new_tokens=len(words), seed_view_tokens=5)
+    cut = finish_answer(tokenizer, words, [stop], settings)
+    assert cut.truncated and cut.tokens == len(words)
+    assert cut.text == tokenizer.decode(words)
+    assert cut.seed_view == tokenizer.decode(words[:5])  # what a 5-token run returns
+    ended = finish_answer(tokenizer, words[:3] + [stop], [stop], settings)
+    assert not ended.truncated and ended.text == ended.seed_view
+    # the stop token as the very last one the budget allows: not cut
+    last = finish_answer(tokenizer, words[:-1] + [stop], [stop], settings)
+    assert not last.truncated
 
 
 def test_eval_input_errors(tmp_path, dataset_dir, tiny_model_dir):
@@ -328,13 +467,17 @@ class FakeVLLM:
                 fake.engine_options = options
 
             def generate(self, requests, params, lora_request=None, use_tqdm=True):
-                fake.calls.append({"requests": requests, "params": params.options,
+                # one SamplingParams for all requests, or one per request
+                per_request = params if isinstance(params, list) else [params] * len(requests)
+                assert len(per_request) == len(requests)
+                fake.calls.append({"requests": requests,
+                                   "params": [p.options for p in per_request],
                                    "lora": lora_request.args if lora_request else None})
                 outputs = []
-                for index, _ in enumerate(requests):
+                for index, options in enumerate(per_request):
                     completions = [
                         types.SimpleNamespace(token_ids=fake.answer(index, n))
-                        for n in range(params.options["n"])]
+                        for n in range(options.options["n"])]
                     outputs.append(types.SimpleNamespace(outputs=completions))
                 return outputs
 
@@ -351,11 +494,17 @@ class FakeVLLM:
     def install(self, monkeypatch):
         import torch
 
+        from trackb_core import vllm_backend
+
         monkeypatch.setitem(sys.modules, "vllm", self.module)
         monkeypatch.setitem(sys.modules, "vllm.lora", self.lora)
         monkeypatch.setitem(sys.modules, "vllm.lora.request", self.request)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # a T4
+        monkeypatch.setattr(vllm_backend, "device_facts", lambda: T4_FACTS)
+
+
+T4_FACTS = {"cuda": True, "gpu_count": 1, "gpu_name": "Tesla T4", "compute_capability": [7, 5],
+            "bf16_native": False, "flash_attn_varlen": False}
 
 
 @pytest.fixture
@@ -381,20 +530,27 @@ def test_vllm_backend_drives_llm_sampling_params_and_lora_request(
                     max_new_tokens=20, seed=5), out)
 
     engine = fake_vllm.engine_options
-    assert engine["model"] == str(tiny_model_dir) and engine["dtype"] == "half"  # T4
+    assert engine["model"] == str(tiny_model_dir) and engine["dtype"] == "float16"  # T4
     assert engine["enable_lora"] is True and engine["max_lora_rank"] == 8  # r=4 rounded up
     assert engine["seed"] == 5
+    assert engine["generation_config"] == "vllm"  # never the model's sampling defaults
     greedy_call, sample_call = fake_vllm.calls
     stop = fake_vllm.stop_id
-    assert greedy_call["params"]["n"] == 1 and greedy_call["params"]["temperature"] == 0.0
-    assert sample_call["params"] == {"n": 3, "temperature": 0.6, "top_p": 0.95, "seed": 5,
-                                     "max_tokens": 20,
-                                     "stop_token_ids": greedy_call["params"]["stop_token_ids"]}
-    assert stop in sample_call["params"]["stop_token_ids"]
+    stops = greedy_call["params"][0]["stop_token_ids"]
+    assert stop in stops
+    assert fake_vllm.tokenizer.convert_tokens_to_ids("<|im_start|>") in stops
+    assert all(p == greedy_call["params"][0] for p in greedy_call["params"])
+    assert greedy_call["params"][0]["n"] == 1 and greedy_call["params"][0]["temperature"] == 0.0
+    items = sorted(dataset_rows(), key=lambda r: r["id"])
+    for row, params in zip(items, sample_call["params"], strict=True):
+        assert params == {"n": 3, "temperature": 0.6, "top_p": 0.95, "top_k": -1,
+                          "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                          "frequency_penalty": 0.0, "seed": item_seed(5, row["id"]),
+                          "max_tokens": 20, "stop_token_ids": stops, "ignore_eos": False,
+                          "skip_special_tokens": True}
     for call in (greedy_call, sample_call):
         assert call["lora"] == ("adapter", 1, str(train_dir / "adapter"))
     # prompts go in as token ids of the same chat prompt, without added special tokens
-    items = sorted(dataset_rows(), key=lambda r: r["id"])
     expected = [fake_vllm.tokenizer(render_prompt(fake_vllm.tokenizer, r["instruction"]),
                                     add_special_tokens=False)["input_ids"] for r in items]
     assert [r["prompt_token_ids"] for r in greedy_call["requests"]] == expected
@@ -405,7 +561,8 @@ def test_vllm_backend_drives_llm_sampling_params_and_lora_request(
     assert [len(p["samples"]) for p in predictions] == [3] * len(items)
     assert predictions[1]["samples"][2] == decode(fake_vllm.answer(1, 2)[:-3])
     result = json.loads(out.get_text("eval.json"))
-    assert result["trackb"]["backend"] == "vllm" and result["trackb"]["device"] == "cuda"
+    assert result["settings"]["backend"] == "vllm" and result["settings"]["device"] == "cuda"
+    assert result["settings"]["dtype"] == "float16"
     assert_every_headline_has_its_ci(result)
 
 
@@ -466,7 +623,7 @@ def test_score_hand_written_predictions(tmp_path, dataset_dir):
     assert manifest["stage"] == "score" and set(manifest["outputs"]) == {"eval.json"}
     result = json.loads(out.get_text("eval.json"))
     assert EVAL_KEYS <= set(result) and result["tag"] == "external"
-    assert result["metric_version"] == 2 and result["n_items"] == 6
+    assert result["metric_version"] == METRIC_VERSION and result["n_items"] == 6
     assert_every_headline_has_its_ci(result)
 
     # the seed-compatible block is the seed's scorer, unchanged
@@ -485,13 +642,18 @@ def test_score_hand_written_predictions(tmp_path, dataset_dir):
     assert [f["id"] for f in seed["failures"]] == ["item-1", "item-2", "item-3", "item-4"]
     assert result["headline"]["seed_pass_at_1"]["value"] == pytest.approx(2 / 6)
 
-    # strict (execution-checked) greedy pass: only item-0's Google docstring; item-5's
-    # code compiles but renames f5 to f, so it does not keep the signature
-    passed = {i["id"]: i["greedy_pass"] for i in result["items"]}
-    assert passed == {"item-0": True, "item-1": False, "item-2": False, "item-3": False,
+    # functional pass: only bugfix (no exact fix here) and unit_test (no tests in the
+    # answer: a fail, corpus or not) have one; format: only item-0's Google docstring;
+    # item-5's code compiles but renames f5 to f, so it does not keep the signature
+    functional = {i["id"]: i["functional"] for i in result["items"]}
+    assert functional == {"item-0": None, "item-1": None, "item-2": False, "item-3": None,
+                          "item-4": False, "item-5": None}
+    assert result["headline"]["functional_pass_greedy"]["value"] == 0.0
+    assert result["headline"]["functional_pass_greedy"]["n"] == 2
+    formed = {i["id"]: i["format_ok"] for i in result["items"]}
+    assert formed == {"item-0": True, "item-1": False, "item-2": False, "item-3": False,
                       "item-4": False, "item-5": False}
-    assert result["headline"]["greedy_pass_at_1"]["value"] == pytest.approx(1 / 6)
-    assert result["unbiased"]["temperature"] == 0.6
+    assert result["functional"]["temperature"] == 0.6
     assert result["trackb"]["unused_predictions"] == 1
 
 
@@ -512,3 +674,81 @@ def test_score_rejects_duplicate_ids_and_missing_files(tmp_path, dataset_dir):
         score(ScoreConfig(dataset=str(dataset_dir), predictions=str(preds)), out)
     with pytest.raises(MissingInputError, match="--predictions"):
         score(ScoreConfig(dataset=str(dataset_dir), predictions=str(tmp_path / "none")), out)
+
+
+def test_eval_and_score_give_identical_results_and_intervals_for_the_same_answers(
+        tmp_path, dataset_dir, tiny_model_dir):
+    generated = LocalStore(tmp_path / "eval")
+    run(eval_config(dataset_dir, tiny_model_dir), generated)
+    scored = LocalStore(tmp_path / "score")
+    score(ScoreConfig(dataset=str(dataset_dir), predictions=str(tmp_path / "eval"),
+                      tag="baseline"), scored)
+    by_eval = json.loads(generated.get_text("eval.json"))
+    by_score = json.loads(scored.get_text("eval.json"))
+    # everything but the run facts (timings, where the predictions came from)
+    assert {k: v for k, v in by_eval.items() if k != "trackb"} == \
+        {k: v for k, v in by_score.items() if k != "trackb"}
+    assert by_eval["headline"]["seed_pass_at_1"]["ci"] == by_score["headline"][
+        "seed_pass_at_1"]["ci"]
+
+
+def test_score_refuses_predictions_made_for_another_test_split(tmp_path, dataset_dir,
+                                                               tiny_model_dir):
+    generated = LocalStore(tmp_path / "eval")
+    run(eval_config(dataset_dir, tiny_model_dir, n_samples=0, score=False), generated)
+    other = tmp_path / "other-split"
+    other.mkdir()
+    rows = dataset_rows()
+    rows[0]["instruction"] += " (edited)"
+    (other / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = LocalStore(tmp_path / "score")
+    with pytest.raises(InputError, match="made for the test split with sha256"):
+        score(ScoreConfig(dataset=str(other), predictions=str(tmp_path / "eval")), out)
+    assert not out.exists("manifest.json")
+
+
+# -- experiment tracking --------------------------------------------------------------------
+
+def tracking_env(monkeypatch, uri):
+    for name in ("WANDB_PROJECT", "WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "trackb-eval-test")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for it
+    monkeypatch.setenv("TRACKB_RUN_ID", "run-7")
+
+
+def test_score_logs_its_headline_to_the_runs_tracking_run(tmp_path, dataset_dir, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    tracking_env(monkeypatch, uri)
+    preds = write_predictions(tmp_path / "preds", hand_predictions())
+    out = LocalStore(tmp_path / "score")
+    manifest = score(ScoreConfig(dataset=str(dataset_dir), predictions=str(preds),
+                                 tag="post_sft"), out)
+    told = manifest["tracking"]
+    assert told["run_name"] == "run-7"
+    tracked = MlflowClient(tracking_uri=uri).get_run(told["mlflow"]["run_id"])
+    assert tracked.info.run_name == "run-7"
+    result = json.loads(out.get_text("eval.json"))
+    assert tracked.data.metrics["eval/post_sft/seed_pass_at_1"] == pytest.approx(
+        result["headline"]["seed_pass_at_1"]["value"])
+    assert "eval/post_sft/functional_pass_greedy" in tracked.data.metrics
+
+
+def test_an_unreachable_tracking_server_does_not_fail_the_evaluation(tmp_path, dataset_dir,
+                                                                      monkeypatch):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tracking_env(monkeypatch, f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    preds = write_predictions(tmp_path / "preds", hand_predictions())
+    out = LocalStore(tmp_path / "score")
+    manifest = score(ScoreConfig(dataset=str(dataset_dir), predictions=str(preds)), out)
+    assert manifest["tracking"]["run_name"] == "run-7" and manifest["tracking"]["error"]
+    assert out.exists("eval.json") and out.exists("manifest.json")

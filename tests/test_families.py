@@ -39,7 +39,7 @@ def test_correct_fix_with_other_formatting_and_comments_is_exact():
     reformatted = ORIGINAL.replace('"""Clamp value into [low, high]."""',
                                    "# clamps").replace("return value", "return (value)  # ok")
     verdict = bugfix.bugfix_verdict(fenced(reformatted), ITEM)
-    assert verdict == {"parses": True, "exact_fix": True, "site_fix": True}
+    assert verdict == {"parses": True, "exact_fix": True, "site_restored": True}
 
 
 def test_fix_inside_its_class_is_found():
@@ -50,18 +50,48 @@ def test_fix_inside_its_class_is_found():
 def test_partial_fix_restores_the_site_with_other_edits():
     edited = ORIGINAL.replace("return value", "return int(value)")
     verdict = bugfix.bugfix_verdict(fenced(edited), ITEM)
-    assert verdict == {"parses": True, "exact_fix": False, "site_fix": True}
+    assert verdict == {"parses": True, "exact_fix": False, "site_restored": True}
 
 
 def test_wrong_fix_leaves_the_site_broken():
     wrong = BUGGY.replace("value > high", "value >= high")
     assert bugfix.bugfix_verdict(fenced(wrong), ITEM) == {
-        "parses": True, "exact_fix": False, "site_fix": False}
+        "parses": True, "exact_fix": False, "site_restored": False}
 
 
 def test_echoing_the_buggy_code_is_no_fix():
     verdict = bugfix.bugfix_verdict(fenced(BUGGY), ITEM)
-    assert not verdict["exact_fix"] and not verdict["site_fix"]
+    assert not verdict["exact_fix"] and not verdict["site_restored"]
+
+
+def test_only_the_definition_python_binds_is_judged():
+    # the right function first, the bug again last: running this code binds the bug
+    shadowed = ORIGINAL + "\n\n" + BUGGY
+    assert bugfix.bugfix_verdict(fenced(shadowed), ITEM) == {
+        "parses": True, "exact_fix": False, "site_restored": False}
+    # and the other way round the fix is what Python binds
+    assert bugfix.bugfix_verdict(fenced(BUGGY + "\n\n" + ORIGINAL), ITEM)["exact_fix"]
+    # a method of the same name does not shadow the top-level function
+    decoy = ORIGINAL + "\n\nclass Other:\n" + textwrap.indent(BUGGY, "    ")
+    assert bugfix.bugfix_verdict(fenced(decoy), ITEM)["exact_fix"]
+
+
+def test_a_site_restored_in_dead_code_is_not_a_fix():
+    # the original site appears, unreachable, after an early return of the buggy logic
+    dead = BUGGY.replace('    """Clamp value into [low, high]."""\n',
+                         '    """Clamp value into [low, high]."""\n'
+                         '    if value >= low:\n        return low\n    return value\n'
+                         '    if value < low:\n        return low\n')
+    verdict = bugfix.bugfix_verdict(fenced(dead), ITEM)
+    assert verdict["exact_fix"] is False
+    assert bugfix.FAMILY.functional_check(verdict) is False
+
+
+def test_the_functional_check_of_a_fix_is_the_exact_fix():
+    assert bugfix.FAMILY.functional_check({"parses": True, "exact_fix": False,
+                                           "site_restored": True}) is False
+    assert bugfix.FAMILY.functional_check({"parses": True, "exact_fix": True,
+                                           "site_restored": True}) is True
 
 
 @pytest.mark.parametrize("response", [
@@ -70,7 +100,7 @@ def test_echoing_the_buggy_code_is_no_fix():
 ])
 def test_empty_prose_only_and_truncated_answers_do_not_parse(response):
     assert bugfix.bugfix_verdict(response, ITEM) == {
-        "parses": False, "exact_fix": False, "site_fix": False}
+        "parses": False, "exact_fix": False, "site_restored": False}
 
 
 def test_removed_return_value_site():
@@ -105,6 +135,18 @@ def test_complete_echoing_the_stub_is_an_echo():
     assert not verdict["not_echo"] and not verdict["exact_match"]
     raising = "def clamp(value, low, high):\n    raise NotImplementedError\n"
     assert not complete.complete_verdict(fenced(raising), ITEM)["not_echo"]
+
+
+def test_complete_is_judged_on_the_definition_the_code_binds():
+    stub = 'def clamp(value, low, high):\n    """Clamp value into [low, high]."""\n    ...\n'
+    # the real body first, the stub last: the stub is what a caller gets
+    verdict = complete.complete_verdict(fenced(ORIGINAL + "\n\n" + stub), ITEM)
+    assert verdict["keeps_signature"] and not verdict["not_echo"]
+    assert not verdict["exact_match"]
+    # a right body behind a wrong signature is bound last: its signature is what counts
+    moved = ORIGINAL.replace("def clamp(value, low, high):", "def clamp(value, low):")
+    verdict = complete.complete_verdict(fenced(ORIGINAL + "\n\n" + moved), ITEM)
+    assert not verdict["keeps_signature"]
 
 
 def test_complete_with_changed_arguments_does_not_keep_the_signature():
@@ -210,6 +252,20 @@ def test_an_explanation_that_says_nothing_fails_even_with_nothing_to_cover(text)
     item = {"params": [], "returns_value": False, "source_function": "def f(): pass"}
     verdict = explain.explain_verdict(text, item)
     assert not verdict["substantive"] and not verdict["ok"]
+
+
+def test_an_explanation_that_echoes_the_code_is_not_prose():
+    # the function itself, fenced or not: names every parameter and says "return"
+    for echo in (fenced(ORIGINAL, prose=""), ORIGINAL, "This function:\n" + ORIGINAL):
+        verdict = explain.explain_verdict(echo, ITEM)
+        assert not verdict["substantive"] and not verdict["ok"], echo
+    assert explain.FAMILY.functional_check(explain.explain_verdict(ORIGINAL, ITEM)) is None
+
+
+def test_prose_around_the_code_is_judged_without_it():
+    text = ("The function keeps `value` between `low` and `high` and returns the clamped "
+            "number.\n\n" + fenced(ORIGINAL, prose=""))
+    assert explain.explain_verdict(text, ITEM)["ok"]
 
 
 @pytest.mark.parametrize("text", ["", "    # 2.0, 1.0.0\n    # the the", "Resets it."])

@@ -65,14 +65,11 @@ class Naming(Family):
         facts = {"naming_exact_name": verdict["exact_name"]}
         return (None if verdict["exact_name"] else "naming_wrong_name"), facts
 
-    def passes(self, verdict: dict[str, Any]) -> bool:
-        return verdict["exact_name"]
-
     def format_check(self, verdict: dict[str, Any]) -> bool:
         return verdict["named"]
 
     def functional_check(self, verdict: dict[str, Any]) -> bool | None:
-        return None
+        return verdict["exact_name"]  # the source's own name: right by construction
 
 
 @pytest.fixture
@@ -184,7 +181,10 @@ def test_a_sixth_family_runs_through_extract_generate_build_dataset_and_score(
     exact = result["headline"]["naming_exact_name"]
     assert exact["n"] == len(naming_ids)
     assert exact["value"] == pytest.approx((len(naming_ids) - len(wrong)) / len(naming_ids))
-    assert result["unbiased"]["correct_means"]["naming"] == naming.pass_rule
+    assert result["functional"]["pass_means"]["naming"] == naming.pass_rule
+    assert result["headline"]["naming_format_ok"]["n"] == len(naming_ids)
+    assert result["functional"]["per_category"]["naming"]["functional_pass_greedy"] == \
+        pytest.approx(exact["value"])
 
     # The seed-compatible block scores an unknown category as explain, as the seed did:
     # the same items and answers scored as explain give the same numbers.

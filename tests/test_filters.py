@@ -71,17 +71,18 @@ def test_seed_set_keeps_what_strict_rejects():
     assert check_row(wrong_fix, seed()) == filters.FilterVerdict(None, {})
     verdict = check_row(wrong_fix, strict())
     assert verdict.reason == "strict:bugfix_not_restored"
-    assert verdict.facts == {"bugfix_exact_fix": False, "bugfix_site_fix": False}
+    assert verdict.facts == {"bugfix_exact_fix": False, "bugfix_site_restored": False}
 
 
-def test_strict_bugfix_keeps_exact_and_site_fixes_with_facts():
+def test_strict_bugfix_keeps_only_exact_fixes_and_records_a_restored_site():
     exact = check_row(row("bugfix", fenced(ORIGINAL), buggy_source=BUGGY, mutation={}),
                       strict())
     assert exact.reason is None and exact.facts["bugfix_exact_fix"] is True
+    # the site restored but the function changed elsewhere: not shown to be a fix
     partial = ORIGINAL.replace("return value", "return int(value)")
     site = check_row(row("bugfix", fenced(partial), buggy_source=BUGGY, mutation={}), strict())
-    assert site.reason is None
-    assert site.facts == {"bugfix_exact_fix": False, "bugfix_site_fix": True}
+    assert site.reason == "strict:bugfix_not_restored"
+    assert site.facts == {"bugfix_exact_fix": False, "bugfix_site_restored": True}
 
 
 def test_strict_complete_reasons():

@@ -8,6 +8,7 @@ expected metrics are worked out by hand in the comments.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -15,9 +16,9 @@ import pytest
 from trackb_core import families, metrics
 from trackb_core.errors import InputError
 from trackb_core.families import unit_test
-from trackb_core.metrics import score_all, strict_pass
+from trackb_core.metrics import functional_pass, score_all
 from trackb_core.seed_metrics import score_seed
-from trackb_core.stats import mcnemar_exact, paired_bootstrap_delta
+from trackb_core.stats import mcnemar_exact, paired_bootstrap_delta, wilson_interval
 
 CLAMP = '''def clamp(value, low, high):
     """Clamp value into [low, high]."""
@@ -149,53 +150,59 @@ def value(result, name):
 
 # -- the crafted answers are what they claim to be ------------------------------------------
 
-def test_each_crafted_greedy_answer_gets_the_intended_strict_verdict():
-    greedy_passes = {"clamp-bugfix", "greet-bugfix", "clamp-complete", "clamp-docstring",
-                     "greet-explain"}
+def test_each_crafted_greedy_answer_gets_the_intended_functional_verdict():
+    # only bugfix has a functional check among these families: the exact fix
+    shown_right = {"clamp-bugfix"}
     for item in crafted_items():
         greedy = CRAFTED[item["id"]][0]
-        assert strict_pass(item["category"], greedy, item, None) == (item["id"] in greedy_passes)
-        if item["id"] in PASSING:
-            assert strict_pass(item["category"], PASSING[item["id"]], item, None)
-        assert not strict_pass(item["category"], "", item, None)
+        verdict = functional_pass(item["category"], greedy, item, None)
+        if item["category"] == "bugfix":
+            assert verdict is (item["id"] in shown_right), item["id"]
+            if item["id"] in PASSING:
+                assert functional_pass("bugfix", PASSING[item["id"]], item, None) is True
+            assert functional_pass("bugfix", "", item, None) is False
+        else:
+            assert verdict is None, item["id"]  # nothing can show prose or a completion right
 
 
-# -- unbiased pass@k and greedy pass@1 --------------------------------------------------------
+# -- functional pass@k and greedy pass --------------------------------------------------------
 
-def test_unbiased_pass_at_k_and_greedy_by_hand(scored):
-    # correct samples c of n = 3: bugfix 3,1,0  complete 2,0,0  docstring 3,0,1  explain 0,3,0
-    # pass@1 = mean(c / 3) = 13 / 36; pass@3 = share with c >= 1 = 6 / 12
-    assert value(scored, "pass_at_1") == pytest.approx(13 / 36)
-    assert value(scored, "pass_at_3") == pytest.approx(6 / 12)
-    # greedy passes: 2 bugfix + 1 complete + 1 docstring + 1 explain
-    assert value(scored, "greedy_pass_at_1") == pytest.approx(5 / 12)
-    unbiased = scored["unbiased"]
-    assert unbiased["n_samples"] == 3 and unbiased["temperature"] == 0.6
-    assert unbiased["pass_at_1"] == pytest.approx(13 / 36)
-    assert unbiased["unavailable"] == {}
-    assert set(unbiased["correct_means"]) == set(families.names())
-    per_category = unbiased["per_category"]
-    assert per_category["bugfix"]["pass_at_1"] == pytest.approx(4 / 9)
-    assert per_category["bugfix"]["pass_at_3"] == pytest.approx(2 / 3)
-    assert per_category["bugfix"]["greedy_pass_at_1"] == pytest.approx(2 / 3)
-    assert per_category["explain"] == {"n": 3, "pass_at_1": pytest.approx(1 / 3),
-                                       "pass_at_3": pytest.approx(1 / 3),
-                                       "greedy_pass_at_1": pytest.approx(1 / 3)}
+def test_functional_pass_at_k_and_greedy_by_hand(scored):
+    # bugfix is the only family checked: greedy exact fix 1, 0, 0; correct samples 3, 1, 0
+    assert value(scored, "functional_pass_greedy") == pytest.approx(1 / 3)
+    assert scored["headline"]["functional_pass_greedy"]["n"] == 3
+    assert value(scored, "functional_pass_at_1") == pytest.approx((1 + 1 / 3 + 0) / 3)
+    assert value(scored, "functional_pass_at_3") == pytest.approx(2 / 3)
+    assert value(scored, "functional_checked_share") == pytest.approx(3 / 12)
+    functional = scored["functional"]
+    assert functional["n_samples"] == 3 and functional["temperature"] == 0.6
+    assert functional["functional_pass_at_1"] == pytest.approx(4 / 9)
+    assert functional["n"]["functional_pass_greedy"] == 3
+    assert functional["unavailable"] == {}
+    assert set(functional["pass_means"]) == set(families.names())
+    per_category = functional["per_category"]
+    assert per_category["bugfix"] == {
+        "n": 3, "checked": 3, "functional_pass_greedy": pytest.approx(1 / 3),
+        "functional_pass_at_1": pytest.approx(4 / 9),
+        "functional_pass_at_3": pytest.approx(2 / 3)}
+    assert per_category["explain"] == {"n": 3, "checked": 0, "functional_pass_greedy": None,
+                                       "functional_pass_at_1": None,
+                                       "functional_pass_at_3": None}
 
 
-def test_unbiased_pass_at_k_with_five_samples_matches_the_estimator():
+def test_functional_pass_at_k_with_five_samples_matches_the_estimator():
     # n = 5, c = 2: pass@1 = 0.4 and pass@3 = 1 - C(3,3)/C(5,3) = 0.9
-    item = make_item("clamp", "complete")
+    item = make_item("clamp", "bugfix")
     samples = [fence(CLAMP), "", fence(CLAMP), "", ""]
     result = score_all([item], {item["id"]: {"greedy": "", "samples": samples}}, "t",
                        corpus_dir=None, n_boot=50)
-    assert value(result, "pass_at_1") == pytest.approx(0.4)
-    assert value(result, "pass_at_3") == pytest.approx(0.9)
-    assert value(result, "greedy_pass_at_1") == 0.0
+    assert value(result, "functional_pass_at_1") == pytest.approx(0.4)
+    assert value(result, "functional_pass_at_3") == pytest.approx(0.9)
+    assert value(result, "functional_pass_greedy") == 0.0
     record = result["items"][0]
-    assert (record["n_samples"], record["n_correct"]) == (5, 2)
-    assert record["pass_fraction"] == pytest.approx(0.4)
-    assert record["pass_at_3"] == pytest.approx(0.9)
+    assert (record["n_samples"], record["functional_n"], record["functional_correct"]) == (5, 5, 2)
+    assert record["functional_fraction"] == pytest.approx(0.4)
+    assert record["functional_at_3"] == pytest.approx(0.9)
 
 
 def test_too_few_samples_report_pass_at_k_as_none_with_the_reason():
@@ -203,33 +210,33 @@ def test_too_few_samples_report_pass_at_k_as_none_with_the_reason():
     predictions = {k: {"greedy": v["greedy"], "samples": v["samples"][:2]}
                    for k, v in crafted_predictions().items()}
     result = score_all(items, predictions, "t", corpus_dir=None, n_boot=50)
-    entry = result["headline"]["pass_at_3"]
+    entry = result["headline"]["functional_pass_at_3"]
     assert entry["value"] is None and entry["ci"] is None
     assert "at least 3 samples" in entry["reason"] and "have 2" in entry["reason"]
-    assert result["unbiased"]["pass_at_3"] is None
-    assert "pass_at_3" in result["unbiased"]["unavailable"]
-    assert result["headline"]["pass_at_1"]["value"] is not None
-    assert result["per_category"]["bugfix"]["pass_at_3"]["value"] is None
+    assert result["functional"]["functional_pass_at_3"] is None
+    assert "functional_pass_at_3" in result["functional"]["unavailable"]
+    assert result["headline"]["functional_pass_at_1"]["value"] is not None
+    assert result["per_category"]["bugfix"]["functional_pass_at_3"]["value"] is None
     # the seed's pass@3 still has its 3 responses
     assert result["headline"]["seed_pass_at_3"]["value"] is not None
 
     greedy_only = {k: {"greedy": v["greedy"], "samples": []}
                    for k, v in crafted_predictions().items()}
     result = score_all(items, greedy_only, "t", corpus_dir=None, n_boot=50)
-    for name in ("pass_at_1", "pass_at_3", "seed_pass_at_3"):
+    for name in ("functional_pass_at_1", "functional_pass_at_3", "seed_pass_at_3"):
         assert result["headline"][name]["value"] is None, name
         assert "have 0" in result["headline"][name]["reason"]
-    assert value(result, "greedy_pass_at_1") == pytest.approx(5 / 12)
+    assert value(result, "functional_pass_greedy") == pytest.approx(1 / 3)
     assert result["seed_compatible"]["k"] == 1
-    assert all(r["pass_fraction"] is None for r in result["items"])
+    assert all(r["functional_fraction"] is None for r in result["items"])
 
 
-# -- execution metrics on the greedy answer ---------------------------------------------------
+# -- format and family metrics on the greedy answer ---------------------------------------
 
-def test_execution_metrics_by_hand(scored):
-    # bugfix: exact (clamp), site only (greet), neither (is_even)
+def test_format_and_family_metrics_by_hand(scored):
+    # bugfix: exact (clamp), site restored with another edit (greet), neither (is_even)
     assert value(scored, "bugfix_exact_fix") == pytest.approx(1 / 3)
-    assert value(scored, "bugfix_site_fix") == pytest.approx(2 / 3)
+    assert value(scored, "bugfix_site_restored") == pytest.approx(2 / 3)
     # complete: correct / echo (parses, keeps signature) / truncated (does not parse)
     assert value(scored, "complete_parses") == pytest.approx(2 / 3)
     assert value(scored, "complete_keeps_signature") == pytest.approx(2 / 3)
@@ -238,12 +245,22 @@ def test_execution_metrics_by_hand(scored):
     # docstring Args coverage: 3/3, 1/2, 0 -> 0.5; explain parameter coverage: 1, 1, 0
     assert value(scored, "docstring_args_coverage") == pytest.approx(0.5)
     assert value(scored, "explain_param_coverage") == pytest.approx(2 / 3)
-    execution = scored["execution"]
-    assert execution["explain"]["mentions_return"] == pytest.approx(1 / 3)  # only English
-    assert execution["docstring"]["ok"] == pytest.approx(1 / 3)
-    assert execution["complete"]["strict_pass"] == pytest.approx(1 / 3)
-    assert execution["bugfix"]["n"] == 3 and execution["bugfix"]["parses"] == pytest.approx(1)
-    assert "unit_test" not in execution
+    # format: every bugfix answer parses; one complete is neither echo nor cut; one
+    # docstring has every section; one explanation (the English one) says what it returns
+    assert value(scored, "bugfix_format_ok") == 1.0
+    assert value(scored, "complete_format_ok") == pytest.approx(1 / 3)
+    assert value(scored, "docstring_format_ok") == pytest.approx(1 / 3)
+    assert value(scored, "explain_format_ok") == pytest.approx(1 / 3)
+    assert value(scored, "format_ok") == pytest.approx(6 / 12)
+    assert scored["headline"]["format_ok"]["section"] == "format"
+    blocks = scored["families"]
+    assert blocks["explain"]["mentions_return"] == pytest.approx(1 / 3)  # only English
+    assert blocks["docstring"]["ok"] == pytest.approx(1 / 3)
+    assert blocks["complete"]["format_ok"] == pytest.approx(1 / 3)
+    assert blocks["complete"]["functional_pass_greedy"] is None
+    assert blocks["bugfix"]["functional_pass_greedy"] == pytest.approx(1 / 3)
+    assert blocks["bugfix"]["n"] == 3 and blocks["bugfix"]["parses"] == pytest.approx(1)
+    assert "unit_test" not in blocks
 
 
 def test_edit_similarity_is_the_mean_of_greedy_similarities(scored):
@@ -254,15 +271,24 @@ def test_edit_similarity_is_the_mean_of_greedy_similarities(scored):
     assert exact == 1.0 and 0 < echo < 1 and 0 < truncated < 1
     assert value(scored, "complete_edit_similarity") == pytest.approx(
         (exact + echo + truncated) / 3)
-    assert scored["execution"]["complete"]["edit_similarity"] == pytest.approx(
+    assert scored["families"]["complete"]["edit_similarity"] == pytest.approx(
         (exact + echo + truncated) / 3)
 
 
-def test_execution_metric_without_items_is_none_with_reason(scored):
-    for name in ("unit_test_passes_original", "unit_test_kills_mutant"):
+def test_family_metric_without_items_is_none_with_reason(scored):
+    for name in ("unit_test_consistent_with_original", "unit_test_kills_mutant"):
         entry = scored["headline"][name]
         assert entry == {"value": None, "ci": None, "n": 0, "reason": "no unit_test items",
-                         "section": "execution"}
+                         "section": "family"}
+    assert scored["headline"]["unit_test_format_ok"]["reason"] == "no unit_test items"
+
+
+def test_no_metric_outside_the_functional_section_is_named_a_pass(scored):
+    for name, entry in scored["headline"].items():
+        if "pass" in name:
+            assert entry["section"] in ("seed", "functional"), name
+    for family in families.all_families():
+        assert all("pass" not in metric.name for metric in family.metrics), family.name
 
 
 # -- seed-compatible section ------------------------------------------------------------------
@@ -279,27 +305,96 @@ def test_seed_compatible_is_score_seed_unchanged(scored):
     for name, key in metrics.SEED_HEADLINE_KEYS.items():
         assert scored["headline"][name]["section"] == "seed"
         assert scored["headline"][name]["value"] == pytest.approx(seed[key]), name
-    # the seed counts the wrong "fix" (compiles) as a pass; the strict pass does not
+    # the seed counts the wrong "fix" (compiles) as a pass; the functional check does not
     by_id = {r["id"]: r for r in scored["items"]}
     assert by_id["is_even-bugfix"]["seed_pass_at_1"] is True
-    assert by_id["is_even-bugfix"]["greedy_pass"] is False
+    assert by_id["is_even-bugfix"]["functional"] is False
+
+
+def test_the_seed_block_scores_the_seed_view_and_the_rest_the_whole_answer():
+    # A fix that runs past the seed's 384 tokens: the seed scored its cut version (the
+    # code block never closes, so there is no code: not a pass), the functional check
+    # the whole answer (the exact fix).
+    item = make_item("clamp", "bugfix")
+    whole = "The off-by-one comparison is the bug, fixed here:\n" + fence(CLAMP)
+    cut = "The off-by-one comparison is the bug, fixed here:\n```python\ndef clamp(value, l"
+    prediction = {"greedy": whole, "samples": [],
+                  "seed_view": {"greedy": cut, "samples": []},
+                  "truncated": {"greedy": False, "samples": []}}
+    result = score_all([item], {item["id"]: prediction}, "t", corpus_dir=None, n_boot=20)
+    record = result["items"][0]
+    assert record["seed_pass_at_1"] is False and record["functional"] is True
+    assert result["seed_compatible"] == score_seed(
+        [item], {item["id"]: {"greedy": cut, "samples": []}}, "t", k=1)
+    # without a seed view the seed block scores the whole answer
+    plain = score_all([item], {item["id"]: {"greedy": whole, "samples": []}}, "t",
+                      corpus_dir=None, n_boot=20)
+    assert plain["items"][0]["seed_pass_at_1"] is True
+
+
+def test_truncation_is_reported_per_family_when_the_predictions_say():
+    items = [make_item("clamp", "bugfix"), make_item("greet", "bugfix"),
+             make_item("clamp", "complete")]
+    predictions = {
+        "clamp-bugfix": {"greedy": fence(CLAMP), "samples": ["", ""],
+                         "truncated": {"greedy": True, "samples": [True, False]}},
+        "greet-bugfix": {"greedy": "", "samples": ["", ""],
+                         "truncated": {"greedy": False, "samples": [False, False]}},
+        "clamp-complete": {"greedy": "", "samples": ["", ""],
+                           "truncated": {"greedy": False, "samples": [False, False]}},
+    }
+    result = score_all(items, predictions, "t", corpus_dir=None, n_boot=20)
+    assert value(result, "truncated_rate") == pytest.approx(1 / 3)
+    assert result["per_category"]["bugfix"]["truncated_rate"]["value"] == pytest.approx(0.5)
+    budget = result["budget"]
+    assert budget["known"] is True
+    assert budget["per_category"]["bugfix"] == {"n": 2, "greedy_truncated": 0.5,
+                                                "samples_truncated": 0.25}
+    assert budget["all"]["samples_truncated"] == pytest.approx(0.5 / 3)
+    unknown = score_all(items, {k: {"greedy": v["greedy"], "samples": v["samples"]}
+                                for k, v in predictions.items()}, "t", corpus_dir=None,
+                        n_boot=20)
+    assert unknown["headline"]["truncated_rate"]["value"] is None
+    assert "token budget" in unknown["headline"]["truncated_rate"]["reason"]
+
+
+def test_unknown_categories_are_scored_as_explain_by_the_seed_and_na_elsewhere():
+    items = [dict(make_item("clamp", "explain"), id="poem", category="haiku"),
+             make_item("clamp", "bugfix")]
+    answer = ("This function takes value, low and high as input and returns the value\n"
+              "limited to the range between low and high, so it never leaves it at all.")
+    predictions = {"poem": {"greedy": answer, "samples": []},
+                   "clamp-bugfix": {"greedy": fence(CLAMP), "samples": []}}
+    result = score_all(items, predictions, "t", corpus_dir=None, n_boot=20)
+    assert result["seed_compatible"] == score_seed(items, predictions, "t", k=1)
+    assert result["seed_compatible"]["per_category"]["haiku"]["pass_at_1"] == 1.0
+    haiku = result["per_category"]["haiku"]
+    assert haiku["seed_pass_at_1"]["value"] == 1.0
+    for name in ("functional_pass_greedy", "format_ok", "truncated_rate"):
+        assert haiku[name]["value"] is None and "unknown category 'haiku'" in \
+            haiku[name]["reason"], name
+    # the honest headline is over the known families only
+    assert result["headline"]["format_ok"]["n"] == 1
+    assert result["headline"]["seed_pass_at_1"]["n"] == 2
+    assert "haiku" not in result["families"]
 
 
 # -- shape and uncertainty ------------------------------------------------------------------
 
 def test_shape_of_the_result(scored):
     assert set(scored) == {"tag", "metric_version", "n_items", "headline", "seed_compatible",
-                           "unbiased", "execution", "per_category", "items"}
-    assert scored["tag"] == "post" and scored["metric_version"] == 2
+                           "functional", "families", "budget", "per_category", "items"}
+    assert scored["tag"] == "post" and scored["metric_version"] == metrics.METRIC_VERSION
     assert scored["n_items"] == 12
     assert {e["section"] for e in scored["headline"].values()} == {
-        "seed", "unbiased", "execution"}
+        "seed", "functional", "format", "family", "budget"}
     assert set(scored["per_category"]) == {"bugfix", "complete", "docstring", "explain"}
-    assert set(scored["per_category"]["bugfix"]) >= {"pass_at_1", "greedy_pass_at_1",
-                                                     "seed_pass_at_1", "exact_fix", "site_fix"}
+    assert set(scored["per_category"]["bugfix"]) >= {
+        "functional_pass_at_1", "functional_pass_greedy", "seed_pass_at_1", "exact_fix",
+        "site_restored", "format_ok", "truncated_rate"}
     record = scored["items"][0]
-    assert {"id", "category", "group", "seed_pass_at_1", "greedy_pass",
-            "pass_fraction"} <= set(record)
+    assert {"id", "category", "group", "seed_pass_at_1", "functional", "functional_fraction",
+            "format_ok", "truncated"} <= set(record)
     assert [r["id"] for r in scored["items"]] == sorted(CRAFTED)
     assert {r["group"] for r in scored["items"]} == {"clamp", "greet", "is_even"}
 
@@ -315,8 +410,9 @@ def test_every_headline_number_carries_a_ci_that_contains_it(scored):
         low, high = entry["ci"]
         assert 0.0 <= low <= entry["value"] <= high <= 1.0, name
         assert entry["n"] > 0
-    # 5 seed + 3 unbiased + 11 execution metrics, less the two unit_test ones
-    assert numbers == 17
+    # 5 seed + 4 functional + 1 format + 4 family format + 9 family metrics (no unit_test
+    # items; truncation unknown: these predictions do not say)
+    assert numbers == 23
     for category, entries in scored["per_category"].items():
         for name, entry in entries.items():
             assert entry["value"] is None or entry["ci"][0] <= entry["value"] <= entry["ci"][1], \
@@ -327,23 +423,31 @@ def test_intervals_resample_source_functions_and_are_deterministic(scored):
     again = score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=None,
                       n_boot=300, seed=0, temperature=0.6)
     assert again["headline"] == scored["headline"]
-    # bugfix site fix is 1, 1, 0 over three functions. A replicate draws 3 functions, so
-    # its mean is 0, 1/3, 2/3 or 1; P(mean 0) = 1/27 = 3.7% and P(mean 1) = 8/27 both
+    # bugfix site restored is 1, 1, 0 over three functions. A replicate draws 3 functions,
+    # so its mean is 0, 1/3, 2/3 or 1; P(mean 0) = 1/27 = 3.7% and P(mean 1) = 8/27 both
     # exceed 2.5%, so the 95% interval is [0, 1]. Resampling the 12 items instead would
     # give a narrower one.
-    assert scored["headline"]["bugfix_site_fix"]["ci"] == [0.0, 1.0]
+    assert scored["headline"]["bugfix_site_restored"]["ci"] == [0.0, 1.0]
     other = score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=None,
                       n_boot=300, seed=1)
-    assert other["headline"]["pass_at_1"]["value"] == scored["headline"]["pass_at_1"]["value"]
+    assert other["headline"]["functional_pass_at_1"]["value"] == \
+        scored["headline"]["functional_pass_at_1"]["value"]
 
 
-def test_all_passing_single_group_collapses_the_interval():
-    item = make_item("clamp", "complete")
-    result = score_all([item], {item["id"]: {"greedy": fence(CLAMP), "samples": [fence(CLAMP)]}},
-                       "t", corpus_dir=None)
-    assert result["headline"]["greedy_pass_at_1"]["ci"] == [1.0, 1.0]
-    assert result["headline"]["pass_at_1"] == {"value": 1.0, "ci": [1.0, 1.0], "n": 1,
-                                               "section": "unbiased"}
+def test_an_interval_never_collapses_at_zero_or_all():
+    # one function, all right (n/n) or all wrong (0/n): the bootstrap alone says [1, 1] or
+    # [0, 0]; the reported interval is at least the Wilson interval of the rate
+    item = make_item("clamp", "bugfix")
+    right = score_all([item], {item["id"]: {"greedy": fence(CLAMP), "samples": [fence(CLAMP)]}},
+                      "t", corpus_dir=None)
+    assert right["headline"]["functional_pass_greedy"]["ci"] == list(wilson_interval(1.0, 1))
+    assert right["headline"]["functional_pass_greedy"]["ci"][0] < 0.25
+    items = [dict(make_item(name, "bugfix")) for name in FUNCTIONS]
+    wrong = score_all(items, {i["id"]: {"greedy": "", "samples": []} for i in items}, "t",
+                      corpus_dir=None)
+    entry = wrong["headline"]["functional_pass_greedy"]
+    assert entry["value"] == 0.0 and entry["ci"] == [0.0, wilson_interval(0.0, 3)[1]]
+    assert entry["ci"][1] > 0.5
 
 
 # -- pairing baseline with post ---------------------------------------------------------------
@@ -351,17 +455,20 @@ def test_all_passing_single_group_collapses_the_interval():
 def test_items_carry_what_a_paired_comparison_needs(scored):
     empty = {k: {"greedy": "", "samples": ["", "", ""]} for k in CRAFTED}
     baseline = score_all(crafted_items(), empty, "baseline", corpus_dir=None, n_boot=50)
-    assert value(baseline, "greedy_pass_at_1") == 0.0
-    before = [r["greedy_pass"] for r in baseline["items"]]
-    after = [r["greedy_pass"] for r in scored["items"]]
+    assert value(baseline, "functional_pass_greedy") == 0.0
     assert [r["id"] for r in baseline["items"]] == [r["id"] for r in scored["items"]]
-    # five items gained, none lost: McNemar's exact p = 2 / 2**5
-    assert mcnemar_exact(before, after) == {"b": 0, "c": 5, "p_value": pytest.approx(0.0625)}
-    delta = paired_bootstrap_delta([r["pass_fraction"] for r in baseline["items"]],
-                                   [r["pass_fraction"] for r in scored["items"]],
-                                   [r["group"] for r in scored["items"]], n_boot=200)
-    assert delta["delta"] == pytest.approx(13 / 36)
-    assert delta["ci"][0] <= 13 / 36 <= delta["ci"][1]
+    pairs = [(b, p) for b, p in zip(baseline["items"], scored["items"], strict=True)
+             if b["functional"] is not None and p["functional"] is not None]
+    assert [b["id"] for b, _ in pairs] == ["clamp-bugfix", "greet-bugfix", "is_even-bugfix"]
+    # one item gained, none lost: McNemar's exact p = 1
+    assert mcnemar_exact([b["functional"] for b, _ in pairs],
+                         [p["functional"] for _, p in pairs]) == {"b": 0, "c": 1,
+                                                                  "p_value": 1.0}
+    delta = paired_bootstrap_delta([b["functional_fraction"] for b, _ in pairs],
+                                   [p["functional_fraction"] for _, p in pairs],
+                                   [p["group"] for _, p in pairs], n_boot=200)
+    assert delta["delta"] == pytest.approx(4 / 9)
+    assert delta["ci"][0] <= 4 / 9 <= delta["ci"][1]
 
 
 def test_group_falls_back_to_a_hash_of_the_source():
@@ -375,7 +482,7 @@ def test_group_falls_back_to_a_hash_of_the_source():
 
 # -- through the `trackb score` stage --------------------------------------------------------
 
-def test_trackb_score_stage_writes_the_same_metrics(tmp_path):
+def test_trackb_score_stage_writes_the_same_metrics_and_its_settings(tmp_path):
     from trackb_core.evaluate import ScoreConfig, score
     from trackb_core.store import LocalStore
 
@@ -389,12 +496,20 @@ def test_trackb_score_stage_writes_the_same_metrics(tmp_path):
                       predictions=str(tmp_path / "predictions.jsonl"), tag="post",
                       temperature=0.6), out)
     written = json.loads((tmp_path / "score" / "eval.json").read_text())
-    assert written["headline"]["pass_at_1"]["value"] == pytest.approx(13 / 36)
-    assert written["headline"]["greedy_pass_at_1"]["value"] == pytest.approx(5 / 12)
-    assert written["headline"]["bugfix_site_fix"]["value"] == pytest.approx(2 / 3)
+    assert written["headline"]["functional_pass_at_1"]["value"] == pytest.approx(4 / 9)
+    assert written["headline"]["bugfix_site_restored"]["value"] == pytest.approx(2 / 3)
     direct = score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=None,
                        temperature=0.6)
-    assert {k: v for k, v in written.items() if k != "trackb"} == direct
+    assert {k: v for k, v in written.items() if k not in ("trackb", "settings")} == direct
+    settings = written["settings"]
+    assert settings["dataset"]["sha256"] == hashlib.sha256(
+        (tmp_path / "test.jsonl").read_bytes()).hexdigest()
+    assert settings["dataset"]["items"] == 12
+    assert settings["corpus"] == {"needed": False, "available": False, "sha256": None}
+    assert settings["scorer"]["metric_version"] == metrics.METRIC_VERSION
+    assert settings["scorer"]["bootstrap_seed"] == metrics.BOOTSTRAP_SEED
+    # predictions made elsewhere without generation.json: how they were made is unknown
+    assert settings["sampling"] is None and settings["backend"] is None
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -409,11 +524,15 @@ def test_bad_inputs_raise_input_error():
         score_all([item], {item["id"]: {"samples": []}}, "t", corpus_dir=None)
     with pytest.raises(InputError, match="samples"):
         score_all([item], {item["id"]: {"greedy": "", "samples": 5}}, "t", corpus_dir=None)
-    with pytest.raises(InputError, match="category 'haiku'"):
-        score_all([dict(item, category="haiku")], {item["id"]: {"greedy": ""}}, "t",
-                  corpus_dir=None)
+    with pytest.raises(InputError, match="seed_view"):
+        score_all([item], {item["id"]: {"greedy": "", "samples": [""],
+                                        "seed_view": {"greedy": ""}}}, "t", corpus_dir=None)
+    with pytest.raises(InputError, match="truncated"):
+        score_all([item], {item["id"]: {"greedy": "", "samples": [""],
+                                        "truncated": {"greedy": "yes", "samples": [False]}}},
+                  "t", corpus_dir=None)
     with pytest.raises(InputError, match="haiku"):
-        strict_pass("haiku", "", item, None)
+        functional_pass("haiku", "", item, None)
 
 
 # -- unit_test aggregation (verdicts stubbed: the sandbox has its own tests) -------------------
@@ -456,23 +575,26 @@ def test_unit_test_rates_count_executable_items_only(monkeypatch):
     predictions = {f"u{i}": {"greedy": g, "samples": [g, "kills"]} for i, g in enumerate(greedy)}
     result = score_all(items, predictions, "t", corpus_dir=None, n_boot=50, workers=2)
 
-    # executable: all but u3. Passing the original: u0, u1, u4, u5 of 6
-    assert value(result, "unit_test_passes_original") == pytest.approx(4 / 6)
+    # executable: all but u3. Consistent with the original: u0, u1, u4, u5 of 6
+    assert value(result, "unit_test_consistent_with_original") == pytest.approx(4 / 6)
     # kill rate over executable items with a mutant that counts: u0, u1, u2, u6
     # (u4 has none, u5's could not be run): killed by u0 only
     assert value(result, "unit_test_kills_mutant") == pytest.approx(1 / 4)
     assert result["headline"]["unit_test_kills_mutant"]["n"] == 4
-    facts = result["execution"]["unit_test"]
+    facts = result["families"]["unit_test"]
     assert facts["n"] == 7 and facts["n_executable"] == 6 and facts["not_executable"] == 1
     assert facts["n_with_mutant"] == 5
     assert facts["statuses"] == {"failed": 1, "not_executable": 1, "passed": 4,
                                  "unparsable": 1}
-    # strict pass: passes the original and kills the mutant unless none was run
-    assert [r["greedy_pass"] for r in result["items"]] == [
-        True, False, False, False, True, True, False]
-    assert value(result, "greedy_pass_at_1") == pytest.approx(3 / 7)
-    # samples [greedy, "kills"]: u0, u4, u5 2/2; the rest 1/2 -> (3 + 0.5 * 4) / 7
-    assert value(result, "pass_at_1") == pytest.approx(5 / 7)
+    # functional: the tests pass the original and kill the mutant; left out (None) where
+    # they could not run or no mutant run could show it
+    assert [r["functional"] for r in result["items"]] == [
+        True, False, False, None, None, None, False]
+    assert value(result, "functional_pass_greedy") == pytest.approx(1 / 4)
+    assert result["headline"]["functional_pass_greedy"]["n"] == 4
+    # samples [greedy, "kills"], the greedy one counted only where it is checked:
+    # u0 2/2, u1 u2 u6 1/2, u3 u4 u5 1/1 -> (1 + 3 * 0.5 + 3) / 7
+    assert value(result, "functional_pass_at_1") == pytest.approx(5.5 / 7)
     # each distinct (item, answer) runs once: 7 greedy + 6 extra "kills" samples
     assert len(calls) == len(set(calls)) == 13
 
@@ -502,17 +624,18 @@ def test_unit_test_answers_run_in_the_sandbox(tmp_path):
         predictions[f"is_even-{name}"] = {"greedy": greedy, "samples": samples}
     result = score_all(items, predictions, "t", corpus_dir=tmp_path, n_boot=50)
 
-    facts = result["execution"]["unit_test"]
+    facts = result["families"]["unit_test"]
     assert facts["statuses"] == {"failed": 1, "passed": 2}
     assert facts["not_executable"] == 0
-    assert facts["passes_original"] == pytest.approx(2 / 3)
+    assert facts["consistent_with_original"] == pytest.approx(2 / 3)
     assert facts["kills_mutant"] == pytest.approx(1 / 3)
-    assert [r["greedy_pass"] for r in result["items"]] == [True, False, False]
+    assert [r["functional"] for r in result["items"]] == [True, False, False]
     # samples: kills 2/3 correct, weak 0/3, wrong 0/3
-    assert value(result, "pass_at_1") == pytest.approx(2 / 9)
-    assert value(result, "pass_at_3") == pytest.approx(1 / 3)
-    # without the corpus nothing can run: every item is not executable and fails
+    assert value(result, "functional_pass_at_1") == pytest.approx(2 / 9)
+    assert value(result, "functional_pass_at_3") == pytest.approx(1 / 3)
+    # without the corpus nothing can run: every item is left out of the pass, not failed
     blind = score_all(items, predictions, "t", corpus_dir=None, n_boot=50)
-    assert blind["execution"]["unit_test"]["not_executable"] == 3
-    assert blind["headline"]["unit_test_passes_original"]["value"] is None
-    assert value(blind, "greedy_pass_at_1") == 0.0
+    assert blind["families"]["unit_test"]["not_executable"] == 3
+    assert blind["headline"]["unit_test_consistent_with_original"]["value"] is None
+    assert blind["headline"]["functional_pass_greedy"]["value"] is None
+    assert blind["headline"]["functional_pass_greedy"]["n"] == 0

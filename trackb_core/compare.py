@@ -1,20 +1,30 @@
 """``trackb compare``: baseline vs post-SFT, overall and per category, with the paired test.
 
-Reads two version-2 ``eval.json`` files (``trackb eval`` or ``trackb score`` outputs,
-built by :func:`trackb_core.metrics.score_all`) and writes a report a person can read
-(``report.md``), the same numbers for machines (``compare.json``) and bar charts with
-CI whiskers (``report.png``).
+Reads two ``eval.json`` files of the current metric version (``trackb eval`` or
+``trackb score`` outputs, built by :func:`trackb_core.metrics.score_all`) and writes a
+report a person can read (``report.md``), the same numbers for machines
+(``compare.json``) and bar charts with CI whiskers (``report.png``).
+
+First it checks that the two are comparable: every recorded setting (eval.json
+``settings``: the test split's sha256 and items, sampling, token budget, backend, dtype,
+device, corpus availability, scorer) must match, except the model and adapter under
+test and the tag; each difference is one line of the refusal (``--allow-mismatch``
+compares anyway, and the report says so at the top). If one side lacked the corpus,
+for instance, all its unit tests would silently count as not executable.
 
 What it reports, and why:
 
 - every headline metric of both sides with its 95% bootstrap CI (as eval.json carries
   it): with a few dozen items one item moves a rate by several points, so a number
   without its interval would mislead;
-- the paired test on the items both sides scored (matched by id): McNemar's exact
-  p-value on per-item pass and the paired bootstrap CI of the change
-  (:func:`trackb_core.stats.mcnemar_exact`, :func:`trackb_core.stats.paired_bootstrap_delta`,
-  resampling whole source functions), overall and per category. Two overlapping
-  intervals do not show "no change"; the paired test is the one that can;
+- the paired test on the items both sides scored (matched by id): the paired bootstrap
+  CI of the change, resampling whole source functions
+  (:func:`trackb_core.stats.paired_bootstrap_delta`), gives the verdict (improved /
+  got worse where the interval excludes 0), because the up to five items of one
+  function are not independent; McNemar's exact p-value
+  (:func:`trackb_core.stats.mcnemar_exact`), which assumes they are, is shown beside it.
+  Two overlapping intervals do not show "no change"; the paired test is the one that can;
+- the share of answers cut at the token budget, per side and family;
 - per category, n and a warning where n < 10;
 - the seed's published numbers in a side column, for reference only: they came from
   another dataset and model (and the post-SFT ones likely from a more lenient scorer,
@@ -32,20 +42,23 @@ from pydantic import Field
 
 from trackb_core.config import StageConfig, input_field
 from trackb_core.errors import ConfigError, InputError
+from trackb_core.metrics import METRIC_VERSION
 from trackb_core.stage import StageRun, say, stage_run
+from trackb_core.stats import mcnemar_exact, paired_bootstrap_delta, wilson_interval
 from trackb_core.store import Store
 
 STAGE = "compare"
-METRIC_VERSION = 2
 SMALL_CATEGORY = 10
-SIGNIFICANCE = 0.05
-# Per-item fields of eval.json "items" the paired test runs on: (field, label). Booleans
-# get McNemar's test and a paired bootstrap of the change; fractions the bootstrap only.
+# Settings that may differ between the two sides: what is under test, and its name.
+UNDER_TEST = ("model", "adapter", "tag")
+# Per-item fields of eval.json "items" the paired test runs on: (field, label). The
+# verdict is the paired bootstrap's; booleans also get McNemar's test beside it.
 PAIRED_FIELDS = (
-    ("greedy_pass", "strict pass, greedy (execution-checked)"),
-    ("seed_pass_at_1", "seed-compatible pass@1"),
-    ("seed_pass_at_k", "seed-compatible pass@3"),
-    ("pass_fraction", "strict pass, share of samples"),
+    ("functional", "functional pass, greedy (tests run, or the exact fix)"),
+    ("functional_fraction", "functional pass, share of samples"),
+    ("format_ok", "format ok, greedy (form only, not correctness)"),
+    ("seed_pass_at_1", "seed-compatible pass@1 (compiles / looks right)"),
+    ("seed_pass_at_k", "seed-compatible pass@3 (compiles / looks right)"),
 )
 # The seed's published numbers (shared/seed/track-b-sft.md; Qwen2.5-Coder-1.5B, its own
 # 46-item test set, n per category from shared/docs/field-notes.md §1), keyed by the
@@ -68,19 +81,23 @@ SEED_PUBLISHED_PER_CATEGORY = {
 SEED_NOTE = ("seed's published numbers: for reference only — another dataset and model, "
              "and the post-SFT figures exist only as prose, likely from a more lenient scorer")
 # Metrics where lower is better (everything else: higher is better).
-LOWER_IS_BETTER_WORDS = ("hallucination", "echo_rate", "placeholder")
+LOWER_IS_BETTER_WORDS = ("hallucination", "echo_rate", "placeholder", "truncated")
 
 
 class CompareConfig(StageConfig):
     """Compare a baseline evaluation with a post-SFT one: CIs, paired test, per category.
 
-    Reads two eval.json files (metric_version 2) written by `trackb eval` or `trackb
-    score` (each URI may name the file or the stage folder holding it). Writes report.md
-    (every headline metric of both sides with its 95% CI and the seed's published
-    numbers beside them for reference; the paired test on items matched by id:
-    McNemar's exact p-value and the paired bootstrap CI of the change, overall and per
-    category; n per category with a warning below 10), compare.json (the same numbers)
-    and report.png (bars per category and metric with CI whiskers).
+    Reads two eval.json files (the current metric_version) written by `trackb eval` or
+    `trackb score` (each URI may name the file or the stage folder holding it) and
+    refuses them, one line per difference, unless every recorded setting matches except
+    the model/adapter under test and the tag (test split sha256 and items, sampling,
+    token budget, backend, dtype, device, corpus availability, scorer version).
+    Writes report.md (every headline metric of both sides with its 95% CI and the seed's
+    published numbers beside them for reference; the paired test on items matched by
+    id: the paired bootstrap CI of the change, clustered by source function, gives the
+    verdict, McNemar's exact p-value beside it, overall and per category; truncation
+    rates; n per category with a warning below 10), compare.json (the same numbers) and
+    report.png (bars per category and metric with CI whiskers).
     """
 
     baseline: str | None = input_field(
@@ -93,6 +110,9 @@ class CompareConfig(StageConfig):
                        description="Heading of report.md and of the chart.")
     n_boot: int = Field(1000, ge=1, description="Bootstrap resamples of the paired CIs.")
     seed: int = Field(0, description="Seed of the paired bootstrap.")
+    allow_mismatch: bool = Field(
+        False, description="Compare even when recorded settings differ (other than the "
+        "model/adapter); the report then lists every difference at the top.")
 
 
 def run(config: CompareConfig, out: Store) -> dict[str, Any]:
@@ -108,7 +128,15 @@ def run(config: CompareConfig, out: Store) -> dict[str, Any]:
     with stage_run(STAGE, config, out) as run:
         baseline = _read_eval(run, "baseline")
         post = _read_eval(run, "post")
-        comparison = compare(baseline, post, n_boot=config.n_boot, seed=config.seed)
+        mismatches = settings_differences(baseline["settings"], post["settings"])
+        if mismatches and not config.allow_mismatch:
+            raise InputError(
+                "the two evaluations were not made alike, so their numbers are not "
+                "comparable:\n" + "\n".join(f"  {line}" for line in mismatches)
+                + "\nrerun one side with the other's settings, or pass --allow-mismatch "
+                  "(the report will say so)")
+        comparison = compare(baseline, post, n_boot=config.n_boot, seed=config.seed,
+                             mismatches=mismatches)
         run.write_json("compare.json", comparison)
         run.write_text("report.md", render_markdown(comparison, config.title))
         with run.timed("chart"):
@@ -145,7 +173,8 @@ def check_eval(data: dict[str, Any], where: str) -> None:
     if data["metric_version"] != METRIC_VERSION:
         raise InputError(f"{where}: metric_version is {data['metric_version']!r}, compare "
                          f"reads {METRIC_VERSION}")
-    for key, kind in (("headline", dict), ("per_category", dict), ("items", list)):
+    for key, kind in (("headline", dict), ("per_category", dict), ("items", list),
+                      ("settings", dict)):
         if key not in data:
             raise InputError(f"{where} has no {key!r} key")
         if not isinstance(data[key], kind):
@@ -156,6 +185,37 @@ def check_eval(data: dict[str, Any], where: str) -> None:
     for number, item in enumerate(data["items"], 1):
         if not isinstance(item, dict) or "id" not in item:
             raise InputError(f"{where}: items[{number}] has no 'id'")
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def settings_differences(baseline: dict[str, Any], post: dict[str, Any]) -> list[str]:
+    """One line per recorded setting that differs between two eval.json ``settings``
+    (nested settings by dotted name: ``sampling.max_new_tokens``), the model/adapter
+    under test and the tag excepted; a setting one side lacks counts as differing.
+    Raises nothing."""
+    before, after = _flatten(baseline), _flatten(post)
+
+    def show(side: dict[str, Any], name: str) -> str:
+        return json.dumps(side[name]) if name in side else "(not recorded)"
+
+    lines = []
+    for name in sorted(set(before) | set(after)):
+        if name.split(".")[0] in UNDER_TEST:
+            continue
+        if name not in before or name not in after or before[name] != after[name]:
+            lines.append(f"{name}: baseline {show(before, name)}, "
+                         f"post-SFT {show(after, name)}")
+    return lines
 
 
 # -- numbers ------------------------------------------------------------------------------
@@ -185,19 +245,6 @@ def _side(entry: Any) -> dict[str, Any] | None:
 def higher_is_better(name: str) -> bool:
     """False for metrics where a drop is an improvement (hallucination and the like)."""
     return not any(word in name for word in LOWER_IS_BETTER_WORDS)
-
-
-def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion ``rate`` over ``n`` items ((0, 1) if n = 0).
-
-    Used for the seed's published rates, which come without per-item data to resample.
-    """
-    if n <= 0:
-        return (0.0, 1.0)
-    denom = 1 + z * z / n
-    centre = (rate + z * z / (2 * n)) / denom
-    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / denom
-    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
 
 
 def seed_key(name: str, data: dict[str, Any] | None = None) -> str | None:
@@ -232,8 +279,10 @@ def _seed_reference(key: str | None) -> dict[str, Any] | None:
 
 
 def compare(baseline: dict[str, Any], post: dict[str, Any], *, n_boot: int = 1000,
-            seed: int = 0) -> dict[str, Any]:
-    """The comparison of two version-2 eval.json dicts (what compare.json holds).
+            seed: int = 0, mismatches: list[str] | None = None) -> dict[str, Any]:
+    """The comparison of two eval.json dicts (what compare.json holds); ``mismatches``
+    are the settings differences it was allowed to go ahead with
+    (:func:`settings_differences`), listed in the result and at the top of the report.
 
     Raises nothing (inputs are checked by :func:`check_eval`).
     """
@@ -297,6 +346,8 @@ def compare(baseline: dict[str, Any], post: dict[str, Any], *, n_boot: int = 100
                "post_only": len(set(post_items) - set(base_items))}
     return {
         "metric_version": METRIC_VERSION,
+        "settings_mismatches": list(mismatches or []),
+        "settings": {k: v for k, v in baseline["settings"].items() if k not in UNDER_TEST},
         "baseline": _describe(baseline),
         "post": _describe(post),
         "headline": headline,
@@ -322,8 +373,6 @@ def paired_tests(pairs: list[tuple[dict[str, Any], dict[str, Any]]], *, n_boot: 
     ``mcnemar`` (``{"b", "c", "p_value"}``) only for boolean fields. Groups for the
     bootstrap are the baseline item's ``group`` (its source function). Raises nothing.
     """
-    from trackb_core.stats import mcnemar_exact, paired_bootstrap_delta
-
     results = {}
     for field, label in PAIRED_FIELDS:
         usable = [(b, p) for b, p in pairs
@@ -357,23 +406,33 @@ def _pair_value(value: Any) -> float | None:
 
 
 def _describe(data: dict[str, Any]) -> dict[str, Any]:
-    extra = data.get("trackb") if isinstance(data.get("trackb"), dict) else {}
+    settings = data["settings"]
+    sampling = settings.get("sampling") if isinstance(settings.get("sampling"), dict) else {}
+    budget = data.get("budget") if isinstance(data.get("budget"), dict) else {}
+    per_category = budget.get("per_category") if isinstance(budget.get("per_category"),
+                                                            dict) else {}
     return {
         "tag": data.get("tag"),
         "n_items": data.get("n_items", len(data["items"])),
-        "model": extra.get("model"),
-        "adapter": extra.get("adapter"),
-        "backend": extra.get("backend"),
-        "n_samples": extra.get("n_samples"),
-        "temperature": extra.get("temperature"),
+        "model": settings.get("model"),
+        "adapter": settings.get("adapter"),
+        "backend": settings.get("backend"),
+        "dtype": settings.get("dtype"),
+        "n_samples": sampling.get("n_samples"),
+        "temperature": sampling.get("temperature"),
+        "max_new_tokens": sampling.get("max_new_tokens"),
+        "truncated": {category: (rates or {}).get("greedy_truncated")
+                      for category, rates in per_category.items()},
+        "truncated_samples": {category: (rates or {}).get("samples_truncated")
+                              for category, rates in per_category.items()},
     }
 
 
 def _verdict(test: dict[str, Any], higher: bool = True) -> str:
+    """From the paired bootstrap interval of the change (clustered by source function):
+    a change only where the interval excludes 0."""
     low, high = test["ci"]
-    p_value = (test["mcnemar"] or {}).get("p_value")
-    significant = (p_value < SIGNIFICANCE) if p_value is not None else (low > 0 or high < 0)
-    if not significant:
+    if not (low > 0 or high < 0):
         return "no significant change"
     return "improved" if (test["delta"] > 0) == higher else "got worse"
 
@@ -388,7 +447,7 @@ def _summary(headline: dict[str, Any], paired: dict[str, Any], per_category: dic
             f"[{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}]"
             + (f", McNemar p = {mcnemar['p_value']:.3g} (b = {mcnemar['b']}, "
                f"c = {mcnemar['c']})" if mcnemar else "")
-            + f" over {test['n']} paired items: {_verdict(test)}.")
+            + f" over {test['n']} paired items: {_verdict(test)} (by the paired CI).")
     if not paired:
         lines.append("No paired test: the two evaluations share no scored item ids.")
     if pairing["baseline_only"] or pairing["post_only"]:
@@ -400,7 +459,7 @@ def _summary(headline: dict[str, Any], paired: dict[str, Any], per_category: dic
         test = row["paired"].get(primary)
         if test is not None and _verdict(test) in moved:
             moved[_verdict(test)].append(category)
-    lines.append(f"Per category ({PAIRED_FIELDS[0][1]}), significant at {SIGNIFICANCE}: "
+    lines.append(f"Per category ({PAIRED_FIELDS[0][1]}), 95% paired CI excluding 0: "
                  "improved in " + (", ".join(moved["improved"]) or "no category")
                  + "; got worse in " + (", ".join(moved["got worse"]) or "no category") + ".")
     return lines
@@ -462,14 +521,23 @@ def _n_of(*sides: dict[str, Any] | None) -> str:
 def render_markdown(comparison: dict[str, Any], title: str = "trackb: baseline vs post-SFT") -> str:
     """``report.md`` for a :func:`compare` result. Raises nothing."""
     lines = [f"# {title}", ""]
+    mismatches = comparison.get("settings_mismatches") or []
+    if mismatches:
+        lines += ["> ⚠ **These evaluations were not made alike** (compared anyway with "
+                  "`--allow-mismatch`): their differences below can move the numbers as "
+                  "much as the training did.", ">"]
+        lines += [f"> - `{line}`" for line in mismatches]
+        lines.append("")
     for name, key in (("Baseline", "baseline"), ("Post-SFT", "post")):
         side = comparison[key]
         who = side["model"] or "(model not recorded)"
         if side["adapter"]:
             who += f" + adapter {side['adapter']}"
         facts = [f"{side['n_items']} items"]
-        if side.get("backend"):
-            facts.append(f"backend {side['backend']}")
+        for label, field in (("backend", "backend"), ("dtype", "dtype"),
+                             ("max new tokens", "max_new_tokens")):
+            if side.get(field) is not None:
+                facts.append(f"{label} {side[field]}")
         if side.get("n_samples") is not None:
             facts.append(f"{side['n_samples']} samples at T = {side['temperature']}")
         lines.append(f"- **{name}** (tag `{side['tag']}`): {who}; " + ", ".join(facts))
@@ -477,11 +545,14 @@ def render_markdown(comparison: dict[str, Any], title: str = "trackb: baseline v
     lines += [
         "",
         "Every number is shown with its 95% confidence interval `[low, high]`: bootstrap "
-        "intervals resampling whole source functions (eval.json), and for the paired "
-        f"changes a paired bootstrap ({boot['n_boot']} resamples, seed {boot['seed']}). "
-        "Sections: **seed** = the seed's own lenient definitions (pass = compiles), "
-        "**unbiased** = Chen et al. pass@k over the samples with execution-checked pass, "
-        "**execution** = execution-based checks of the greedy answer.",
+        "intervals resampling whole source functions, widened for rates to their Wilson "
+        "interval (eval.json), and for the paired changes a paired bootstrap "
+        f"({boot['n_boot']} resamples, seed {boot['seed']}), which gives the verdict. "
+        "Sections: **seed** = the seed's own lenient definitions (pass = compiles or looks "
+        "right), scored on the first 384 tokens; **functional** = the only *pass*: tests "
+        "run on the answer, or the exact fix (items nothing can check are left out, see "
+        "n); **format** = the answer has the asked-for form; **family** = each family's "
+        "own measures; **budget** = answers cut at the token budget.",
         "",
         "## Paired test (same items, matched by id)",
         "",
@@ -542,10 +613,30 @@ def render_markdown(comparison: dict[str, Any], title: str = "trackb: baseline v
         lines.append("")
         if row["paired"]:
             lines += _paired_table(row["paired"]) + [""]
+    lines += _truncation_table(comparison)
     lines += ["## What moved", ""]
     lines += [f"- {line}" for line in comparison["summary"]]
     lines += ["", "![per-category metrics with 95% CI whiskers](report.png)", ""]
     return "\n".join(lines)
+
+
+def _truncation_table(comparison: dict[str, Any]) -> list[str]:
+    """Per family, the share of greedy answers and of samples cut at the token budget."""
+    base, post = comparison["baseline"], comparison["post"]
+    categories = sorted(set(base.get("truncated") or {}) | set(post.get("truncated") or {}))
+    if not categories:
+        return []
+    lines = ["## Answers cut at the token budget", "",
+             f"max new tokens: baseline {base.get('max_new_tokens')}, post-SFT "
+             f"{post.get('max_new_tokens')}. A cut answer is scored as it is; a high rate "
+             "means the budget, not the model, decided the score.", "",
+             "| Family | Baseline greedy | Post-SFT greedy | Baseline samples | "
+             "Post-SFT samples |", "|---|---|---|---|---|"]
+    for category in categories:
+        cells = [_fmt((side.get(key) or {}).get(category))
+                 for key in ("truncated", "truncated_samples") for side in (base, post)]
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 # -- report.png ---------------------------------------------------------------------------

@@ -191,14 +191,21 @@ def _resolve_dir(root: Path) -> ResolvedCorpus:
     files = python_files(root)
     if not files:
         raise InputError(f"corpus {root} holds no .py files")
+    return ResolvedCorpus(path=root, sha256=folder_sha256(root, files),
+                          metadata={"name": root.name, "path": str(root),
+                                    "python_files": len(files)})
+
+
+def folder_sha256(root: Path, files: list[Path] | None = None) -> str:
+    """A hash over the ``.py`` files of a corpus folder (relative path and content): the
+    corpus's identity in manifests and in eval.json. ``files`` defaults to
+    :func:`python_files`. Raises nothing (an unreadable file hashes as "unreadable")."""
     digest = hashlib.sha256()
-    for path in files:
+    for path in python_files(root) if files is None else files:
         rel = path.relative_to(root).as_posix()
         digest.update(rel.encode("utf-8") + b"\0")
         digest.update(_file_sha256(path).encode() + b"\n")
-    return ResolvedCorpus(path=root, sha256=digest.hexdigest(),
-                          metadata={"name": root.name, "path": str(root),
-                                    "python_files": len(files)})
+    return digest.hexdigest()
 
 
 def _file_sha256(path: Path) -> str:

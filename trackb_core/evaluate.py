@@ -1,16 +1,20 @@
 """``trackb eval`` and ``trackb score``: generate answers for the test split and score them.
 
 Recipe, top to bottom (:func:`run`): pick the test items, render every prompt with the
-one prompt builder training used (:func:`trackb_core.prompts.render_prompt`), generate
-one greedy answer per item and ``n_samples`` seeded samples at one
-``temperature``/``top_p``, and score them with the one scorer
-(:func:`trackb_core.metrics.score_all`: seed-compatible, unbiased pass@k, execution
-metrics, each headline with a bootstrap CI).
+one prompt builder training used (:func:`trackb_core.prompts.render_prompt`), load the
+model in the dtype of training's runtime plan (:mod:`trackb_core.runtime`), generate one
+greedy answer per item and ``n_samples`` samples at one ``temperature``/``top_p`` with
+one :class:`~trackb_core.generation.SamplingSettings` (every knob explicit, each item's
+samples on its own seed, up to ``max_new_tokens``; each answer keeps its 384-token seed
+view and a truncated flag), and score them with the one scorer
+(:func:`trackb_core.metrics.score_all`). eval.json's ``settings`` records everything that
+made and scored the answers (dataset hash, sampling, backend, dtype, corpus, scorer),
+which ``trackb compare`` requires to match on both sides.
 
 Two generation backends give the same kind of answers (:func:`choose_backend`):
 
 - ``hf``: Hugging Face ``generate`` in left-padded batches (the LoRA adapter merged
-  into the weights), seeded with ``torch.manual_seed``; runs anywhere.
+  into the weights; samples drawn by :class:`SeededSampler`); runs anywhere.
 - ``vllm``: vLLM offline inference with the adapter per request (``LoRARequest``), see
   :mod:`trackb_core.vllm_backend`; needs vllm and a CUDA GPU. ``auto`` picks it
   exactly when both are present.
@@ -28,6 +32,7 @@ the same scorer, so its numbers mean exactly what ``trackb eval``'s do.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import sys
@@ -39,16 +44,35 @@ from pydantic import Field
 
 from trackb_core import families, vllm_backend
 from trackb_core.config import input_field
+from trackb_core.corpus import folder_sha256
 from trackb_core.errors import ConfigError, InputError
-from trackb_core.generation import Generations, decode_answer, stop_ids_for
-from trackb_core.metrics import index_predictions, score_all
+from trackb_core.generation import (
+    Answer,
+    Generations,
+    SamplingSettings,
+    finish_answer,
+    item_seed,
+    sample_seeds,
+    stop_ids_for,
+)
+from trackb_core.metrics import (
+    BOOTSTRAP_SEED,
+    METRIC_VERSION,
+    N_BOOT,
+    index_predictions,
+    score_all,
+)
 from trackb_core.prompts import render_prompt
+from trackb_core.runtime import device_facts, eval_dtype, runtime_plan
 from trackb_core.sandbox import CodeRunOptions, stage_isolation
 from trackb_core.stage import StageRun, say, stage_run, upstream_corpus_dir
 from trackb_core.store import Store
+from trackb_core.tracking import check_configured, log_eval_metrics, run_name
 
 STAGE = "eval"
 BACKENDS = ("auto", "hf", "vllm")
+# Seconds each unit-test run of a scored answer may take in the sandbox.
+SANDBOX_TIMEOUT = 10.0
 
 
 class EvalConfig(CodeRunOptions):
@@ -60,12 +84,17 @@ class EvalConfig(CodeRunOptions):
     and --n-samples samples at one --temperature/--top-p, seeded. --backend hf batches
     Hugging Face generate with left padding; vllm runs vLLM offline with the adapter as a
     LoRARequest (needs vllm and a GPU); auto picks vllm exactly when both are present.
+    Every sampling setting is explicit (nothing inherited from the model's
+    generation_config; top-k off, no repetition penalty), each item's samples come from
+    its own seed, and answers stop at <|im_end|>/<|im_start|> or after --max-new-tokens.
     The seed's pass@3 uses greedy + the first 2 samples; the unbiased pass@3 needs
-    --n-samples >= 3. Writes predictions.jsonl ({"id", "greedy", "samples"}, sorted by id),
-    generation.json (how the answers were made, and for which items) and eval.json
-    (metric_version 2: headline metrics with 95% bootstrap CIs, the seed-compatible
-    block, unbiased pass@k, execution metrics, per-item flags for paired tests, and a
-    "trackb" key with generation facts). With --no-score it stops after generation.json:
+    --n-samples >= 3; the seed-compatible block scores each answer's first 384 tokens.
+    Writes predictions.jsonl ({"id", "greedy", "samples", "truncated", "seed_view"},
+    sorted by id), generation.json (how the answers were made, and for which items) and
+    eval.json (metric_version 3: "settings" = what made and scored the answers, which
+    `trackb compare` needs equal on both sides; headline metrics with 95% CIs; the
+    seed-compatible block; functional pass@k; format, family and truncation metrics;
+    per-item flags for paired tests). With --no-score it stops after generation.json:
     `trackb score` scores the answers elsewhere (run-all does so on Kubernetes, so that
     model-written code never runs in a GPU pod).
     """
@@ -90,8 +119,13 @@ class EvalConfig(CodeRunOptions):
         "temperature. The seed's pass@3 uses the first 2; the unbiased pass@k needs >= k.")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature of the samples.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling top-p of the samples.")
-    max_new_tokens: int = Field(384, ge=1, description="Most tokens generated per answer.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generate() call (hf backend).")
+    max_new_tokens: int = Field(
+        1024, ge=1, description="Most tokens generated per answer; an answer cut here is "
+        "flagged truncated and counted per family. The seed-compatible metrics score the "
+        "first 384 tokens whatever this is (the seed's budget).")
+    batch_size: int = Field(16, ge=1, description="Answers generated together per generate() "
+                            "call (hf backend): prompts for the greedy pass, prompt x sample "
+                            "rows for the samples.")
     max_items: int | None = Field(
         None, ge=1,
         description="Evaluate a seeded random sample of at most this many items (all if unset).")
@@ -102,16 +136,23 @@ class EvalConfig(CodeRunOptions):
         "upstream (best effort; without it unit tests count as not executable).")
     score: bool = Field(True, description="Score the answers too (eval.json); off: only "
                         "generate them, for `trackb score`.")
+    run_name: str | None = Field(
+        None, description="Tracking run to log the headline metrics to (MLflow, W&B when "
+        "configured); default $TRACKB_RUN_ID, else the output URI (run-all sets the run id, "
+        "so train and eval log to one run)")
 
 
 class ScoreConfig(CodeRunOptions):
     """Score predictions made elsewhere with the same scorer as `trackb eval`.
 
     Reads test.jsonl (--dataset) and a predictions.jsonl (--predictions) whose rows are
-    {"id", "greedy": str, "samples": [str, ...]}; every test item needs a prediction
-    (when `trackb eval --no-score` made them, its generation.json beside them names the
-    items, their sampling settings and model, and only those items are scored). Writes
-    eval.json, exactly as `trackb eval` would from the same answers.
+    {"id", "greedy": str, "samples": [str, ...]}, optionally with "seed_view" (the same
+    answers cut at 384 tokens, which the seed-compatible block then scores) and
+    "truncated" ({"greedy": bool, "samples": [bool]}); every test item needs a prediction.
+    When `trackb eval --no-score` made them, its generation.json beside them names the
+    items, the settings that made them and the test split's sha256 (another split is
+    refused), and only those items are scored. Writes eval.json, exactly as `trackb eval`
+    would from the same answers.
     """
 
     dataset: str | None = input_field(
@@ -127,6 +168,10 @@ class ScoreConfig(CodeRunOptions):
     corpus: str | None = Field(
         None, description="Corpus the test items come from, for executing unit-test answers; "
         "unset: found from the dataset's manifests (best effort).")
+    run_name: str | None = Field(
+        None, description="Tracking run to log the headline metrics to (MLflow, W&B when "
+        "configured); default $TRACKB_RUN_ID, else the output URI (run-all sets the run id, "
+        "so train and eval log to one run)")
 
 
 GENERATION_FILE = "generation.json"
@@ -224,7 +269,9 @@ def choose_backend(requested: str, adapter_dir: Path | None = None) -> str:
 # -- the Hugging Face backend ------------------------------------------------------------
 
 def load_model(model_path: str, adapter_dir: Path | None, tokenizer_path: str):
-    """``(model, tokenizer, device)`` ready for batched generation (left padding).
+    """``(model, tokenizer, device, dtype name)`` ready for batched generation (left
+    padding), in the dtype of the runtime plan training uses
+    (:func:`trackb_core.runtime.eval_dtype`: float16 on a T4, never emulated bfloat16).
 
     The adapter, if any, is merged into the weights: generation is then as fast as the
     base model's. Raises InputError if the model or adapter cannot be loaded.
@@ -232,15 +279,12 @@ def load_model(model_path: str, adapter_dir: Path | None, tokenizer_path: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float32
+    plan = runtime_plan("auto", device_facts())
+    dtype_name = eval_dtype(plan)
+    device = torch.device(plan["device"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype_name),
                                                      attn_implementation="sdpa")
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model {model_path}: {str(exc).splitlines()[0]}") from exc
@@ -256,81 +300,151 @@ def load_model(model_path: str, adapter_dir: Path | None, tokenizer_path: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
-    return model, tokenizer, device
+    return model, tokenizer, device, dtype_name
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """:func:`stop_ids_for` with the eos ids of ``model``'s generation config."""
+    """:func:`stop_ids_for` with the eos ids of ``model``'s own generation config."""
     return stop_ids_for(tokenizer, getattr(model.generation_config, "eos_token_id", None))
 
 
-def generate(model, tokenizer, device, prompts: list[str], *, batch_size: int,
-             max_new_tokens: int, stop_ids: list[int], num_return: int = 1,
-             sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             desc: str = "generate") -> tuple[list[list[str]], int]:
-    """``num_return`` answers per prompt (greedy or sampled) and the tokens generated.
+class SeededSampler:
+    """A logits processor that draws each row's next token from that row's own generator
+    (temperature, then top-k, top-p and min-p cuts) and leaves only it possible, so a
+    greedy ``generate`` takes it.
 
-    Prompts are batched in order of length, so a batch wastes little on padding; the
-    answers come back in the order of ``prompts``. Only new tokens are decoded, up to
-    the first stop token. Raises nothing of its own.
+    HF's own sampling draws every row from one global generator, so a sample would
+    depend on which rows share its batch; here row ``i`` draws from a generator seeded
+    with ``seeds[i]`` once per step, whatever else is in the batch.
+    """
+
+    def __init__(self, seeds: list[int], device, *, temperature: float, top_p: float,
+                 top_k: int, min_p: float):
+        import torch
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature, self.top_p, self.top_k, self.min_p = temperature, top_p, top_k, min_p
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        logits = scores.float() / self.temperature
+        if self.top_k > 0:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(probs, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (the top token always)
+            beyond = (ordered.cumsum(-1) - ordered) >= self.top_p
+            probs = probs.scatter(1, order, ordered.masked_fill(beyond, 0.0))
+        if self.min_p > 0.0:
+            floor = probs.max(dim=-1, keepdim=True).values * self.min_p
+            probs = probs.masked_fill(probs < floor, 0.0)
+        chosen = torch.stack([torch.multinomial(row, 1, generator=generator)
+                              for row, generator in zip(probs, self.generators, strict=True)])
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter(1, chosen, 0.0)
+
+
+def generate(model, tokenizer, device, prompts: list[str], *, settings: SamplingSettings,
+             stop_ids: list[int], batch_size: int, seeds: list[int] | None = None,
+             desc: str = "generate") -> list[list[Answer]]:
+    """Answers per prompt: one greedy answer each, or with ``seeds`` (one per prompt:
+    :func:`trackb_core.generation.item_seed`) ``settings.n_samples`` samples each.
+
+    Every setting is explicit (:meth:`SamplingSettings.hf`): the model's own generation
+    config is replaced for the call, so nothing of it is inherited. Prompts are batched
+    in order of length (sampled prompts repeated once per sample), so a batch wastes
+    little on padding; the answers come back in the order of ``prompts``. Raises nothing
+    of its own.
     """
     import torch
     from tqdm import tqdm
+    from transformers import GenerationConfig, LogitsProcessorList
 
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
-    answers: list[list[str]] = [[] for _ in prompts]
-    tokens = 0
-    options: dict[str, Any] = {"do_sample": sample, "num_return_sequences": num_return}
+    sample = seeds is not None
+    spec = settings.hf(sample=sample, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id)
+    config = GenerationConfig(**spec["config"])
+    copies = settings.n_samples if sample else 1
+    rows = [(index, copy) for index in range(len(prompts)) for copy in range(copies)]
+    row_seeds = {}
     if sample:
-        options.update(temperature=temperature, top_p=top_p)
-    else:
-        # the model's generation config may carry sampling knobs; greedy ignores them
-        options.update(temperature=None, top_p=None, top_k=None)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, unit="batch", file=sys.stderr, leave=False):
-        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
-        with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                 pad_token_id=tokenizer.pad_token_id, **options)
-        new = out[:, enc["input_ids"].shape[1] :].tolist()
-        for row, ids in enumerate(new):
-            text, used = decode_answer(tokenizer, ids, stop_ids)
-            tokens += used
-            answers[batch[row // num_return]].append(text)
-    return answers, tokens
+        for index, seed in enumerate(seeds):
+            for copy, derived in enumerate(sample_seeds(seed, "", copies)):
+                row_seeds[(index, copy)] = derived
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    rows.sort(key=lambda r: (-lengths[r[0]], r))
+    answers: list[list[Answer | None]] = [[None] * copies for _ in prompts]
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    own_config = model.generation_config
+    model.generation_config = config  # what generate() would otherwise inherit from
+    try:
+        for batch in tqdm(batches, desc=desc, unit="batch", file=sys.stderr, leave=False):
+            enc = tokenizer([prompts[index] for index, _ in batch], return_tensors="pt",
+                            padding=True, add_special_tokens=False).to(device)
+            processors = LogitsProcessorList()
+            if sample:
+                knobs = {k: v for k, v in spec["sampler"].items() if k != "n"}
+                processors.append(SeededSampler([row_seeds[r] for r in batch], device,
+                                                **knobs))
+            with torch.inference_mode():
+                out = model.generate(**enc, generation_config=config,
+                                     logits_processor=processors)
+            new = out[:, enc["input_ids"].shape[1] :].tolist()
+            for (index, copy), ids in zip(batch, new, strict=True):
+                answers[index][copy] = finish_answer(tokenizer, ids, stop_ids, settings)
+    finally:
+        model.generation_config = own_config
+    return [[a for a in row if a is not None] for row in answers]
 
 
-def generate_hf(model, tokenizer, device, prompts: list[str], *, n_samples: int,
-                temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
-                seed: int) -> Generations:
-    """Greedy answers, then ``n_samples`` samples per prompt, with HF generate.
-
-    Sampling is seeded (``torch.manual_seed(seed)`` before each pass), so the same
-    seed, prompts and batch size give the same samples. Raises nothing of its own.
-    """
-    import torch
-
-    common = {"batch_size": batch_size, "max_new_tokens": max_new_tokens,
-              "stop_ids": stop_token_ids(model, tokenizer)}
-    torch.manual_seed(seed)
-    greedy, tokens = generate(model, tokenizer, device, prompts, desc="greedy", **common)
-    samples: list[list[str]] = [[] for _ in prompts]
-    if n_samples:
-        torch.manual_seed(seed)
-        samples, sample_tokens = generate(
-            model, tokenizer, device, prompts, num_return=n_samples, sample=True,
-            temperature=temperature, top_p=top_p, desc="samples", **common)
-        tokens += sample_tokens
-    return Generations(greedy=[g[0] for g in greedy], samples=samples, tokens=tokens,
-                       device=str(device), backend="hf")
+def generate_hf(model, tokenizer, device, prompts: list[str], item_ids: list[str], *,
+                settings: SamplingSettings, batch_size: int) -> Generations:
+    """Greedy answers, then ``settings.n_samples`` samples per prompt, each item's drawn
+    from its own seed (:func:`trackb_core.generation.item_seed`), with HF generate.
+    Raises nothing of its own."""
+    stops = stop_token_ids(model, tokenizer)
+    greedy = generate(model, tokenizer, device, prompts, settings=settings, stop_ids=stops,
+                      batch_size=batch_size, desc="greedy")
+    samples: list[list[Answer]] = [[] for _ in prompts]
+    if settings.n_samples:
+        samples = generate(model, tokenizer, device, prompts, settings=settings,
+                           stop_ids=stops, batch_size=batch_size, desc="samples",
+                           seeds=[item_seed(settings.seed, i) for i in item_ids])
+    return Generations(greedy=[g[0] for g in greedy], samples=samples, device=str(device),
+                       backend="hf")
 
 
 # -- the stages ---------------------------------------------------------------------------
 
+def sampling_settings(config: EvalConfig) -> SamplingSettings:
+    """The one :class:`SamplingSettings` both backends get for ``config``."""
+    return SamplingSettings(max_new_tokens=config.max_new_tokens, n_samples=config.n_samples,
+                            temperature=config.temperature, top_p=config.top_p,
+                            seed=config.seed)
+
+
+def prediction_rows(items: list[dict[str, Any]], generations: Generations
+                    ) -> list[dict[str, Any]]:
+    """predictions.jsonl rows: ``{"id", "greedy", "samples", "truncated": {"greedy",
+    "samples"}, "seed_view": {"greedy", "samples"}}`` in item order."""
+    rows = []
+    for item, greedy, samples in zip(items, generations.greedy, generations.samples,
+                                     strict=True):
+        rows.append({
+            "id": str(item["id"]),
+            "greedy": greedy.text,
+            "samples": [a.text for a in samples],
+            "truncated": {"greedy": greedy.truncated, "samples": [a.truncated for a in samples]},
+            "seed_view": {"greedy": greedy.seed_view, "samples": [a.seed_view for a in samples]},
+        })
+    return rows
+
+
 def run(config: EvalConfig, out: Store) -> dict[str, Any]:
-    """Generate and score; writes predictions.jsonl and eval.json into ``out``.
+    """Generate and score; writes predictions.jsonl, generation.json and (unless
+    ``--no-score``) eval.json into ``out``.
 
     Raises ConfigError if --dataset is not given or --backend vllm cannot run here,
     MissingInputError if an input is absent, InputError if the dataset, model or
@@ -338,6 +452,8 @@ def run(config: EvalConfig, out: Store) -> dict[str, Any]:
     """
     if not config.dataset:
         raise ConfigError("--dataset is required: test.jsonl or the build-dataset folder")
+    if config.score:
+        check_configured()  # a tracker configured but not installed: before any work
     with stage_run(STAGE, config, out) as run:
         items = load_items(run, config.max_items, config.seed)
         say(STAGE, f"{len(items)} test items")
@@ -351,9 +467,8 @@ def run(config: EvalConfig, out: Store) -> dict[str, Any]:
             adapter_dir = find_adapter(adapter_root, config.adapter)
         tokenizer_path = _tokenizer_source(adapter_dir, adapter_root, model_path)
         backend = choose_backend(config.backend, adapter_dir)
-        options = {"n_samples": config.n_samples, "temperature": config.temperature,
-                   "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
-                   "seed": config.seed}
+        settings = sampling_settings(config)
+        item_ids = [str(item["id"]) for item in items]
 
         if backend == "vllm":
             from transformers import AutoTokenizer
@@ -364,49 +479,51 @@ def run(config: EvalConfig, out: Store) -> dict[str, Any]:
                                                   else "") + " on vllm")
             started = time.perf_counter()
             with run.timed("generate"):
-                generations = vllm_backend.generate_vllm(model_path, tokenizer_path, adapter_dir, prompts,
-                                            **options)
+                generations, dtype = vllm_backend.generate_vllm(
+                    model_path, tokenizer_path, adapter_dir, prompts, item_ids,
+                    settings=settings)
         else:
             with run.timed("load_model"):
-                model, tokenizer, device = load_model(model_path, adapter_dir, tokenizer_path)
+                model, tokenizer, device, dtype = load_model(model_path, adapter_dir,
+                                                             tokenizer_path)
             say(STAGE, f"model {config.model}" + (f" + adapter {adapter_dir}" if adapter_dir
-                                                  else "") + f" on {device} (hf)")
+                                                  else "") + f" on {device} ({dtype}, hf)")
             prompts = [render_prompt(tokenizer, item["instruction"]) for item in items]
             started = time.perf_counter()
             with run.timed("generate"):
-                generations = generate_hf(model, tokenizer, device, prompts,
-                                          batch_size=config.batch_size, **options)
+                generations = generate_hf(model, tokenizer, device, prompts, item_ids,
+                                          settings=settings, batch_size=config.batch_size)
         seconds = round(time.perf_counter() - started, 3)
 
-        predictions = [
-            {"id": str(item["id"]), "greedy": g, "samples": s}
-            for item, g, s in zip(items, generations.greedy, generations.samples, strict=True)
-        ]
+        predictions = prediction_rows(items, generations)
         run.write_jsonl("predictions.jsonl", predictions)
-        generation = {
+        generation_settings = {
+            "dataset": _dataset_identity(run, items, config.max_items),
+            "sampling": settings.describe(),
+            "backend": generations.backend,
+            "dtype": dtype,
+            "device": generations.device.split(":")[0],
             "model": config.model,
             "adapter": config.adapter,
-            "backend": generations.backend,
-            "n_items": len(items),
-            "n_samples": config.n_samples,
-            "temperature": config.temperature,
-            "top_p": config.top_p,
-            "max_new_tokens": config.max_new_tokens,
-            "seed": config.seed,
-            "device": generations.device,
-            "generation_seconds": seconds,
-            "tokens_generated": generations.tokens,
         }
-        run.write_json(GENERATION_FILE, {**generation, "tag": config.tag,
-                                         "items": [str(item["id"]) for item in items]})
-        run.counts.update({"items": len(items), "tokens_generated": generations.tokens})
+        facts = {"device_name": generations.device, "generation_seconds": seconds,
+                 "tokens_generated": generations.tokens,
+                 "truncated_answers": sum(a.truncated for a in generations.greedy)
+                 + sum(a.truncated for row in generations.samples for a in row)}
+        run.write_json(GENERATION_FILE, {"settings": generation_settings, **facts,
+                                         "tag": config.tag, "items": item_ids})
+        run.counts.update({"items": len(items), "tokens_generated": generations.tokens,
+                           "truncated_answers": facts["truncated_answers"]})
+        if facts["truncated_answers"]:
+            say(STAGE, f"{facts['truncated_answers']} answers hit --max-new-tokens "
+                       f"{config.max_new_tokens} (eval.json reports the rate per family)")
         if config.score:
             with run.timed("score"):
                 result = _score(run, items, {p["id"]: p for p in predictions}, config.tag,
-                                config, config.temperature if config.n_samples else None)
-            result["trackb"] = {**generation, "corpus_dir": result.pop("_corpus_dir")}
-            run.write_json("eval.json", result)
-            run.extra["metrics"] = headline_summary(result)
+                                config, config.temperature if config.n_samples else None,
+                                generation_settings)
+            result["trackb"] = {**result.get("trackb", {}), **facts}
+            _finish(run, result, config.run_name)
             say(STAGE, summary_line(result, seconds))
         else:
             say(STAGE, f"{len(items)} items answered in {seconds:.1f} s; scoring is left to "
@@ -414,61 +531,115 @@ def run(config: EvalConfig, out: Store) -> dict[str, Any]:
     return run.manifest
 
 
+def _dataset_identity(run: StageRun, items: list[dict[str, Any]], max_items: int | None
+                      ) -> dict[str, Any]:
+    """The test split's sha256 and the ids scored from it (their count and hash)."""
+    ids = "\n".join(sorted(str(item["id"]) for item in items))
+    return {"sha256": run.inputs.get("dataset", {}).get("sha256"),
+            "items": len(items), "items_sha256": hashlib.sha256(ids.encode()).hexdigest(),
+            "max_items": max_items}
+
+
 def _score(run: StageRun, items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]],
-           tag: str, config: EvalConfig | ScoreConfig,
-           temperature: float | None) -> dict[str, Any]:
+           tag: str, config: EvalConfig | ScoreConfig, temperature: float | None,
+           generation_settings: dict[str, Any] | None) -> dict[str, Any]:
     """:func:`score_all` with the corpus resolved and the sandbox checked first when an
     item's family runs code (recorded in the manifest; raises ConfigError below the
-    sandbox's minimum unless ``allow_weak_sandbox``)."""
+    sandbox's minimum unless ``allow_weak_sandbox``), and eval.json's ``settings``: what
+    made and scored the answers (compare refuses two results that differ in them)."""
     code = {family.name for family in families.all_families() if family.runs_code}
     corpus_dir = None
-    if any(item.get("category") in code for item in items):
+    needed = any(item.get("category") in code for item in items)
+    if needed:
         run.sandbox = stage_isolation(config.allow_weak_sandbox)
         corpus_dir = corpus_dir_for(config.corpus, run.input_uri("dataset"),
                                     fetch=config.fetch_upstream_corpus)
     result = score_all(items, predictions, tag, corpus_dir=corpus_dir, temperature=temperature,
-                       allow_weak_sandbox=config.allow_weak_sandbox)
-    result["_corpus_dir"] = str(corpus_dir) if corpus_dir else None
+                       allow_weak_sandbox=config.allow_weak_sandbox, n_boot=N_BOOT,
+                       seed=BOOTSTRAP_SEED, sandbox_timeout=SANDBOX_TIMEOUT)
+    unknown = dict.fromkeys(("sampling", "backend", "dtype", "device", "model", "adapter"))
+    settings = {**unknown, **(generation_settings or {})}
+    settings["dataset"] = _dataset_identity(run, items, settings.get("dataset", {}).get(
+        "max_items") if isinstance(settings.get("dataset"), dict) else None)
+    settings["corpus"] = {"needed": needed, "available": corpus_dir is not None,
+                          "sha256": folder_sha256(corpus_dir) if corpus_dir else None}
+    settings["scorer"] = {"metric_version": METRIC_VERSION, "n_boot": N_BOOT,
+                          "bootstrap_seed": BOOTSTRAP_SEED, "sandbox_timeout": SANDBOX_TIMEOUT}
+    settings["tag"] = tag
+    result["settings"] = settings
+    result["trackb"] = {"corpus_dir": str(corpus_dir) if corpus_dir else None}
     return result
+
+
+def _finish(run: StageRun, result: dict[str, Any], configured_run: str | None) -> None:
+    """Write eval.json, put its headline in the manifest and log it to the tracking run
+    (the one training logged to) when MLflow or W&B are configured.
+
+    A tracking server that fails now does not fail the stage: eval.json already holds
+    every number, and rerunning an evaluation to repeat a log call would waste GPU time;
+    the failure is said and recorded in the manifest (``tracking.error``).
+    """
+    run.write_json("eval.json", result)
+    run.extra["metrics"] = headline_summary(result)
+    values = {name: entry["value"] for name, entry in result["headline"].items()
+              if isinstance(entry.get("value"), int | float)}
+    name = run_name(configured_run, run.out.uri)
+    try:
+        run.extra["tracking"] = log_eval_metrics(name, values,
+                                                 prefix=f"eval/{result['tag']}")
+    except Exception as exc:  # noqa: BLE001 - any tracking backend's error, see above
+        say(run.name, f"could not log the metrics to tracking run {name!r} "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                      "they are in eval.json")
+        run.extra["tracking"] = {"run_name": name, "error": type(exc).__name__}
 
 
 def score(config: ScoreConfig, out: Store) -> dict[str, Any]:
     """Score predictions made elsewhere; writes eval.json into ``out``.
 
     Raises ConfigError if an input is not given, MissingInputError if one is absent,
-    InputError if a test item has no prediction or a row is malformed, StoreError if
-    ``out`` cannot be written.
+    InputError if a test item has no prediction, a row is malformed or the predictions
+    were made for another test split, StoreError if ``out`` cannot be written.
     """
     for field in ("dataset", "predictions"):
         if not getattr(config, field):
             raise ConfigError(f"--{field} is required")
+    check_configured()  # a tracker configured but not installed: before any work
     with stage_run("score", config, out) as run:
         items = load_items(run)
         predictions = index_predictions(run.read_jsonl("predictions"),
                                         run.input_uri("predictions"))
         generation = _generation_beside(run.input_uri("predictions"))
+        settings = None
         if generation is not None:
             wanted_ids = set(generation["items"])
             items = [item for item in items if str(item["id"]) in wanted_ids]
             if not items:
                 raise InputError(f"--predictions: {GENERATION_FILE} beside them names no item "
                                  "of --dataset (another test split?)")
+            settings = generation.get("settings") if isinstance(
+                generation.get("settings"), dict) else None
+            made_for = ((settings or {}).get("dataset") or {}).get("sha256")
+            if made_for and made_for != run.inputs.get("dataset", {}).get("sha256"):
+                raise InputError(
+                    f"--predictions were made for the test split with sha256 {made_for[:12]}…, "
+                    f"--dataset {run.input_uri('dataset')} has "
+                    f"{run.inputs['dataset']['sha256'][:12]}…: score them with that split")
         temperature = config.temperature
-        if temperature is None and generation and generation.get("n_samples"):
-            temperature = generation.get("temperature")
-        result = _score(run, items, predictions, config.tag, config, temperature)
+        sampling = (settings or {}).get("sampling") or {}
+        if temperature is None and sampling.get("n_samples"):
+            temperature = sampling.get("temperature")
+        result = _score(run, items, predictions, config.tag, config, temperature, settings)
         wanted = {str(item["id"]) for item in items}
-        result["trackb"] = {
-            **{k: v for k, v in (generation or {}).items() if k not in ("items", "tag")},
+        result["trackb"].update({
+            **{k: v for k, v in (generation or {}).items()
+               if k not in ("items", "tag", "settings")},
             "predictions": config.predictions,
-            "n_items": len(items),
             "unused_predictions": len(set(predictions) - wanted),
             "temperature": temperature,
-            "corpus_dir": result.pop("_corpus_dir"),
-        }
-        run.write_json("eval.json", result)
+        })
         run.counts.update({"items": len(items), "predictions": len(predictions)})
-        run.extra["metrics"] = headline_summary(result)
+        _finish(run, result, config.run_name)
         say("score", summary_line(result))
     return run.manifest
 

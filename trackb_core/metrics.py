@@ -1,30 +1,42 @@
 """The one scorer of ``trackb eval`` and ``trackb score``: seed-compatible metrics beside
-honest ones, each headline number with a 95% bootstrap interval.
+honest ones, each headline number with a 95% interval, each name saying what it measures.
 
 One scorer serves both commands so that a number computed from generations made
 elsewhere means the same as one computed here. :func:`score_all` builds eval.json's
-metrics in three labelled sections:
+metrics in labelled sections:
 
 - **seed** (:mod:`trackb_core.seed_metrics`, kept byte-for-byte as ``seed_compatible``):
   the rules of ``shared/docs/seed-metrics.md`` to the letter, quirks included (unknown
   categories scored as explain, only the first code block checked, pass@3 as "any of 3"
-  rather than the unbiased estimator, style as the best of 3). They are what the
+  rather than the unbiased estimator, style as the best of 3), scored on each answer's
+  *seed view*: its first 384 tokens (:data:`trackb_core.generation.SEED_VIEW_TOKENS`),
+  exactly what the seed's 384-token generation would have produced. They are what the
   published baseline (pass@1 0.565, pass@3 0.783, style 0.874, hallucination 0.022)
   measured, and changing them would make our numbers incomparable with it.
-- **unbiased**: Chen et al.'s pass@k (k = 1, 3) over the ``n`` samples drawn at one
-  temperature, plus greedy pass@1, where "correct" is :func:`strict_pass`, the item's
-  family's strict check (:meth:`trackb_core.families.Family.passes`) instead of
-  "compiles".
-- **execution**: what each family's verdict measures on the greedy answer
-  (:attr:`trackb_core.families.Family.metrics`): bugfix exact/site fix, complete
-  parses/keeps signature/not an echo/exact match/edit similarity, unit_test pass against
-  the original and mutant kill (executable items only), docstring Args coverage,
-  explain parameter coverage.
+- **functional**: the only metrics named *pass*. An answer passes when its family's
+  functional check (:meth:`trackb_core.families.Family.functional_check`) shows it right:
+  a bugfix that restores the original exactly, unit tests that pass on the original and
+  catch its mutant (hidden tests for completions come with the next scorer version).
+  Items whose family has no such check (docstring, explain, complete for now), or whose
+  check could not run, are left out and the ``n`` says how many were measured: greedy
+  pass@1 and Chen et al.'s unbiased pass@k (k = 1, 3) over the samples.
+- **format**: whether an answer has the form its instruction asks for (code that parses
+  and keeps the signature, a docstring with its sections, prose that is not a code
+  echo), per family; never a pass.
+- **family**: what each family's verdict measures on the greedy answer
+  (:attr:`trackb_core.families.Family.metrics`): bugfix exact fix / site restored,
+  complete exact match and edit similarity, unit_test consistency with the original and
+  mutant kill, docstring Args coverage, explain parameter coverage.
+- **budget**: the share of greedy answers cut at ``max_new_tokens`` (lower is better),
+  overall and per family.
 
 Every interval resamples whole source functions (:func:`item_group`), because the up to
-five tasks of one function are not independent; ``items`` carries per-item flags so
-``compare`` can pair baseline and post-SFT (McNemar, paired bootstrap:
-:mod:`trackb_core.stats`).
+five tasks of one function are not independent, and a rate's interval is widened to its
+Wilson interval so it never collapses at 0/n or n/n (:func:`trackb_core.stats.proportion_ci`).
+One bootstrap seed (:data:`BOOTSTRAP_SEED`) serves eval and score. ``items`` carries
+per-item flags so ``compare`` can pair baseline and post-SFT (paired bootstrap clustered
+by source function, McNemar beside: :mod:`trackb_core.stats`). A category no family
+knows is scored by the seed block (as explain) and is n/a everywhere else.
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ from trackb_core.seed_metrics import (
     seed_rows,
     seed_summary,
 )
-from trackb_core.stats import bootstrap_ci, pass_at_k
+from trackb_core.stats import pass_at_k, proportion_ci
 
 
 def index_predictions(rows: list[dict[str, Any]], where: str) -> dict[str, dict[str, Any]]:
@@ -65,11 +77,14 @@ def index_predictions(rows: list[dict[str, Any]], where: str) -> dict[str, dict[
 
 # -- the honest metrics ---------------------------------------------------------------------
 
-METRIC_VERSION = 2
+# 3: functional pass (tests or an exact fix) replaces the "strict pass"; format, budget and
+# seed-view scoring; Wilson-widened intervals; unknown categories n/a outside the seed block.
+METRIC_VERSION = 3
 UNBIASED_KS = (1, 3)
 # One seed for every bootstrap, whichever command scores: the same predictions give the
 # same intervals from `trackb eval` and `trackb score`.
 BOOTSTRAP_SEED = 0
+N_BOOT = 1000
 # Most unit-test sandboxes run at once: each is a child process, and the machines that
 # score are often small.
 MAX_SANDBOX_WORKERS = 4
@@ -82,6 +97,7 @@ SEED_HEADLINE_KEYS = {
     "seed_hallucination_rate": "hallucination_rate",
     "seed_execution_rate": "execution_rate",
 }
+
 
 def item_group(item: dict[str, Any]) -> str:
     """The resampling group of a test item: its source function.
@@ -104,9 +120,9 @@ def has_mutant(item: dict[str, Any]) -> bool:
     return bool(item.get("buggy_source"))
 
 
-def strict_pass_rules() -> dict[str, str]:
-    """What "correct" means for the unbiased pass@k and greedy pass@1, per category
-    (each family's :attr:`~trackb_core.families.Family.pass_rule`)."""
+def pass_rules() -> dict[str, str]:
+    """What a functional pass means, per category (each family's
+    :attr:`~trackb_core.families.Family.pass_rule`)."""
     return {family.name: family.pass_rule for family in families.all_families()}
 
 
@@ -114,7 +130,7 @@ def _family(category: str) -> families.Family:
     try:
         return families.get(category)
     except ValueError as exc:
-        raise InputError(f"no strict check for category {category!r}; "
+        raise InputError(f"no check for category {category!r}; "
                          f"known: {', '.join(families.names())}") from exc
 
 
@@ -128,28 +144,46 @@ def verdict(category: str, response: str, item: dict[str, Any], corpus_dir: Path
     return _family(category).verdict(response, item, CheckContext(corpus_dir, timeout))
 
 
-def passes(category: str, facts: dict[str, Any]) -> bool:
-    """Whether a :func:`verdict` counts as a strict pass (:func:`strict_pass_rules`).
+def functional_pass(category: str, response: str, item: dict[str, Any],
+                    corpus_dir: Path | None) -> bool | None:
+    """Whether ``response`` is shown right for ``item`` (its family's functional check:
+    True/False), or None where nothing can show it (no check for the family yet, or its
+    tests could not run here). Code runs in the sandbox.
 
     Raises InputError for an unknown category.
     """
-    return _family(category).passes(facts)
+    family = _family(category)
+    return family.functional_check(verdict(category, response, item, corpus_dir))
 
 
-def strict_pass(category: str, response: str, item: dict[str, Any],
-                corpus_dir: Path | None) -> bool:
-    """The "strict pass" behind the unbiased pass@k and greedy pass@1: the item's
-    family's verdict on ``response`` and its pass rule (:func:`strict_pass_rules`).
-    Code runs in the sandbox (not executable = not passed).
+def _answers(prediction: dict[str, Any], where: str) -> dict[str, Any]:
+    """The answers of one prediction row, checked: ``{"all": [greedy, *samples],
+    "seed": the same cut at the seed's budget (or the whole answers), "truncated":
+    [bool, ...] or None}``. Raises InputError if the row is malformed."""
+    answers = [*responses_for(prediction, 1, where), *(prediction.get("samples") or [])]
+    view = prediction.get("seed_view")
+    if view is None:
+        seed = answers
+    else:
+        seed = [*responses_for(view, 1, f"{where} (seed_view)"), *(view.get("samples") or [])]
+        if len(seed) != len(answers):
+            raise InputError(f"prediction for {where}: seed_view has {len(seed)} answers, "
+                             f"the prediction {len(answers)}")
+    truncated = prediction.get("truncated")
+    if truncated is not None:
+        if not isinstance(truncated, dict) or not isinstance(truncated.get("greedy"), bool) \
+                or not isinstance(truncated.get("samples"), list) \
+                or not all(isinstance(t, bool) for t in truncated["samples"]) \
+                or len(truncated["samples"]) != len(answers) - 1:
+            raise InputError(f"prediction for {where}: 'truncated' must be "
+                             '{"greedy": bool, "samples": [bool per sample]}')
+        truncated = [truncated["greedy"], *truncated["samples"]]
+    return {"all": answers, "seed": seed, "truncated": truncated}
 
-    Raises InputError for an unknown category.
-    """
-    return passes(category, verdict(category, response, item, corpus_dir))
 
-
-def _validated_responses(items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]]
-                         ) -> dict[str, list[str]]:
-    """``{id: [greedy, *samples]}`` for every item. Raises InputError like score_seed."""
+def _validated_answers(items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]]
+                       ) -> dict[str, dict[str, Any]]:
+    """``{id: _answers(...)}`` for every item. Raises InputError like score_seed."""
     if not items:
         raise InputError("no test items to score")
     found = {}
@@ -159,20 +193,19 @@ def _validated_responses(items: list[dict[str, Any]], predictions: dict[str, dic
         item_id = str(item["id"])
         if item_id not in predictions:
             raise InputError(f"no prediction for test item {item_id!r}")
-        category = item.get("category")
-        if category not in families.names():
-            raise InputError(f"test item {item_id!r} has category {category!r}; the strict "
-                             f"metrics know {', '.join(families.names())}")
-        prediction = predictions[item_id]
-        responses_for(prediction, 1, f"item {item_id!r}")  # raises if malformed
-        found[item_id] = [prediction["greedy"], *(prediction.get("samples") or [])]
+        found[item_id] = _answers(predictions[item_id], f"item {item_id!r}")
     return found
 
 
-def _all_verdicts(ordered: list[dict[str, Any]], responses: dict[str, list[str]],
+def _known(category: Any) -> bool:
+    return isinstance(category, str) and category in families.names()
+
+
+def _all_verdicts(ordered: list[dict[str, Any]], answers: dict[str, dict[str, Any]],
                   context: CheckContext, workers: int | None
                   ) -> dict[tuple[str, str], dict[str, Any]]:
-    """``{(item id, response): verdict}``, each distinct answer checked once.
+    """``{(item id, response): verdict}`` for items of a known family, each distinct
+    answer checked once.
 
     Answers of families that run code (unit tests) run in sandboxes, a few at a time
     (each sandbox is its own process, so threads are enough to overlap them).
@@ -180,8 +213,10 @@ def _all_verdicts(ordered: list[dict[str, Any]], responses: dict[str, list[str]]
     found: dict[tuple[str, str], dict[str, Any]] = {}
     sandboxed: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
     for item in ordered:
-        item_id, category = str(item["id"]), item["category"]
-        for response in responses[item_id]:
+        item_id, category = str(item["id"]), item.get("category")
+        if not _known(category):
+            continue
+        for response in answers[item_id]["all"]:
             key = (item_id, response)
             if key in found or key in sandboxed:
                 continue
@@ -199,39 +234,58 @@ def _all_verdicts(ordered: list[dict[str, Any]], responses: dict[str, list[str]]
     return found
 
 
-def _item_records(ordered: list[dict[str, Any]], responses: dict[str, list[str]],
+def _item_records(ordered: list[dict[str, Any]], answers: dict[str, dict[str, Any]],
                   seeds: dict[str, dict[str, Any]],
                   verdicts: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
     records = []
     for item in ordered:
-        item_id, category = str(item["id"]), item["category"]
-        greedy, *samples = responses[item_id]
-        greedy_facts = verdicts[(item_id, greedy)]
-        n = len(samples)
-        correct = sum(passes(category, verdicts[(item_id, s)]) for s in samples)
+        item_id = str(item["id"])
+        category = item.get("category")
+        known = _known(category)
+        greedy, *samples = answers[item_id]["all"]
+        truncated = answers[item_id]["truncated"]
         seed_row = seeds[item_id]
-        records.append({
+        record: dict[str, Any] = {
             "id": item_id,
-            "category": category,
+            "category": category if isinstance(category, str) else str(category),
+            "known_family": known,
             "group": item_group(item),
             "seed_pass_at_1": seed_row["pass1"],
             "seed_pass_at_k": seed_row["passk"],
             "seed_style": seed_row["style"],
             "hallucinated": seed_row["hallucinated"],
-            "greedy_pass": passes(category, greedy_facts),
-            "n_samples": n,
-            "n_correct": correct,
-            # c / n is the unbiased pass@1 of this item; None without samples
-            "pass_fraction": correct / n if n else None,
-            "pass_at_3": pass_at_k(n, correct, 3) if n >= 3 else None,
+            "n_samples": len(samples),
+            "truncated": None if truncated is None else truncated[0],
+            "samples_truncated": (None if truncated is None or not samples
+                                  else sum(truncated[1:]) / len(samples)),
             "has_mutant": has_mutant(item),
-            "verdict": greedy_facts,
-        })
+            "functional": None, "functional_n": 0, "functional_correct": 0,
+            "functional_fraction": None, "functional_at_3": None,
+            "format_ok": None, "verdict": None,
+        }
+        if known:
+            family = families.get(category)
+            greedy_facts = verdicts[(item_id, greedy)]
+            checked = [c for s in samples
+                       if (c := family.functional_check(verdicts[(item_id, s)])) is not None]
+            n, correct = len(checked), sum(checked)
+            record.update({
+                "functional": family.functional_check(greedy_facts),
+                "functional_n": n,
+                "functional_correct": correct,
+                # c / n is the unbiased pass@1 of this item; None without checked samples
+                "functional_fraction": correct / n if n else None,
+                "functional_at_3": pass_at_k(n, correct, 3) if n >= 3 else None,
+                "format_ok": bool(family.format_check(greedy_facts)),
+                "verdict": greedy_facts,
+            })
+        records.append(record)
     return records
 
 
 class _Estimator:
-    """Means with grouped bootstrap intervals, all with the same settings."""
+    """Means with grouped bootstrap intervals (Wilson-widened for rates), all with the
+    same settings."""
 
     def __init__(self, n_boot: int, seed: int):
         self.n_boot, self.seed = n_boot, seed
@@ -246,18 +300,29 @@ class _Estimator:
         if not pairs:
             return {"value": None, "ci": None, "n": 0, "reason": "no items to measure"}
         values, groups = [v for v, _ in pairs], [g for _, g in pairs]
-        low, high = bootstrap_ci(values, groups, n_boot=self.n_boot, seed=self.seed)
+        low, high = proportion_ci(values, groups, n_boot=self.n_boot, seed=self.seed)
         return {"value": sum(values) / len(values), "ci": [low, high], "n": len(values)}
 
 
-def _general_metrics(seed_k: int, min_samples: int
-                     ) -> list[tuple[str, str, Callable[[dict[str, Any]], Any], str | None]]:
-    """(name, section, value of a record, reason it is unavailable) for the metrics that
-    apply to every category."""
+Measure = tuple[str, str, Callable[[dict[str, Any]], Any], str | None]
+
+
+def _seed_measures(seed_k: int, min_samples: int) -> list[Measure]:
+    """(name, section, value of a record, reason it is unavailable) of the seed block's
+    per-item metrics; they apply to every item, unknown categories included."""
     seed_k_reason = None if seed_k == SEED_K else (
         f"the seed's pass@3 needs 2 samples per item besides the greedy answer; "
         f"the predictions have {min_samples}")
+    return [
+        ("seed_pass_at_1", "seed", lambda r: r["seed_pass_at_1"], None),
+        ("seed_pass_at_3", "seed", lambda r: r["seed_pass_at_k"], seed_k_reason),
+        ("seed_style_score", "seed", lambda r: r["seed_style"], None),
+        ("seed_hallucination_rate", "seed", lambda r: r["hallucinated"], None),
+    ]
 
+
+def _honest_measures(min_samples: int) -> list[Measure]:
+    """The measures of items of a known family: functional pass, format, budget."""
     def unbiased_reason(k: int) -> str | None:
         if min_samples >= k:
             return None
@@ -265,56 +330,66 @@ def _general_metrics(seed_k: int, min_samples: int
                 f"the predictions have {min_samples}")
 
     return [
-        ("seed_pass_at_1", "seed", lambda r: r["seed_pass_at_1"], None),
-        ("seed_pass_at_3", "seed", lambda r: r["seed_pass_at_k"], seed_k_reason),
-        ("seed_style_score", "seed", lambda r: r["seed_style"], None),
-        ("seed_hallucination_rate", "seed", lambda r: r["hallucinated"], None),
-        ("greedy_pass_at_1", "unbiased", lambda r: r["greedy_pass"], None),
-        ("pass_at_1", "unbiased", lambda r: r["pass_fraction"], unbiased_reason(1)),
-        ("pass_at_3", "unbiased", lambda r: r["pass_at_3"], unbiased_reason(3)),
+        ("functional_pass_greedy", "functional", lambda r: r["functional"], None),
+        ("functional_pass_at_1", "functional", lambda r: r["functional_fraction"],
+         unbiased_reason(1)),
+        ("functional_pass_at_3", "functional", lambda r: r["functional_at_3"],
+         unbiased_reason(3)),
+        ("functional_checked_share", "functional",
+         lambda r: r["functional"] is not None if r["known_family"] else None, None),
+        ("format_ok", "format", lambda r: r["format_ok"], None),
+        ("truncated_rate", "budget", lambda r: r["truncated"], None),
     ]
 
 
 def score_all(items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]], tag: str,
-              *, corpus_dir: Path | None, n_boot: int = 1000, seed: int = BOOTSTRAP_SEED,
+              *, corpus_dir: Path | None, n_boot: int = N_BOOT, seed: int = BOOTSTRAP_SEED,
               temperature: float | None = None, sandbox_timeout: float = 10.0,
               workers: int | None = None, allow_weak_sandbox: bool = False
               ) -> dict[str, Any]:
-    """eval.json's metrics (all but its ``trackb`` key) of ``predictions`` over ``items``.
+    """eval.json's metrics (all but its ``settings`` and ``trackb`` keys) of
+    ``predictions`` over ``items``.
 
-    ``predictions`` maps item id -> ``{"greedy": str, "samples": [str, ...]}``; the
-    samples are the ``n`` answers drawn at ``temperature`` (recorded, not used). Returns
-    ``{"tag", "metric_version", "n_items", "headline", "seed_compatible", "unbiased",
-    "execution", "per_category", "items"}``:
+    ``predictions`` maps item id -> ``{"greedy": str, "samples": [str, ...]}``, optionally
+    with ``"seed_view"`` (the same answers cut at the seed's 384 tokens: the seed block
+    scores these) and ``"truncated"`` (``{"greedy": bool, "samples": [bool]}``: which
+    answers hit the token budget); the samples are drawn at ``temperature`` (recorded,
+    not used). Returns ``{"tag", "metric_version", "n_items", "headline",
+    "seed_compatible", "functional", "families", "budget", "per_category", "items"}``:
 
-    - ``seed_compatible`` is :func:`score_seed` with ``k = min(3, 1 + fewest samples)``;
+    - ``seed_compatible`` is :func:`seed_summary` with ``k = min(3, 1 + fewest samples)``;
     - ``headline[name] = {"value", "ci": [lo, hi], "n", "section"}`` (seed metrics add
-      ``seed_key``, their field in ``seed_compatible``); a metric that
-      cannot be computed (too few samples for pass@k, no items of its category) has
-      value and ci None and a ``reason``;
+      ``seed_key``, their field in ``seed_compatible``); a metric that cannot be computed
+      (too few samples for pass@k, no items it applies to) has value and ci None and a
+      ``reason``;
     - intervals are 95% bootstrap intervals over ``n_boot`` replicates, resampling
-      source functions (:func:`item_group`), seeded by ``seed``;
+      source functions (:func:`item_group`), seeded by ``seed``, widened for rates to
+      their Wilson interval;
     - ``items`` holds, per item, the flags a paired comparison needs.
 
     unit_test answers run in the sandbox (``corpus_dir`` holds the modules they import),
     ``sandbox_timeout`` seconds each, up to ``workers`` at once. Raises InputError if
-    there are no items, an item has no id, an unknown category or no prediction, or a
-    prediction is malformed.
+    there are no items, an item has no id or no prediction, or a prediction is malformed.
     """
-    responses = _validated_responses(items, predictions)
+    answers = _validated_answers(items, predictions)
     ordered = sorted(items, key=lambda it: str(it["id"]))
-    min_samples = min(len(r) - 1 for r in responses.values())
+    min_samples = min(len(a["all"]) - 1 for a in answers.values())
     seed_k = min(SEED_K, 1 + min_samples)
-    seeds = seed_rows(items, predictions, seed_k)
+    seed_view = {item_id: {"greedy": a["seed"][0], "samples": a["seed"][1:]}
+                 for item_id, a in answers.items()}
+    seeds = seed_rows(items, seed_view, seed_k)
     seed_compatible = seed_summary(seeds, tag, seed_k)
     context = CheckContext(corpus_dir, sandbox_timeout, allow_weak_sandbox)
-    verdicts = _all_verdicts(ordered, responses, context, workers)
-    records = _item_records(ordered, responses, {r["id"]: r for r in seeds}, verdicts)
+    verdicts = _all_verdicts(ordered, answers, context, workers)
+    records = _item_records(ordered, answers, {r["id"]: r for r in seeds}, verdicts)
     estimate = _Estimator(n_boot, seed)
+    known = [r for r in records if r["known_family"]]
+    truncation_known = any(r["truncated"] is not None for r in records)
 
     headline: dict[str, dict[str, Any]] = {}
-    general = _general_metrics(seed_k, min_samples)
-    for name, section, value, unavailable in general:
+    seed_measures = _seed_measures(seed_k, min_samples)
+    honest = _honest_measures(min_samples)
+    for name, section, value, unavailable in seed_measures:
         headline[name] = {**estimate(records, value, unavailable), "section": section}
     headline["seed_execution_rate"] = {
         **estimate([r for r in records if r["category"] in SEED_CODE_CATEGORIES],
@@ -322,21 +397,38 @@ def score_all(items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]
         "section": "seed"}
     for name, key in SEED_HEADLINE_KEYS.items():
         headline[name]["seed_key"] = key
+    for name, section, value, unavailable in honest:
+        if name == "truncated_rate" and not truncation_known:
+            unavailable = "the predictions do not say which answers hit the token budget"
+        headline[name] = {**estimate(known, value, unavailable), "section": section}
     for family in families.all_families():
-        mine = [r for r in records if r["category"] == family.name]
+        mine = [r for r in known if r["category"] == family.name]
+        absent = None if mine else f"no {family.name} items"
+        headline[f"{family.name}_format_ok"] = {
+            **estimate(mine, lambda r: r["format_ok"], absent), "section": "format"}
         for metric in family.metrics:
             headline[f"{family.name}_{metric.name}"] = {
-                **estimate(mine, metric.value, None if mine else f"no {family.name} items"),
-                "section": "execution"}
+                **estimate(mine, metric.value, absent), "section": "family"}
 
     present = sorted({r["category"] for r in records})
     per_category: dict[str, dict[str, Any]] = {}
     for category in present:
         mine = [r for r in records if r["category"] == category]
-        per_category[category] = {
-            name: estimate(mine, value, unavailable) for name, _, value, unavailable in general}
-        for metric in families.get(category).metrics:
-            per_category[category][metric.name] = estimate(mine, metric.value)
+        entry = {name: estimate(mine, value, unavailable)
+                 for name, _, value, unavailable in seed_measures}
+        if _known(category):
+            for name, _, value, unavailable in honest:
+                if name == "truncated_rate" and not truncation_known:
+                    unavailable = "the predictions do not say which answers hit the budget"
+                entry[name] = estimate(mine, value, unavailable)
+            for metric in families.get(category).metrics:
+                entry[metric.name] = estimate(mine, metric.value)
+        else:
+            why = (f"unknown category {category!r}: no family checks it (the seed block "
+                   "scores it as explain)")
+            for name, _, _, _ in honest:
+                entry[name] = estimate(mine, lambda r: None, why)
+        per_category[category] = entry
 
     return {
         "tag": tag,
@@ -344,38 +436,61 @@ def score_all(items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]
         "n_items": len(records),
         "headline": headline,
         "seed_compatible": seed_compatible,
-        "unbiased": _unbiased_section(records, per_category, headline, min_samples,
-                                      temperature),
-        "execution": {c: _execution_facts(c, [r for r in records if r["category"] == c])
-                      for c in present},
+        "functional": _functional_section(known, per_category, headline, min_samples,
+                                          temperature),
+        "families": {c: _family_facts(c, [r for r in known if r["category"] == c])
+                     for c in present if _known(c)},
+        "budget": _budget_section(records, truncation_known),
         "per_category": per_category,
         "items": records,
     }
 
 
-def _unbiased_section(records: list[dict[str, Any]], per_category: dict[str, Any],
-                      headline: dict[str, Any], min_samples: int,
-                      temperature: float | None) -> dict[str, Any]:
-    names = ("pass_at_1", "pass_at_3", "greedy_pass_at_1")
+FUNCTIONAL_NAMES = ("functional_pass_greedy", "functional_pass_at_1", "functional_pass_at_3")
+
+
+def _functional_section(records: list[dict[str, Any]], per_category: dict[str, Any],
+                        headline: dict[str, Any], min_samples: int,
+                        temperature: float | None) -> dict[str, Any]:
     return {
         "n_samples": min_samples,
         "temperature": temperature,
-        **{name: headline[name]["value"] for name in names},
-        "unavailable": {name: headline[name]["reason"] for name in names
+        **{name: headline[name]["value"] for name in FUNCTIONAL_NAMES},
+        "n": {name: headline[name]["n"] for name in FUNCTIONAL_NAMES},
+        "unavailable": {name: headline[name]["reason"] for name in FUNCTIONAL_NAMES
                         if headline[name]["value"] is None},
-        "correct_means": strict_pass_rules(),
+        "pass_means": pass_rules(),
         "per_category": {
             category: {"n": sum(r["category"] == category for r in records),
-                       **{name: metrics[name]["value"] for name in names}}
-            for category, metrics in per_category.items()
+                       "checked": sum(r["category"] == category and r["functional"]
+                                      is not None for r in records),
+                       **{name: metrics[name]["value"] for name in FUNCTIONAL_NAMES}}
+            for category, metrics in per_category.items() if _known(category)
         },
     }
 
 
-def _execution_facts(category: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+def _budget_section(records: list[dict[str, Any]], known: bool) -> dict[str, Any]:
+    """Per category (and ``all``): the share of greedy answers and of samples cut at the
+    token budget; None where the predictions do not say."""
+    def rates(mine: list[dict[str, Any]]) -> dict[str, Any]:
+        greedy = [float(r["truncated"]) for r in mine if r["truncated"] is not None]
+        samples = [r["samples_truncated"] for r in mine if r["samples_truncated"] is not None]
+        return {"n": len(mine),
+                "greedy_truncated": _mean(greedy) if greedy else None,
+                "samples_truncated": _mean(samples) if samples else None}
+
+    categories = sorted({r["category"] for r in records})
+    return {"known": known,
+            "all": rates(records),
+            "per_category": {c: rates([r for r in records if r["category"] == c])
+                             for c in categories}}
+
+
+def _family_facts(category: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     """``{metric: mean, ..., "n"}`` on the greedy answers of one category's ``records``:
-    the family's metrics, its facts (without intervals), the strict pass and whatever
-    else the family reports (:meth:`~trackb_core.families.Family.summary`)."""
+    the family's metrics, its facts (without intervals), format and functional pass,
+    and whatever else the family reports (:meth:`~trackb_core.families.Family.summary`)."""
     family = families.get(category)
     facts: dict[str, Any] = {}
     for metric in family.metrics:
@@ -383,7 +498,10 @@ def _execution_facts(category: str, records: list[dict[str, Any]]) -> dict[str, 
         facts[metric.name] = sum(counted) / len(counted) if counted else None
     for fact in family.facts:
         facts[fact] = _mean([float(r["verdict"][fact]) for r in records])
-    facts["strict_pass"] = _mean([float(r["greedy_pass"]) for r in records])
+    facts["format_ok"] = _mean([float(r["format_ok"]) for r in records])
+    checked = [float(r["functional"]) for r in records if r["functional"] is not None]
+    facts["functional_pass_greedy"] = _mean(checked) if checked else None
+    facts["functional_checked"] = len(checked)
     facts["n"] = len(records)
     facts.update(family.summary(records))
     return facts

@@ -88,19 +88,34 @@ def first_function(source: str) -> FunctionNode | None:
     return found[0] if found else None
 
 
-def functions_in(code: str, name: str) -> list[FunctionNode]:
-    """The functions called ``name`` in ``code``; none when it does not parse."""
+def bound_function(code: str, name: str) -> FunctionNode | None:
+    """The definition of ``name`` that running ``code`` would leave bound: the last
+    top-level ``def name`` (a later one replaces an earlier one), else the last method
+    ``name`` of the last top-level class that defines one. None when there is none or the
+    code does not parse. Nested defs inside other functions are never bound by running
+    the module, so they do not count."""
     tree = codeblocks.parses(code)
-    return [] if tree is None else functions_named(tree, name)
+    if tree is None:
+        return None
+    top = [n for n in tree.body if isinstance(n, FunctionNode) and n.name == name]
+    if top:
+        return top[-1]
+    for node in reversed(tree.body):
+        if isinstance(node, ast.ClassDef):
+            methods = [n for n in node.body if isinstance(n, FunctionNode) and n.name == name]
+            if methods:
+                return methods[-1]
+    return None
 
 
 def restores_original(code: str, original: str) -> bool:
-    """True if ``code`` defines the function of ``original`` AST-equal to it (normalised)."""
+    """True if the definition of the original's name that ``code`` binds
+    (:func:`bound_function`) is AST-equal to ``original`` (normalised)."""
     target = first_function(original)
     if target is None:
         return False
-    want = dump(normalised(target))
-    return any(dump(normalised(c)) == want for c in functions_in(code, target.name))
+    candidate = bound_function(code, target.name)
+    return candidate is not None and dump(normalised(candidate)) == dump(normalised(target))
 
 
 def own_nodes(func: ast.AST):

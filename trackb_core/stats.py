@@ -86,6 +86,40 @@ def bootstrap_ci(values: Sequence[float], groups: Sequence[Hashable], *, n_boot:
     return min(float(low), point), max(float(high), point)
 
 
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``rate`` over ``n`` trials, rounded to 4
+    places; (0, 1) when ``n`` is 0.
+
+    Unlike the normal approximation (or a bootstrap), it does not collapse to a point at
+    0/n or n/n: 0 passes out of 20 gives [0, 0.161], not [0, 0]. Raises nothing.
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    denom = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(rate * (1 - rate), 0.0) / n + z * z / (4 * n * n)) / denom
+    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
+def proportion_ci(values: Sequence[float], groups: Sequence[Hashable], *, n_boot: int = 1000,
+                  seed: int = 0) -> tuple[float, float]:
+    """A 95% interval for the mean of ``values`` that never collapses at 0/n or n/n.
+
+    The grouped bootstrap interval (:func:`bootstrap_ci`: source functions resampled
+    whole); when every value is 0 or 1 (a pass/fail rate, or per-item shares that all
+    sit at an end) it is widened to hold the Wilson score interval of the same rate
+    over as many items (:func:`wilson_interval`). The bootstrap alone says "no
+    uncertainty" for 0 passes out of 20, which is false; widening never narrows the
+    clustered interval. Raises ValueError as :func:`bootstrap_ci` does.
+    """
+    low, high = bootstrap_ci(values, groups, n_boot=n_boot, seed=seed)
+    if all(float(v) in (0.0, 1.0) for v in values):
+        mean = sum(float(v) for v in values) / len(values)
+        wilson_low, wilson_high = wilson_interval(mean, len(values))
+        low, high = min(low, wilson_low), max(high, wilson_high)
+    return low, high
+
+
 def paired_bootstrap_delta(before: Sequence[float], after: Sequence[float],
                            groups: Sequence[Hashable], *, n_boot: int = 1000,
                            seed: int = 0) -> dict[str, Any]:

@@ -3,10 +3,12 @@
 One :class:`vllm.LLM` per evaluation, the LoRA adapter applied per request with
 ``LoRARequest`` (no merge, no second copy of the weights). It answers exactly what the
 Hugging Face path answers: the same prompt token ids (tokenized here without special
-tokens, as the HF path does), one greedy answer (temperature 0, n = 1) and
-``n_samples`` samples at one temperature/top-p with a fixed seed, every answer cut at
-the first stop token and decoded by the same function
-(:func:`trackb_core.generation.decode_answer`).
+tokens, as the HF path does), the same :class:`~trackb_core.generation.SamplingSettings`
+translated by :meth:`~trackb_core.generation.SamplingSettings.vllm` (every parameter
+explicit, the model's generation_config never read for sampling), one greedy answer
+(temperature 0) and ``n_samples`` samples per item on the item's own seed, every answer
+finished by the same function (:func:`trackb_core.generation.finish_answer`), in the
+dtype of training's runtime plan.
 
 vLLM is imported inside the functions, so this module imports on any machine;
 :func:`vllm_unusable` says why the backend cannot run here (not installed, no GPU),
@@ -21,14 +23,20 @@ import json
 from pathlib import Path
 
 from trackb_core.errors import InputError
-from trackb_core.generation import Generations, decode_answer, stop_ids_for
+from trackb_core.generation import (
+    Answer,
+    Generations,
+    SamplingSettings,
+    finish_answer,
+    item_seed,
+    stop_ids_for,
+)
+from trackb_core.runtime import device_facts, eval_dtype, runtime_plan
 
 # Ranks vLLM's LoRA kernels accept for max_lora_rank; the adapter's rank is rounded up.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 # Modules vLLM refuses to load from a LoRA adapter (field notes §4).
 UNSUPPORTED_LORA_MODULES = ("embed_tokens", "lm_head")
-# Turing (T4, compute capability 7.5) has no bfloat16.
-BF16_MIN_CAPABILITY = (8, 0)
 
 
 def vllm_unusable() -> str | None:
@@ -92,20 +100,21 @@ def max_lora_rank(adapter_dir: Path) -> int:
 
 
 def vllm_dtype() -> str:
-    """``"half"`` on GPUs without bfloat16 (T4), else ``"auto"`` (the model's own dtype)."""
-    import torch
-
-    capability = tuple(torch.cuda.get_device_capability())
-    return "half" if capability < BF16_MIN_CAPABILITY else "auto"
+    """vLLM's dtype for this GPU from the runtime plan training uses
+    (:func:`trackb_core.runtime.eval_dtype`): ``"float16"`` on GPUs without native
+    bfloat16 (T4), ``"bfloat16"`` on those with it."""
+    return eval_dtype(runtime_plan("auto", device_facts()))
 
 
 def generate_vllm(model_path: str, tokenizer_path: str, adapter_dir: Path | None,
-                  prompts: list[str], *, n_samples: int, temperature: float, top_p: float,
-                  max_new_tokens: int, seed: int):
-    """Greedy answers and ``n_samples`` seeded samples per prompt, with vLLM.
+                  prompts: list[str], item_ids: list[str], *, settings: SamplingSettings
+                  ) -> tuple[Generations, str]:
+    """Greedy answers and ``settings.n_samples`` samples per prompt, with vLLM; each
+    item's samples drawn with its own seed (:func:`trackb_core.generation.item_seed`).
 
-    Returns a :class:`trackb_core.generation.Generations`. Raises InputError if the
-    tokenizer or the adapter cannot be read or the adapter cannot be served by vLLM.
+    Returns the :class:`trackb_core.generation.Generations` and the dtype name. Raises
+    InputError if the tokenizer or the adapter cannot be read or the adapter cannot be
+    served by vLLM.
     """
     from transformers import AutoTokenizer, GenerationConfig
     from vllm import LLM, SamplingParams
@@ -122,8 +131,12 @@ def generate_vllm(model_path: str, tokenizer_path: str, adapter_dir: Path | None
         configured_eos = None  # a model without generation_config.json: tokenizer eos only
     stops = stop_ids_for(tokenizer, configured_eos)
 
+    dtype = vllm_dtype()
+    # generation_config="vllm": vLLM's neutral defaults, never the model's file (which
+    # could carry a repetition penalty or top-k); every parameter is set below anyway.
     engine_options: dict = {"model": model_path, "tokenizer": tokenizer_path,
-                            "dtype": vllm_dtype(), "seed": seed}
+                            "dtype": dtype, "seed": settings.seed,
+                            "generation_config": "vllm"}
     lora_request = None
     if adapter_dir is not None:
         problem = adapter_problem(adapter_dir)
@@ -137,26 +150,17 @@ def generate_vllm(model_path: str, tokenizer_path: str, adapter_dir: Path | None
     # Token ids, not text: vLLM would add the tokenizer's special tokens, the HF path does not.
     requests = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]}
                 for p in prompts]
-    greedy_params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens,
-                                   stop_token_ids=stops)
-    tokens = 0
-    greedy: list[str] = []
-    for output in llm.generate(requests, greedy_params, lora_request=lora_request,
-                               use_tqdm=False):
-        text, used = decode_answer(tokenizer, list(output.outputs[0].token_ids), stops)
-        greedy.append(text)
-        tokens += used
-    samples: list[list[str]] = [[] for _ in prompts]
-    if n_samples:
-        sample_params = SamplingParams(n=n_samples, temperature=temperature, top_p=top_p,
-                                       seed=seed, max_tokens=max_new_tokens,
-                                       stop_token_ids=stops)
-        outputs = llm.generate(requests, sample_params, lora_request=lora_request,
-                               use_tqdm=False)
+    greedy_params = SamplingParams(**settings.vllm(sample=False, stop_ids=stops))
+    greedy = [finish_answer(tokenizer, list(output.outputs[0].token_ids), stops, settings)
+              for output in llm.generate(requests, greedy_params, lora_request=lora_request,
+                                         use_tqdm=False)]
+    samples: list[list[Answer]] = [[] for _ in prompts]
+    if settings.n_samples:
+        per_item = [SamplingParams(**settings.vllm(sample=True, stop_ids=stops,
+                                                   seed=item_seed(settings.seed, item_id)))
+                    for item_id in item_ids]
+        outputs = llm.generate(requests, per_item, lora_request=lora_request, use_tqdm=False)
         for index, output in enumerate(outputs):
-            for completion in output.outputs:
-                text, used = decode_answer(tokenizer, list(completion.token_ids), stops)
-                samples[index].append(text)
-                tokens += used
-    return Generations(greedy=greedy, samples=samples, tokens=tokens, device="cuda",
-                       backend="vllm")
+            samples[index] = [finish_answer(tokenizer, list(c.token_ids), stops, settings)
+                              for c in output.outputs]
+    return Generations(greedy=greedy, samples=samples, device="cuda", backend="vllm"), dtype

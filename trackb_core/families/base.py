@@ -4,7 +4,7 @@ A family is one module of :mod:`trackb_core.families` (``bugfix``, ``complete``,
 ``docstring``, ``explain``, ``unit_test``) holding a subclass of :class:`Family`: how
 its task and instruction are built from a function, the reference teacher's answer,
 the guidance a teacher model gets, the strict verdict on an answer and the filter
-reasons it gives, the pass rule and its execution metrics. Every stage loops over the
+reasons it gives, its format and functional checks, the pass rule and its metrics. Every stage loops over the
 registry (:func:`trackb_core.families.all_families`) and keeps no table per category.
 
 The seed-compatible scorer is not here: it scores by the seed's own category rules
@@ -71,7 +71,8 @@ class CheckContext:
 
 @dataclass(frozen=True)
 class Metric:
-    """An execution metric of a family, measured on each item's greedy answer.
+    """A metric of a family, measured on each item's greedy answer (eval.json section
+    ``family``; a name never says *pass*: only the functional check is a pass).
 
     ``value(record)`` is the metric for one scored item (``record["verdict"]`` is the
     greedy answer's verdict; ``record["has_mutant"]`` whether the item has a mutant), or
@@ -101,12 +102,13 @@ class Family(abc.ABC):
         guidance: the format guidance a teacher model gets besides the instruction
             (part of the teacher prompt template: a change must bump
             ``openai_teacher.TEACHER_PROMPT_VERSION``).
-        pass_rule: what a strict pass means, in words (eval.json ``correct_means``).
+        pass_rule: what a pass means, in words (eval.json ``correct_means``): the
+            functional check, or why the family has none yet.
         seed_reasons: the seed filter reasons :meth:`seed_reason` can return.
         filter_reasons: the strict filter reasons :meth:`filter` can return, without
             the ``strict:`` prefix.
-        metrics: its execution metrics on the greedy answer (eval.json headline).
-        facts: verdict facts reported in eval.json's execution block without intervals.
+        metrics: its metrics on the greedy answer (eval.json headline, section family).
+        facts: verdict facts reported in eval.json's ``families`` block without intervals.
     """
 
     name: str
@@ -148,18 +150,23 @@ class Family(abc.ABC):
         manifest and the card aggregate (keys prefixed with the family's name)."""
 
     @abc.abstractmethod
-    def passes(self, verdict: dict[str, Any]) -> bool:
-        """Whether a :meth:`verdict` counts as a strict pass (:attr:`pass_rule`)."""
-
-    @abc.abstractmethod
     def format_check(self, verdict: dict[str, Any]) -> bool:
         """Whether the answer has the form the instruction asks for (its code parses and
-        keeps the signature, its docstring has the sections, ...), whatever its content."""
+        keeps the signature, its docstring has the sections, its explanation is prose
+        about the function), whatever its content. Reported as ``format_ok``; never a
+        pass."""
 
     @abc.abstractmethod
     def functional_check(self, verdict: dict[str, Any]) -> bool | None:
-        """Whether the answer was shown to work by running code, or None where nothing
-        was run for it (no tests for this family yet, or none could run)."""
+        """Whether the answer is shown to be right (tests run on it, or the original it
+        must restore): the only thing eval reports as a *pass*. None where nothing can
+        show it for this family or item (prose; no tests could run), which leaves the item
+        out of the pass metrics rather than counting it either way."""
+
+    def passes(self, verdict: dict[str, Any]) -> bool:
+        """Whether a :meth:`verdict` counts as a pass (:attr:`pass_rule`): its functional
+        check holds."""
+        return self.functional_check(verdict) is True
 
     def seed_reason(self, response: str) -> str | None:
         """The seed filters' family-specific verdict (one of :attr:`seed_reasons`), or
@@ -168,6 +175,6 @@ class Family(abc.ABC):
         return None
 
     def summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        """More facts for eval.json's execution block of this family (e.g. how many
+        """More facts for eval.json's ``families`` block of this family (e.g. how many
         items could be executed), from the scored ``records``."""
         return {}

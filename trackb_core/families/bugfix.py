@@ -7,13 +7,16 @@
   bugs (``bugfix_kind_cap``).
 - Reference answer: what the mutation changed and why that is wrong
   (:func:`describe_mutation`), then the original function.
-- Verdict: ``exact_fix`` = the original function restored (AST-equal after
-  normalising); ``site_fix`` = at least the mutated site restored (the smallest
+- Verdict, always on the one definition running the answer's code would bind
+  (:func:`trackb_core.pyast.bound_function`: the last top-level ``def`` of that name,
+  else the last such method; other definitions of the name do not count):
+  ``exact_fix`` = the original function restored (AST-equal after normalising: the
+  mutated site reads as in the original and nothing else changed) — the family's
+  functional check; ``site_restored`` = a diagnostic, not a fix: the smallest
   expression/statement that differs between the original and the mutant reads as in
-  the original again, and the mutant's version is gone), other edits allowed. An exact
-  fix is also a site fix.
-- Strict filter reasons: ``bugfix_unparsable`` / ``bugfix_not_restored``; facts
-  ``bugfix_exact_fix``, ``bugfix_site_fix``.
+  the original again, whatever else the answer changed (dead code included).
+- Strict filter reasons: ``bugfix_unparsable`` / ``bugfix_not_restored`` (not an exact
+  fix); facts ``bugfix_exact_fix``, ``bugfix_site_restored``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from trackb_core.codeblocks import first_code, parses
 from trackb_core.families.base import CheckContext, Family, FunctionSource, Metric, verdict_fact
 from trackb_core.pyast import (
     FunctionNode,
+    bound_function,
     dump,
     first_function,
-    functions_in,
     normalised,
     python_block,
     restores_original,
@@ -209,10 +212,11 @@ def restores_site(code: str, original: str, buggy: str, mutation: dict) -> bool:
     """True if ``code`` reverts the mutated site of ``buggy`` to read as in ``original``.
 
     The site is the smallest whole expression (or simple statement) that differs between
-    the normalised original and mutant. Restored means ``code``'s function of that name
-    holds the original's site at least as often as the original does and the mutant's
-    site no more often than the original does; edits elsewhere are allowed. When the two
-    do not parse or do not differ, falls back to the changed line of ``mutation``
+    the normalised original and mutant. Restored means the definition ``code`` binds
+    (:func:`trackb_core.pyast.bound_function`) holds the original's site at least as
+    often as the original does and the mutant's site no more often than the original
+    does; edits elsewhere are allowed (so this is a diagnostic, never a fix). When the
+    two do not parse or do not differ, falls back to the changed line of ``mutation``
     (whitespace-collapsed ``before`` present, ``after`` gone). An exact restore is
     always a site restore. Raises nothing.
     """
@@ -222,9 +226,10 @@ def restores_site(code: str, original: str, buggy: str, mutation: dict) -> bool:
     mutant = first_function(buggy)
     if target is None:
         return False
-    candidates = functions_in(code, target.name)
-    if not candidates:
+    bound = bound_function(code, target.name)
+    if bound is None:
         return False
+    candidates = [bound]
     pair = None
     if mutant is not None:
         pair = _site_pair(normalised(target), normalised(mutant))
@@ -251,15 +256,16 @@ def restores_site(code: str, original: str, buggy: str, mutation: dict) -> bool:
 
 
 def bugfix_verdict(response: str, item: dict) -> dict:
-    """``{"parses", "exact_fix", "site_fix"}`` for a bugfix ``response`` to ``item``."""
-    code = first_code(response)
+    """``{"parses", "exact_fix", "site_restored"}`` for a bugfix ``response`` to ``item``
+    (see the module docstring). Raises nothing."""
+    code = first_code(str(response or ""))
     if code is None or parses(code) is None:
-        return {"parses": False, "exact_fix": False, "site_fix": False}
+        return {"parses": False, "exact_fix": False, "site_restored": False}
     original = str(item.get("source_function", ""))
     mutation = item.get("mutation") if isinstance(item.get("mutation"), dict) else {}
     exact = restores_original(code, original)
     site = exact or restores_site(code, original, str(item.get("buggy_source", "")), mutation)
-    return {"parses": True, "exact_fix": exact, "site_fix": site}
+    return {"parses": True, "exact_fix": exact, "site_restored": site}
 
 
 class Bugfix(Family):
@@ -269,11 +275,11 @@ class Bugfix(Family):
     shows_mutant = True
     guidance = ("Say in one or two sentences which line is wrong and why, then give the whole "
                 "corrected function in one ```python block.")
-    pass_rule = ("the answer's code restores the original function exactly (exact_fix) or at "
-                 "least its mutated site (site_fix)")
+    pass_rule = ("the definition the answer's code binds is the original function: the "
+                 "mutated site restored and nothing else changed (exact_fix)")
     filter_reasons = ("bugfix_unparsable", "bugfix_not_restored")
     metrics = (Metric("exact_fix", verdict_fact("exact_fix")),
-               Metric("site_fix", verdict_fact("site_fix")))
+               Metric("site_restored", verdict_fact("site_restored")))
     facts = ("parses",)
 
     def build_task(self, source: FunctionSource) -> dict[str, Any] | str:
@@ -306,21 +312,19 @@ class Bugfix(Family):
 
     def filter(self, verdict: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         facts = {"bugfix_exact_fix": verdict["exact_fix"],
-                 "bugfix_site_fix": verdict["site_fix"]}
+                 "bugfix_site_restored": verdict["site_restored"]}
         if not verdict["parses"]:
             return "bugfix_unparsable", facts
-        if not (verdict["exact_fix"] or verdict["site_fix"]):
+        if not verdict["exact_fix"]:
             return "bugfix_not_restored", facts
         return None, facts
-
-    def passes(self, verdict: dict[str, Any]) -> bool:
-        return bool(verdict["exact_fix"] or verdict["site_fix"])
 
     def format_check(self, verdict: dict[str, Any]) -> bool:
         return bool(verdict["parses"])
 
     def functional_check(self, verdict: dict[str, Any]) -> bool | None:
-        return None  # no hidden tests run for a fix yet
+        # The original restored exactly is a working fix by construction.
+        return bool(verdict["exact_fix"])
 
 
 FAMILY = Bugfix()

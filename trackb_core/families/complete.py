@@ -24,10 +24,10 @@ from trackb_core.codeblocks import first_code, parses
 from trackb_core.families.base import CheckContext, Family, FunctionSource, Metric, verdict_fact
 from trackb_core.pyast import (
     FunctionNode,
+    bound_function,
     complete_stub,
     dump,
     first_function,
-    functions_in,
     functions_named,
     normalised,
     python_block,
@@ -87,7 +87,9 @@ def edit_similarity(code: str, original: str, name: str | None = None) -> float:
 
 
 def complete_verdict(response: str, item: dict) -> dict:
-    """``{"parses", "keeps_signature", "not_echo", "exact_match", "edit_similarity"}``."""
+    """``{"parses", "keeps_signature", "not_echo", "exact_match", "edit_similarity"}``,
+    judged on the definition of the function's name the code binds
+    (:func:`trackb_core.pyast.bound_function`). Raises nothing."""
     code = first_code(response)
     original = str(item.get("source_function", ""))
     name = str(item.get("function_name") or "") or None
@@ -101,11 +103,12 @@ def complete_verdict(response: str, item: dict) -> dict:
     if wanted is None:
         return verdict
     wanted_name, wanted_args = wanted
-    candidates = functions_in(code, wanted_name)
-    keeping = [c for c in candidates if dump(c.args) == wanted_args]
-    verdict["keeps_signature"] = bool(keeping)
-    verdict["not_echo"] = any(not all(_is_trivial(s) for s in c.body)
-                              for c in (keeping or candidates))
+    # the definition running the code binds, as for a bugfix: others of the name do not count
+    bound = bound_function(code, wanted_name)
+    if bound is None:
+        return verdict
+    verdict["keeps_signature"] = dump(bound.args) == wanted_args
+    verdict["not_echo"] = not all(_is_trivial(s) for s in bound.body)
     verdict["exact_match"] = restores_original(code, original)
     return verdict
 
@@ -114,8 +117,9 @@ class Complete(Family):
     name = "complete"
     answers_with_code = True
     guidance = "Give the whole completed function in one ```python block and nothing else."
-    pass_rule = ("the answer's code parses, keeps the signature and is not an echo of the "
-                 "stub (parses & keeps_signature & not_echo)")
+    pass_rule = ("none yet: a completion passes only when hidden tests run on it; until "
+                 "then exact_match and edit_similarity say how close it is, and format_ok "
+                 "that it parses, keeps the signature and is not an echo of the stub")
     filter_reasons = ("complete_unparsable", "complete_signature_changed", "complete_echo")
     metrics = tuple(Metric(fact, verdict_fact(fact)) for fact in (
         "parses", "keeps_signature", "not_echo", "exact_match", "edit_similarity"))
@@ -154,11 +158,8 @@ class Complete(Family):
             return "complete_echo", facts
         return None, facts
 
-    def passes(self, verdict: dict[str, Any]) -> bool:
-        return bool(verdict["parses"] and verdict["keeps_signature"] and verdict["not_echo"])
-
     def format_check(self, verdict: dict[str, Any]) -> bool:
-        return bool(verdict["parses"] and verdict["keeps_signature"])
+        return bool(verdict["parses"] and verdict["keeps_signature"] and verdict["not_echo"])
 
     def functional_check(self, verdict: dict[str, Any]) -> bool | None:
         return None  # no hidden tests run for a completion yet

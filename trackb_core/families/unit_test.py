@@ -233,14 +233,16 @@ class UnitTest(Family):
     runs_code = True
     guidance = ("Write self-contained pytest tests in one ```python block: import what you "
                 "test, name the functions test_..., use plain assert statements.")
-    pass_rule = ("the tests run and pass against the original function and, where the item "
-                 "has a mutant that was run, fail against it (passes_original & "
-                 "kills_mutant); tests that cannot be executed do not pass")
+    pass_rule = ("the tests run and pass against the original function and fail against "
+                 "its mutant (passes_original & kills_mutant); items whose tests cannot run, "
+                 "or whose mutant could not be run, are left out")
     seed_reasons = ("no_test_function", "no_assert")
     filter_reasons = (*STATUS_REASONS.values(), "unit_test_misses_mutant",
                       "unit_test_unverified")
     metrics = (
-        Metric("passes_original", lambda r: r["verdict"].get("passes_original") is True
+        # Not a pass: a test that asserts nothing is consistent with any function.
+        Metric("consistent_with_original",
+               lambda r: r["verdict"].get("passes_original") is True
                if executable(r) else None),
         Metric("kills_mutant", kills_mutant),
     )
@@ -292,18 +294,19 @@ class UnitTest(Family):
             return "unit_test_unverified", facts
         return None, facts
 
-    def passes(self, verdict: dict[str, Any]) -> bool:
-        # kills_mutant is None when there was no mutant to run (none, or it could not be
-        # placed in the module): the item then asks only for passing the original
-        return verdict.get("passes_original") is True and verdict.get("kills_mutant") is not False
-
     def format_check(self, verdict: dict[str, Any]) -> bool:
         return verdict.get("status") not in ("unparsable", "no_tests")
 
     def functional_check(self, verdict: dict[str, Any]) -> bool | None:
-        if verdict.get("status") == "not_executable":
+        status = verdict.get("status")
+        if status == "not_executable":
             return None
-        return self.passes(verdict)
+        if status != "passed":
+            return False  # no tests, tests that fail the original or cannot import
+        # Passing alone proves nothing (a test that asserts nothing passes): without a
+        # mutant run to catch, nothing is shown either way.
+        kills = verdict.get("kills_mutant")
+        return None if kills is None else bool(kills)
 
     def seed_reason(self, response: str) -> str | None:
         if "def test_" not in response:

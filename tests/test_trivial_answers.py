@@ -1,0 +1,81 @@
+"""Trivial answers earn no pass: over the real verl test split, the answers an evaluation
+researcher tries first — the signature with ``return None``, an echo of the code in the
+prompt, an empty string, the prompt repeated, the buggy code unchanged — score 0 on every
+headline metric outside the seed block whose name says *pass*.
+
+Before metric version 3 they reached a greedy "strict pass@1" of about 0.70 here: a
+completion passed by keeping the signature, an explanation by echoing the code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from trackb_core.codeblocks import first_code
+from trackb_core.metrics import score_all
+
+pytestmark = pytest.mark.integration
+
+# unit_test items from extract (the reference teacher writes no tests, so none reach the
+# split): enough to cover the family without running a sandbox per item
+UNIT_TEST_ITEMS = 40
+
+
+def fence(code: str) -> str:
+    return f"```python\n{code.rstrip()}\n```"
+
+
+def signature_return_none(item: dict) -> str:
+    signature = str(item.get("signature") or "def f():").rstrip()
+    return fence(f"{signature}\n    return None")
+
+
+def code_echo(item: dict) -> str:
+    # the code the prompt shows: the function, its stub or its mutant
+    return fence(first_code(item["instruction"]) or "")
+
+
+TRIVIAL = {
+    "signature_return_none": signature_return_none,
+    "code_echo": code_echo,
+    "empty": lambda item: "",
+    "prompt_repeated": lambda item: item["instruction"],
+    "buggy_unchanged": lambda item: fence(item.get("buggy_source") or item["source_function"]),
+}
+
+
+@pytest.fixture(scope="module")
+def real_items(verl_dataset):
+    folder, manifests = verl_dataset
+    test = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
+    tasks_file = folder.parent / "extract" / "tasks.jsonl"
+    tasks = [json.loads(line) for line in tasks_file.read_text().splitlines()]
+    unit_tests = [t for t in tasks if t["category"] == "unit_test" and t.get("buggy_source")]
+    unit_tests = random.Random(0).sample(unit_tests, min(UNIT_TEST_ITEMS, len(unit_tests)))
+    return test + unit_tests
+
+
+@pytest.mark.parametrize("kind", sorted(TRIVIAL))
+def test_a_trivial_answer_scores_zero_on_every_pass_metric(real_items, kind):
+    answer = TRIVIAL[kind]
+    predictions = {str(item["id"]): {"greedy": answer(item), "samples": [answer(item)] * 3}
+                   for item in real_items}
+    result = score_all(real_items, predictions, kind, corpus_dir=None, n_boot=20)
+    categories = {item["category"] for item in real_items}
+    assert {"bugfix", "complete", "docstring", "explain", "unit_test"} <= categories
+
+    passes = {name: entry for name, entry in result["headline"].items()
+              if re.search("pass", name) and entry["section"] != "seed"}
+    assert {"functional_pass_greedy", "functional_pass_at_1",
+            "functional_pass_at_3"} <= set(passes)
+    for name, entry in passes.items():
+        assert entry["n"] > 0, name  # measured, not skipped
+        assert entry["value"] == 0.0, (kind, name, entry)
+    for category, metrics in result["per_category"].items():
+        for name, entry in metrics.items():
+            if "pass" in name and not name.startswith("seed_"):
+                assert entry["value"] in (0.0, None), (kind, category, name, entry)
