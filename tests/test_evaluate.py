@@ -151,7 +151,8 @@ def test_eval_with_tiny_model_is_complete_and_deterministic(tmp_path, dataset_di
         "max_new_tokens": 12, "n_samples": 3, "temperature": 0.6, "top_p": 0.95, "seed": 42,
         "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
         "stop_tokens": ["<|im_end|>", "<|im_start|>"], "seed_view_tokens": 12}
-    assert settings["corpus"] == {"needed": True, "available": False, "sha256": None}
+    assert settings["corpus"] == {"needed": True, "available": False, "sha256": None,
+                                  "execution_env": None}
     assert settings["scorer"]["metric_version"] == METRIC_VERSION
     # the barely trained model rambles: 12 tokens cut most answers, and eval says so
     truncated = [p["truncated"]["greedy"] for p in predictions]
@@ -642,14 +643,15 @@ def test_score_hand_written_predictions(tmp_path, dataset_dir):
     assert [f["id"] for f in seed["failures"]] == ["item-1", "item-2", "item-3", "item-4"]
     assert result["headline"]["seed_pass_at_1"]["value"] == pytest.approx(2 / 6)
 
-    # functional pass: only bugfix (no exact fix here) and unit_test (no tests in the
-    # answer: a fail, corpus or not) have one; format: only item-0's Google docstring;
-    # item-5's code compiles but renames f5 to f, so it does not keep the signature
+    # functional pass: only unit_test (no tests in the answer: a fail, corpus or not) has
+    # one (these bugfix and complete items have no hidden tests); format: only item-0's
+    # Google docstring; item-5's code compiles but renames f5 to f, so it does not keep
+    # the signature
     functional = {i["id"]: i["functional"] for i in result["items"]}
-    assert functional == {"item-0": None, "item-1": None, "item-2": False, "item-3": None,
+    assert functional == {"item-0": None, "item-1": None, "item-2": None, "item-3": None,
                           "item-4": False, "item-5": None}
     assert result["headline"]["functional_pass_greedy"]["value"] == 0.0
-    assert result["headline"]["functional_pass_greedy"]["n"] == 2
+    assert result["headline"]["functional_pass_greedy"]["n"] == 1
     formed = {i["id"]: i["format_ok"] for i in result["items"]}
     assert formed == {"item-0": True, "item-1": False, "item-2": False, "item-3": False,
                       "item-4": False, "item-5": False}

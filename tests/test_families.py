@@ -84,14 +84,16 @@ def test_a_site_restored_in_dead_code_is_not_a_fix():
                          '    if value < low:\n        return low\n')
     verdict = bugfix.bugfix_verdict(fenced(dead), ITEM)
     assert verdict["exact_fix"] is False
-    assert bugfix.FAMILY.functional_check(verdict) is False
+    # (its hidden tests fail it too: tests/test_difftest.py, tests/test_trivial_answers.py)
 
 
-def test_the_functional_check_of_a_fix_is_the_exact_fix():
-    assert bugfix.FAMILY.functional_check({"parses": True, "exact_fix": False,
-                                           "site_restored": True}) is False
-    assert bugfix.FAMILY.functional_check({"parses": True, "exact_fix": True,
-                                           "site_restored": True}) is True
+def test_the_functional_check_of_a_fix_is_its_hidden_tests_never_the_text():
+    check = bugfix.FAMILY.functional_check
+    assert check({"exact_fix": True, "hidden": "no_tests"}) is None
+    assert check({"exact_fix": False, "site_restored": True, "hidden": "passed"}) is True
+    assert check({"exact_fix": True, "hidden": "failed"}) is False
+    assert check({"exact_fix": True, "hidden": "timeout"}) is None
+    assert check({"exact_fix": True, "hidden": "not_executable"}) is None
 
 
 @pytest.mark.parametrize("response", [

@@ -145,7 +145,8 @@ def responses(tmp_path_factory):
     (corpus / "shop" / "__init__.py").write_text("")
     (corpus / "shop" / "maths.py").write_text(MODULE)
     store = LocalStore(root / "run")
-    extract(ExtractConfig(corpus=str(corpus)), store.child("extract"))
+    # no derived tests: every unit_test row here is the hostile or the benign teacher's
+    extract(ExtractConfig(corpus=str(corpus), derive_tests=False), store.child("extract"))
     generate(GenerateConfig(tasks=store.child("extract").uri), store.child("generate"))
     tasks = {json.loads(line)["id"]: json.loads(line)
              for line in (root / "run" / "extract" / "tasks.jsonl").open()}

@@ -8,8 +8,12 @@ expected metrics are worked out by hand in the comments.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +55,28 @@ FUNCTIONS = {
 }
 
 
+HIDDEN = {
+    "clamp": "def test_clamp():\n    assert clamp(5, 0, 3) == 3\n    assert clamp(-1, 0, 3) == 0\n"
+             "    assert clamp(2, 0, 3) == 2\n",
+    "greet": "def test_greet():\n    assert greet('') == 'Hello!'\n"
+             "    assert greet('Ada') == 'Hello, Ada!'\n    assert greet('Bo', '?') == 'Hello, Bo?'\n",
+    "is_even": "def test_is_even():\n    assert is_even(2) is True\n    assert is_even(3) is False\n",
+}
+
+
+def _corpus() -> Path:
+    """The corpus the crafted items come from (demo/mod.py), for their hidden tests."""
+    root = Path(tempfile.mkdtemp(prefix="trackb-score-corpus-"))
+    atexit.register(shutil.rmtree, root, True)
+    (root / "demo").mkdir()
+    (root / "demo" / "__init__.py").write_text("")
+    (root / "demo" / "mod.py").write_text("\n\n".join([CLAMP, GREET, EVEN]))
+    return root
+
+
+CORPUS = _corpus()
+
+
 def fence(code: str) -> str:
     return f"```python\n{code}```"
 
@@ -74,6 +100,9 @@ def make_item(name: str, category: str, instruction: str | None = None) -> dict:
         before, after, kind, line = fn["bug"]
         row["buggy_source"] = buggy(name)
         row["mutation"] = {"kind": kind, "line": line, "before": before, "after": after}
+    if category in ("bugfix", "complete"):
+        row["hidden_tests"] = {"code": f"from demo.mod import {name}\n\n\n" + HIDDEN[name],
+                               "cases": 1, "version": 1}
     return row
 
 
@@ -140,7 +169,7 @@ def crafted_predictions() -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def scored():
-    return score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=None,
+    return score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=CORPUS,
                      n_boot=300, seed=0, temperature=0.6)
 
 
@@ -151,40 +180,51 @@ def value(result, name):
 # -- the crafted answers are what they claim to be ------------------------------------------
 
 def test_each_crafted_greedy_answer_gets_the_intended_functional_verdict():
-    # only bugfix has a functional check among these families: the exact fix
-    shown_right = {"clamp-bugfix"}
+    # bugfix and complete are checked by their hidden tests: the exact fix, the site fix
+    # with another edit (it computes the same) and the correct completion pass them
+    shown_right = {"clamp-bugfix", "greet-bugfix", "clamp-complete"}
     for item in crafted_items():
         greedy = CRAFTED[item["id"]][0]
-        verdict = functional_pass(item["category"], greedy, item, None)
-        if item["category"] == "bugfix":
+        verdict = functional_pass(item["category"], greedy, item, CORPUS)
+        if item["category"] in ("bugfix", "complete"):
             assert verdict is (item["id"] in shown_right), item["id"]
             if item["id"] in PASSING:
-                assert functional_pass("bugfix", PASSING[item["id"]], item, None) is True
-            assert functional_pass("bugfix", "", item, None) is False
+                assert functional_pass(item["category"], PASSING[item["id"]], item,
+                                       CORPUS) is True
+            assert functional_pass(item["category"], "", item, CORPUS) is False
+            # no hidden tests, or no corpus to run them in: no verdict, never a pass
+            assert functional_pass(item["category"], greedy, {**item, "hidden_tests": None},
+                                   CORPUS) is None
+            assert functional_pass(item["category"], greedy, item, None) is None
         else:
-            assert verdict is None, item["id"]  # nothing can show prose or a completion right
+            assert verdict is None, item["id"]  # nothing can show prose right
 
 
 # -- functional pass@k and greedy pass --------------------------------------------------------
 
 def test_functional_pass_at_k_and_greedy_by_hand(scored):
-    # bugfix is the only family checked: greedy exact fix 1, 0, 0; correct samples 3, 1, 0
-    assert value(scored, "functional_pass_greedy") == pytest.approx(1 / 3)
-    assert scored["headline"]["functional_pass_greedy"]["n"] == 3
-    assert value(scored, "functional_pass_at_1") == pytest.approx((1 + 1 / 3 + 0) / 3)
-    assert value(scored, "functional_pass_at_3") == pytest.approx(2 / 3)
-    assert value(scored, "functional_checked_share") == pytest.approx(3 / 12)
+    # bugfix and complete are checked: greedy 1, 1, 0 and 1, 0, 0; correct samples
+    # 3, 1, 0 and 2, 0, 0
+    assert value(scored, "functional_pass_greedy") == pytest.approx(3 / 6)
+    assert scored["headline"]["functional_pass_greedy"]["n"] == 6
+    assert value(scored, "functional_pass_at_1") == pytest.approx((1 + 1 / 3 + 2 / 3) / 6)
+    assert value(scored, "functional_pass_at_3") == pytest.approx(3 / 6)
+    assert value(scored, "functional_checked_share") == pytest.approx(6 / 12)
     functional = scored["functional"]
     assert functional["n_samples"] == 3 and functional["temperature"] == 0.6
-    assert functional["functional_pass_at_1"] == pytest.approx(4 / 9)
-    assert functional["n"]["functional_pass_greedy"] == 3
+    assert functional["functional_pass_at_1"] == pytest.approx(1 / 3)
+    assert functional["n"]["functional_pass_greedy"] == 6
     assert functional["unavailable"] == {}
     assert set(functional["pass_means"]) == set(families.names())
     per_category = functional["per_category"]
     assert per_category["bugfix"] == {
-        "n": 3, "checked": 3, "functional_pass_greedy": pytest.approx(1 / 3),
+        "n": 3, "checked": 3, "functional_pass_greedy": pytest.approx(2 / 3),
         "functional_pass_at_1": pytest.approx(4 / 9),
         "functional_pass_at_3": pytest.approx(2 / 3)}
+    assert per_category["complete"] == {
+        "n": 3, "checked": 3, "functional_pass_greedy": pytest.approx(1 / 3),
+        "functional_pass_at_1": pytest.approx(2 / 9),
+        "functional_pass_at_3": pytest.approx(1 / 3)}
     assert per_category["explain"] == {"n": 3, "checked": 0, "functional_pass_greedy": None,
                                        "functional_pass_at_1": None,
                                        "functional_pass_at_3": None}
@@ -195,7 +235,7 @@ def test_functional_pass_at_k_with_five_samples_matches_the_estimator():
     item = make_item("clamp", "bugfix")
     samples = [fence(CLAMP), "", fence(CLAMP), "", ""]
     result = score_all([item], {item["id"]: {"greedy": "", "samples": samples}}, "t",
-                       corpus_dir=None, n_boot=50)
+                       corpus_dir=CORPUS, n_boot=50)
     assert value(result, "functional_pass_at_1") == pytest.approx(0.4)
     assert value(result, "functional_pass_at_3") == pytest.approx(0.9)
     assert value(result, "functional_pass_greedy") == 0.0
@@ -209,7 +249,7 @@ def test_too_few_samples_report_pass_at_k_as_none_with_the_reason():
     items = crafted_items()
     predictions = {k: {"greedy": v["greedy"], "samples": v["samples"][:2]}
                    for k, v in crafted_predictions().items()}
-    result = score_all(items, predictions, "t", corpus_dir=None, n_boot=50)
+    result = score_all(items, predictions, "t", corpus_dir=CORPUS, n_boot=50)
     entry = result["headline"]["functional_pass_at_3"]
     assert entry["value"] is None and entry["ci"] is None
     assert "at least 3 samples" in entry["reason"] and "have 2" in entry["reason"]
@@ -222,11 +262,11 @@ def test_too_few_samples_report_pass_at_k_as_none_with_the_reason():
 
     greedy_only = {k: {"greedy": v["greedy"], "samples": []}
                    for k, v in crafted_predictions().items()}
-    result = score_all(items, greedy_only, "t", corpus_dir=None, n_boot=50)
+    result = score_all(items, greedy_only, "t", corpus_dir=CORPUS, n_boot=50)
     for name in ("functional_pass_at_1", "functional_pass_at_3", "seed_pass_at_3"):
         assert result["headline"][name]["value"] is None, name
         assert "have 0" in result["headline"][name]["reason"]
-    assert value(result, "functional_pass_greedy") == pytest.approx(1 / 3)
+    assert value(result, "functional_pass_greedy") == pytest.approx(3 / 6)
     assert result["seed_compatible"]["k"] == 1
     assert all(r["functional_fraction"] is None for r in result["items"])
 
@@ -257,8 +297,9 @@ def test_format_and_family_metrics_by_hand(scored):
     assert blocks["explain"]["mentions_return"] == pytest.approx(1 / 3)  # only English
     assert blocks["docstring"]["ok"] == pytest.approx(1 / 3)
     assert blocks["complete"]["format_ok"] == pytest.approx(1 / 3)
-    assert blocks["complete"]["functional_pass_greedy"] is None
-    assert blocks["bugfix"]["functional_pass_greedy"] == pytest.approx(1 / 3)
+    assert blocks["complete"]["functional_pass_greedy"] == pytest.approx(1 / 3)
+    assert blocks["complete"]["with_hidden_tests"] == 3
+    assert blocks["bugfix"]["functional_pass_greedy"] == pytest.approx(2 / 3)
     assert blocks["bugfix"]["n"] == 3 and blocks["bugfix"]["parses"] == pytest.approx(1)
     assert "unit_test" not in blocks
 
@@ -321,14 +362,14 @@ def test_the_seed_block_scores_the_seed_view_and_the_rest_the_whole_answer():
     prediction = {"greedy": whole, "samples": [],
                   "seed_view": {"greedy": cut, "samples": []},
                   "truncated": {"greedy": False, "samples": []}}
-    result = score_all([item], {item["id"]: prediction}, "t", corpus_dir=None, n_boot=20)
+    result = score_all([item], {item["id"]: prediction}, "t", corpus_dir=CORPUS, n_boot=20)
     record = result["items"][0]
     assert record["seed_pass_at_1"] is False and record["functional"] is True
     assert result["seed_compatible"] == score_seed(
         [item], {item["id"]: {"greedy": cut, "samples": []}}, "t", k=1)
     # without a seed view the seed block scores the whole answer
     plain = score_all([item], {item["id"]: {"greedy": whole, "samples": []}}, "t",
-                      corpus_dir=None, n_boot=20)
+                      corpus_dir=CORPUS, n_boot=20)
     assert plain["items"][0]["seed_pass_at_1"] is True
 
 
@@ -343,7 +384,7 @@ def test_truncation_is_reported_per_family_when_the_predictions_say():
         "clamp-complete": {"greedy": "", "samples": ["", ""],
                            "truncated": {"greedy": False, "samples": [False, False]}},
     }
-    result = score_all(items, predictions, "t", corpus_dir=None, n_boot=20)
+    result = score_all(items, predictions, "t", corpus_dir=CORPUS, n_boot=20)
     assert value(result, "truncated_rate") == pytest.approx(1 / 3)
     assert result["per_category"]["bugfix"]["truncated_rate"]["value"] == pytest.approx(0.5)
     budget = result["budget"]
@@ -352,7 +393,7 @@ def test_truncation_is_reported_per_family_when_the_predictions_say():
                                                 "samples_truncated": 0.25}
     assert budget["all"]["samples_truncated"] == pytest.approx(0.5 / 3)
     unknown = score_all(items, {k: {"greedy": v["greedy"], "samples": v["samples"]}
-                                for k, v in predictions.items()}, "t", corpus_dir=None,
+                                for k, v in predictions.items()}, "t", corpus_dir=CORPUS,
                         n_boot=20)
     assert unknown["headline"]["truncated_rate"]["value"] is None
     assert "token budget" in unknown["headline"]["truncated_rate"]["reason"]
@@ -365,7 +406,7 @@ def test_unknown_categories_are_scored_as_explain_by_the_seed_and_na_elsewhere()
               "limited to the range between low and high, so it never leaves it at all.")
     predictions = {"poem": {"greedy": answer, "samples": []},
                    "clamp-bugfix": {"greedy": fence(CLAMP), "samples": []}}
-    result = score_all(items, predictions, "t", corpus_dir=None, n_boot=20)
+    result = score_all(items, predictions, "t", corpus_dir=CORPUS, n_boot=20)
     assert result["seed_compatible"] == score_seed(items, predictions, "t", k=1)
     assert result["seed_compatible"]["per_category"]["haiku"]["pass_at_1"] == 1.0
     haiku = result["per_category"]["haiku"]
@@ -420,7 +461,7 @@ def test_every_headline_number_carries_a_ci_that_contains_it(scored):
 
 
 def test_intervals_resample_source_functions_and_are_deterministic(scored):
-    again = score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=None,
+    again = score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=CORPUS,
                       n_boot=300, seed=0, temperature=0.6)
     assert again["headline"] == scored["headline"]
     # bugfix site restored is 1, 1, 0 over three functions. A replicate draws 3 functions,
@@ -428,7 +469,7 @@ def test_intervals_resample_source_functions_and_are_deterministic(scored):
     # exceed 2.5%, so the 95% interval is [0, 1]. Resampling the 12 items instead would
     # give a narrower one.
     assert scored["headline"]["bugfix_site_restored"]["ci"] == [0.0, 1.0]
-    other = score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=None,
+    other = score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=CORPUS,
                       n_boot=300, seed=1)
     assert other["headline"]["functional_pass_at_1"]["value"] == \
         scored["headline"]["functional_pass_at_1"]["value"]
@@ -439,12 +480,12 @@ def test_an_interval_never_collapses_at_zero_or_all():
     # [0, 0]; the reported interval is at least the Wilson interval of the rate
     item = make_item("clamp", "bugfix")
     right = score_all([item], {item["id"]: {"greedy": fence(CLAMP), "samples": [fence(CLAMP)]}},
-                      "t", corpus_dir=None)
+                      "t", corpus_dir=CORPUS)
     assert right["headline"]["functional_pass_greedy"]["ci"] == list(wilson_interval(1.0, 1))
     assert right["headline"]["functional_pass_greedy"]["ci"][0] < 0.25
     items = [dict(make_item(name, "bugfix")) for name in FUNCTIONS]
     wrong = score_all(items, {i["id"]: {"greedy": "", "samples": []} for i in items}, "t",
-                      corpus_dir=None)
+                      corpus_dir=CORPUS)
     entry = wrong["headline"]["functional_pass_greedy"]
     assert entry["value"] == 0.0 and entry["ci"] == [0.0, wilson_interval(0.0, 3)[1]]
     assert entry["ci"][1] > 0.5
@@ -454,21 +495,23 @@ def test_an_interval_never_collapses_at_zero_or_all():
 
 def test_items_carry_what_a_paired_comparison_needs(scored):
     empty = {k: {"greedy": "", "samples": ["", "", ""]} for k in CRAFTED}
-    baseline = score_all(crafted_items(), empty, "baseline", corpus_dir=None, n_boot=50)
+    baseline = score_all(crafted_items(), empty, "baseline", corpus_dir=CORPUS, n_boot=50)
     assert value(baseline, "functional_pass_greedy") == 0.0
     assert [r["id"] for r in baseline["items"]] == [r["id"] for r in scored["items"]]
     pairs = [(b, p) for b, p in zip(baseline["items"], scored["items"], strict=True)
              if b["functional"] is not None and p["functional"] is not None]
-    assert [b["id"] for b, _ in pairs] == ["clamp-bugfix", "greet-bugfix", "is_even-bugfix"]
-    # one item gained, none lost: McNemar's exact p = 1
+    assert [b["id"] for b, _ in pairs] == [
+        "clamp-bugfix", "clamp-complete", "greet-bugfix", "greet-complete", "is_even-bugfix",
+        "is_even-complete"]
+    # three items gained, none lost: McNemar's exact p = 2 * 0.5 ** 3
     assert mcnemar_exact([b["functional"] for b, _ in pairs],
-                         [p["functional"] for _, p in pairs]) == {"b": 0, "c": 1,
-                                                                  "p_value": 1.0}
+                         [p["functional"] for _, p in pairs]) == {"b": 0, "c": 3,
+                                                                  "p_value": 0.25}
     delta = paired_bootstrap_delta([b["functional_fraction"] for b, _ in pairs],
                                    [p["functional_fraction"] for _, p in pairs],
                                    [p["group"] for _, p in pairs], n_boot=200)
-    assert delta["delta"] == pytest.approx(4 / 9)
-    assert delta["ci"][0] <= 4 / 9 <= delta["ci"][1]
+    assert delta["delta"] == pytest.approx(1 / 3)
+    assert delta["ci"][0] <= 1 / 3 <= delta["ci"][1]
 
 
 def test_group_falls_back_to_a_hash_of_the_source():
@@ -494,18 +537,19 @@ def test_trackb_score_stage_writes_the_same_metrics_and_its_settings(tmp_path):
     out = LocalStore(tmp_path / "score")
     score(ScoreConfig(dataset=str(tmp_path / "test.jsonl"),
                       predictions=str(tmp_path / "predictions.jsonl"), tag="post",
-                      temperature=0.6), out)
+                      temperature=0.6, corpus=str(CORPUS)), out)
     written = json.loads((tmp_path / "score" / "eval.json").read_text())
-    assert written["headline"]["functional_pass_at_1"]["value"] == pytest.approx(4 / 9)
+    assert written["headline"]["functional_pass_at_1"]["value"] == pytest.approx(1 / 3)
     assert written["headline"]["bugfix_site_restored"]["value"] == pytest.approx(2 / 3)
-    direct = score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=None,
+    direct = score_all(crafted_items(), crafted_predictions(), "post", corpus_dir=CORPUS,
                        temperature=0.6)
     assert {k: v for k, v in written.items() if k not in ("trackb", "settings")} == direct
     settings = written["settings"]
     assert settings["dataset"]["sha256"] == hashlib.sha256(
         (tmp_path / "test.jsonl").read_bytes()).hexdigest()
     assert settings["dataset"]["items"] == 12
-    assert settings["corpus"] == {"needed": False, "available": False, "sha256": None}
+    assert settings["corpus"]["needed"] is True and settings["corpus"]["available"] is True
+    assert settings["corpus"]["execution_env"] is None
     assert settings["scorer"]["metric_version"] == metrics.METRIC_VERSION
     assert settings["scorer"]["bootstrap_seed"] == metrics.BOOTSTRAP_SEED
     # predictions made elsewhere without generation.json: how they were made is unknown
@@ -517,20 +561,20 @@ def test_trackb_score_stage_writes_the_same_metrics_and_its_settings(tmp_path):
 def test_bad_inputs_raise_input_error():
     item = make_item("clamp", "complete")
     with pytest.raises(InputError, match="no test items"):
-        score_all([], {}, "t", corpus_dir=None)
+        score_all([], {}, "t", corpus_dir=CORPUS)
     with pytest.raises(InputError, match="no prediction"):
-        score_all([item], {}, "t", corpus_dir=None)
+        score_all([item], {}, "t", corpus_dir=CORPUS)
     with pytest.raises(InputError, match="greedy"):
-        score_all([item], {item["id"]: {"samples": []}}, "t", corpus_dir=None)
+        score_all([item], {item["id"]: {"samples": []}}, "t", corpus_dir=CORPUS)
     with pytest.raises(InputError, match="samples"):
-        score_all([item], {item["id"]: {"greedy": "", "samples": 5}}, "t", corpus_dir=None)
+        score_all([item], {item["id"]: {"greedy": "", "samples": 5}}, "t", corpus_dir=CORPUS)
     with pytest.raises(InputError, match="seed_view"):
         score_all([item], {item["id"]: {"greedy": "", "samples": [""],
-                                        "seed_view": {"greedy": ""}}}, "t", corpus_dir=None)
+                                        "seed_view": {"greedy": ""}}}, "t", corpus_dir=CORPUS)
     with pytest.raises(InputError, match="truncated"):
         score_all([item], {item["id"]: {"greedy": "", "samples": [""],
                                         "truncated": {"greedy": "yes", "samples": [False]}}},
-                  "t", corpus_dir=None)
+                  "t", corpus_dir=CORPUS)
     with pytest.raises(InputError, match="haiku"):
         functional_pass("haiku", "", item, None)
 
@@ -541,7 +585,8 @@ def fake_unit_test_verdicts(monkeypatch, table):
     """Make the unit_test family's verdict answer from ``table[response]``."""
     calls = []
 
-    def fake(response, item, corpus_dir, *, timeout=10.0, allow_weak_sandbox=False):
+    def fake(response, item, corpus_dir, *, timeout=10.0, allow_weak_sandbox=False,
+             python_path=()):
         calls.append((item["id"], response))
         return dict(table[response])
 
@@ -573,7 +618,7 @@ def test_unit_test_rates_count_executable_items_only(monkeypatch):
             item.update(buggy_source=buggy("clamp"), mutation={"kind": "off_by_one"})
         items.append(item)
     predictions = {f"u{i}": {"greedy": g, "samples": [g, "kills"]} for i, g in enumerate(greedy)}
-    result = score_all(items, predictions, "t", corpus_dir=None, n_boot=50, workers=2)
+    result = score_all(items, predictions, "t", corpus_dir=CORPUS, n_boot=50, workers=2)
 
     # executable: all but u3. Consistent with the original: u0, u1, u4, u5 of 6
     assert value(result, "unit_test_consistent_with_original") == pytest.approx(4 / 6)
@@ -634,7 +679,7 @@ def test_unit_test_answers_run_in_the_sandbox(tmp_path):
     assert value(result, "functional_pass_at_1") == pytest.approx(2 / 9)
     assert value(result, "functional_pass_at_3") == pytest.approx(1 / 3)
     # without the corpus nothing can run: every item is left out of the pass, not failed
-    blind = score_all(items, predictions, "t", corpus_dir=None, n_boot=50)
+    blind = score_all(items, predictions, "t", corpus_dir=CORPUS, n_boot=50)
     assert blind["families"]["unit_test"]["not_executable"] == 3
     assert blind["headline"]["unit_test_consistent_with_original"]["value"] is None
     assert blind["headline"]["functional_pass_greedy"]["value"] is None

@@ -79,3 +79,40 @@ def test_a_trivial_answer_scores_zero_on_every_pass_metric(real_items, kind):
         for name, entry in metrics.items():
             if "pass" in name and not name.startswith("seed_"):
                 assert entry["value"] in (0.0, None), (kind, category, name, entry)
+
+
+def dead_code_fix(item: dict) -> str:
+    """The bug left where it runs, the original body restored where it never does."""
+    import textwrap
+
+    buggy = textwrap.dedent(item["buggy_source"]).rstrip("\n")
+    original = textwrap.dedent(item["source_function"]).split("\n")
+    header = next(i for i, line in enumerate(original) if line.rstrip().endswith(":"))
+    body = textwrap.dedent("\n".join(original[header + 1:]))
+    return buggy + "\n    if False:\n" + textwrap.indent(body.rstrip("\n"), " " * 8) + "\n"
+
+
+def test_signature_only_completions_and_dead_code_fixes_fail_the_hidden_tests(verl_dataset):
+    """Over the real verl items that have hidden tests: the original passes them, a
+    completion that keeps only the signature fails them, and so does a fix that restores
+    the original only in code that never runs (the bug stays where it runs)."""
+    from trackb_core.corpus import resolve_corpus
+    from trackb_core.testrun import hidden_test_verdict
+
+    folder, _ = verl_dataset
+    corpus = resolve_corpus("pypi:verl==0.9.1").path
+    rows = [json.loads(line) for name in ("train.jsonl", "test.jsonl")
+            for line in (folder / name).read_text().splitlines()]
+    tested = {c: [r for r in rows if r["category"] == c and isinstance(r.get("hidden_tests"),
+                                                                        dict)]
+              for c in ("complete", "bugfix")}
+    assert all(len(items) >= 20 for items in tested.values()), \
+        {c: len(items) for c, items in tested.items()}
+    for item in tested["complete"][:20]:
+        assert hidden_test_verdict(item["source_function"], item, corpus)["hidden"] == \
+            "passed", item["id"]
+        stub = first_code(signature_return_none(item))
+        assert hidden_test_verdict(stub, item, corpus)["hidden"] == "failed", item["id"]
+    for item in tested["bugfix"][:20]:
+        verdict = hidden_test_verdict(dead_code_fix(item), item, corpus)
+        assert verdict["hidden"] == "failed", (item["id"], verdict)

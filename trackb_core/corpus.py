@@ -270,8 +270,8 @@ def _pip_download(name: str, version: str, dest: Path) -> Path:
             "--disable-pip-version-check", requirement, "-d", str(dest)]
     result = _run_pip(base)
     if result.returncode != 0:
-        line = _pip_error_line(result.stderr)
-        if _network_failure(result.stderr):
+        line = pip_error_line(result.stderr)
+        if network_failure(result.stderr):
             raise UnavailableError(f"pypi: cannot reach the package index for {requirement} "
                                    f"(pip: {line})")
         if "No matching distribution" in result.stderr or "Could not find a version" in \
@@ -417,11 +417,11 @@ def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess[str]:
         raise UnavailableError(f"pypi: pip download timed out after {PIP_TIMEOUT_S} s") from exc
 
 
-def _network_failure(stderr: str) -> bool:
+def network_failure(stderr: str) -> bool:
     return any(hint in stderr for hint in _NETWORK_HINTS)
 
 
-def _pip_error_line(stderr: str) -> str:
+def pip_error_line(stderr: str) -> str:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("ERROR:")]
     # pip prints "Could not find a version ..." then "No matching distribution ...":

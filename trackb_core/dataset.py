@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from trackb_core import codeblocks, families, filters, neardup, prompts, pyast
+from trackb_core import codeblocks, corpus_env, families, filters, neardup, prompts, pyast
 from trackb_core.config import declared_inputs, input_field
 from trackb_core.errors import InputError
 from trackb_core.sandbox import CodeRunOptions, protect_process, stage_isolation
@@ -51,6 +51,7 @@ from trackb_core.stage import (
     stage_run,
     upstream_corpus,
     upstream_corpus_dir,
+    upstream_manifest_field,
 )
 from trackb_core.store import Store
 
@@ -90,6 +91,11 @@ class DatasetConfig(CodeRunOptions):
                                  "folder holding it")
     test_ratio: float = Field(0.15, gt=0.0, lt=1.0,
                               description="Share of each category's rows to hold out for test")
+    tested_to_test: bool = Field(
+        False, description="Put every function with hidden tests (and all its rows) in test "
+        "before filling each category's test share: functional metrics exist only for "
+        "items with hidden tests, so a corpus where few functions have them still gets a "
+        "functional evaluation. Training then sees fewer such functions; the card says so.")
     seed: int = Field(42, description="Seed that orders source-function groups for the split")
     min_response_chars: int = Field(20, ge=0, description="Shorter responses are rejected")
     max_response_chars: int = Field(8000, ge=1, description="Longer responses are rejected")
@@ -446,13 +452,16 @@ def split_groups(rows: list[dict[str, Any]], threshold: float = neardup.CLUSTER_
 
 
 def grouped_split(rows: list[dict[str, Any]], test_ratio: float, seed: int,
-                  groups: dict[str, str] | None = None
+                  groups: dict[str, str] | None = None, tested_first: bool = False
                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(train, test)``: no group on both sides, each category near ``test_ratio`` in test.
 
     ``groups`` maps row id to split group (default: :func:`group_key`, exact copies).
     Groups are visited in the order of ``sha256(f"{seed}:{group}")``; a group goes to
-    test when that brings the per-category test counts closer to their targets. Test is
+    test when that brings the per-category test counts closer to their targets. With
+    ``tested_first``, every group holding a row with hidden tests goes to test first
+    (EvalPlus-style: functional metrics exist only for such items), whatever the targets
+    of their categories; the others then fill the targets as usual. Test is
     non-empty (and train too) whenever there are at least two groups. The result does
     not depend on the order of ``rows``.
     """
@@ -464,7 +473,14 @@ def grouped_split(rows: list[dict[str, Any]], test_ratio: float, seed: int,
 
     in_test: Counter[str] = Counter()
     test_groups: list[str] = []
+    if tested_first:
+        for key in order:
+            if any(isinstance(r.get("hidden_tests"), dict) for r in members[key]):
+                test_groups.append(key)
+                in_test.update(Counter(r["category"] for r in members[key]))
     for key in order:
+        if key in test_groups:
+            continue
         adds = Counter(r["category"] for r in members[key])
         before = sum(abs(in_test[c] - target[c]) for c in adds)
         after = sum(abs(in_test[c] + adds[c] - target[c]) for c in adds)
@@ -624,6 +640,8 @@ def run(config: DatasetConfig, out: Store) -> dict:
                                      fetch=config.fetch_upstream_corpus)
         if folder is None:
             say(STAGE, "corpus folder not found upstream: unit tests count as not executable")
+        env = corpus_env.from_manifest(upstream_manifest_field(
+            config.responses, "responses.jsonl", "execution_env"))
 
         runs_code = config.filter_set == "strict" and any(
             family.runs_code for family in families.all_families()
@@ -634,7 +652,8 @@ def run(config: DatasetConfig, out: Store) -> dict:
                                     max_chars=config.max_response_chars, corpus_dir=folder,
                                     filter_set=config.filter_set,
                                     sandbox_timeout=config.sandbox_timeout,
-                                    allow_weak_sandbox=config.allow_weak_sandbox)
+                                    allow_weak_sandbox=config.allow_weak_sandbox,
+                                    python_path=(env,) if env is not None else ())
             kept, report = filter_rows(rows, context, config.filter_workers)
         if not kept:
             raise InputError(f"{where}: no row survives the {config.filter_set} filters "
@@ -643,7 +662,8 @@ def run(config: DatasetConfig, out: Store) -> dict:
             kept, removed = deduplicate(kept, config.near_dup_threshold)
         with run.timed("split"):
             groups, joins = split_groups(kept, config.group_threshold)
-            train, test = grouped_split(kept, config.test_ratio, config.seed, groups)
+            train, test = grouped_split(kept, config.test_ratio, config.seed, groups,
+                                        tested_first=config.tested_to_test)
             overlap = ngram_overlap(train, test)
 
         with run.timed("write"):
@@ -674,6 +694,13 @@ def run(config: DatasetConfig, out: Store) -> dict:
         run.counts.update(counts)
         generation = upstream_manifest(config.responses, "responses.jsonl") or {}
         teacher = _teacher_summary(generation, kept)
+        counts["hidden_tests"] = {
+            "extract": upstream_manifest_field(config.responses, "responses.jsonl",
+                                               "hidden_tests"),
+            "train": _per_category([r for r in train if isinstance(r.get("hidden_tests"), dict)]),
+            "test": _per_category([r for r in test if isinstance(r.get("hidden_tests"), dict)]),
+            "tested_to_test": config.tested_to_test}
+        run.counts["hidden_tests"] = counts["hidden_tests"]
         card = dataset_card(config, counts, corpus, corpus_license(folder), teacher, columns,
                             run.sandbox)
         run.write_text("README.md", card)
@@ -809,6 +836,7 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
     lines += ["", f"Split groups (clusters of source functions that share code, see Split "
                   f"method): {counts['train_groups']} in train, {counts['test_groups']} in "
                   "test.", ""]
+    lines += _hidden_test_section(counts.get("hidden_tests") or {})
     lines += _mutation_section(counts["mutations"])
     lines += _filter_section(config, counts)
     removed = counts["duplicates_removed"]
@@ -866,6 +894,48 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
         "",
     ]
     return "\n".join(lines)
+
+
+def _hidden_test_section(hidden: dict[str, Any]) -> list[str]:
+    """The card's account of hidden tests: where they come from, how many functions have
+    them, and how much of the corpus imports in the sandbox at all."""
+    derived = hidden.get("extract")
+    lines = ["## Hidden tests", ""]
+    if not isinstance(derived, dict):
+        return [*lines, "- None were derived (extract ran with derive_tests off, or its "
+                        "manifest is not found).", ""]
+    env = derived.get("environment", "base")
+    share, base = derived.get("importable_share"), derived.get("importable_share_base")
+    lines.append(
+        f"- Derived by differential execution at extract: {derived['functions_with_tests']} "
+        f"functions have tests ({derived['cases']} cases). Each test file passes on the "
+        "original, fails on the function's mutant and on a stub returning None "
+        "(`trackb_core.difftest`). They are the reference unit_test answers and the "
+        "functional tests of complete and bugfix rows (`hidden_tests`, never shown to the "
+        "model).")
+    if isinstance(base, float):
+        lines.append(f"- Functions whose module imports in the sandbox: {base:.1%} with "
+                     "trackb's own environment" + (
+                         f", {share:.1%} with the corpus's declared dependencies" if
+                         env == "declared" and isinstance(share, float) else
+                         " (the corpus's declared dependencies were not installed: "
+                         "execution_env base)") + ".")
+    missing = derived.get("missing_modules") or {}
+    if missing:
+        lines.append("- Most missing modules (functions): " + ", ".join(
+            f"{k} ({v})" for k, v in list(missing.items())[:6]))
+    reasons = derived.get("without_tests") or {}
+    if reasons:
+        lines.append("- Why the others have none: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])))
+    for side in ("train", "test"):
+        per = hidden.get(side) or {}
+        lines.append(f"- Rows with hidden tests in {side}: " + (", ".join(
+            f"{k} {v}" for k, v in per.items()) or "none"))
+    if hidden.get("tested_to_test"):
+        lines.append("- tested_to_test: every function with hidden tests was put in test "
+                     "first, so training sees none of them.")
+    return [*lines, ""]
 
 
 def _overlap_section(overlap: dict[str, Any]) -> list[str]:

@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from trackb_core import families, vllm_backend
+from trackb_core import corpus_env, families, vllm_backend
 from trackb_core.config import input_field
 from trackb_core.corpus import folder_sha256
 from trackb_core.errors import ConfigError, InputError
@@ -65,7 +65,13 @@ from trackb_core.metrics import (
 from trackb_core.prompts import render_prompt
 from trackb_core.runtime import device_facts, eval_dtype, runtime_plan
 from trackb_core.sandbox import CodeRunOptions, stage_isolation
-from trackb_core.stage import StageRun, say, stage_run, upstream_corpus_dir
+from trackb_core.stage import (
+    StageRun,
+    say,
+    stage_run,
+    upstream_corpus_dir,
+    upstream_manifest_field,
+)
 from trackb_core.store import Store
 from trackb_core.tracking import check_configured, log_eval_metrics, run_name
 
@@ -128,7 +134,9 @@ class EvalConfig(CodeRunOptions):
                             "rows for the samples.")
     max_items: int | None = Field(
         None, ge=1,
-        description="Evaluate a seeded random sample of at most this many items (all if unset).")
+        description="Evaluate at most this many items (all if unset): every item with hidden "
+        "tests (the only ones a functional check exists for), then a seeded random sample "
+        "of the others.")
     seed: int = Field(42, description="Seed of the item sample and of sampling.")
     corpus: str | None = Field(
         None, description="Corpus the test items come from (a folder or pypi:NAME==VERSION), "
@@ -183,8 +191,9 @@ def load_items(run: StageRun, max_items: int | None = None, seed: int = 42
                ) -> list[dict[str, Any]]:
     """The test items to evaluate, sorted by id.
 
-    With ``max_items``, a seeded sample like the seed's ``min(60, n)`` (taken from the
-    id-sorted rows, so file order does not matter). Raises InputError if the dataset is
+    With ``max_items``, every item with hidden tests (up to ``max_items``), then a seeded
+    sample of the others like the seed's ``min(60, n)`` (taken from the id-sorted rows,
+    so file order does not matter). Raises InputError if the dataset is
     empty or a row lacks ``id``/``instruction``, MissingInputError if it is absent.
     """
     rows = run.read_jsonl("dataset")
@@ -197,7 +206,11 @@ def load_items(run: StageRun, max_items: int | None = None, seed: int = 42
                              "'instruction'")
     rows = sorted(rows, key=lambda r: str(r["id"]))
     if max_items is not None and max_items < len(rows):
-        rows = random.Random(seed).sample(rows, max_items)
+        tested = [r for r in rows if isinstance(r.get("hidden_tests"), dict)]
+        others = [r for r in rows if not isinstance(r.get("hidden_tests"), dict)]
+        rng = random.Random(seed)
+        chosen = rng.sample(tested, max_items) if len(tested) > max_items else tested
+        rows = chosen + rng.sample(others, max_items - len(chosen))
     return sorted(rows, key=lambda r: str(r["id"]))
 
 
@@ -548,21 +561,27 @@ def _score(run: StageRun, items: list[dict[str, Any]], predictions: dict[str, di
     sandbox's minimum unless ``allow_weak_sandbox``), and eval.json's ``settings``: what
     made and scored the answers (compare refuses two results that differ in them)."""
     code = {family.name for family in families.all_families() if family.runs_code}
-    corpus_dir = None
+    corpus_dir = env = None
     needed = any(item.get("category") in code for item in items)
+    env_info = upstream_manifest_field(run.input_uri("dataset"), "test.jsonl",
+                                       "execution_env") if needed else None
     if needed:
         run.sandbox = stage_isolation(config.allow_weak_sandbox)
         corpus_dir = corpus_dir_for(config.corpus, run.input_uri("dataset"),
                                     fetch=config.fetch_upstream_corpus)
+        env = corpus_env.from_manifest(env_info)
     result = score_all(items, predictions, tag, corpus_dir=corpus_dir, temperature=temperature,
                        allow_weak_sandbox=config.allow_weak_sandbox, n_boot=N_BOOT,
-                       seed=BOOTSTRAP_SEED, sandbox_timeout=SANDBOX_TIMEOUT)
+                       seed=BOOTSTRAP_SEED, sandbox_timeout=SANDBOX_TIMEOUT,
+                       python_path=(env,) if env is not None else ())
     unknown = dict.fromkeys(("sampling", "backend", "dtype", "device", "model", "adapter"))
     settings = {**unknown, **(generation_settings or {})}
     settings["dataset"] = _dataset_identity(run, items, settings.get("dataset", {}).get(
         "max_items") if isinstance(settings.get("dataset"), dict) else None)
     settings["corpus"] = {"needed": needed, "available": corpus_dir is not None,
-                          "sha256": folder_sha256(corpus_dir) if corpus_dir else None}
+                          "sha256": folder_sha256(corpus_dir) if corpus_dir else None,
+                          "execution_env": (env_info or {}).get("sha256") if isinstance(
+                              env_info, dict) else None}
     settings["scorer"] = {"metric_version": METRIC_VERSION, "n_boot": N_BOOT,
                           "bootstrap_seed": BOOTSTRAP_SEED, "sandbox_timeout": SANDBOX_TIMEOUT}
     settings["tag"] = tag

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import random
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from trackb_core import families
+from trackb_core import corpus_env, difftest, families
 from trackb_core.config import StageConfig, input_field
 from trackb_core.corpus import SNAPSHOT_FILE, python_files, resolve_corpus, snapshot_bytes
 from trackb_core.errors import InputError
@@ -54,6 +55,19 @@ class ExtractConfig(StageConfig):
         description="Keep a seeded random sample of this many functions (none: keep all).",
     )
     seed: int = Field(42, description="Seed for the function sample and bug injection.")
+    derive_tests: bool = Field(
+        True, description="Derive hidden unit tests by differential execution: call each "
+        "function the sandbox can call on generated inputs, record what the original does, "
+        "and keep plain-assert tests that pass on it and catch its mutant and a stub. They "
+        "are the reference teacher's unit_test answers and the functional tests of "
+        "complete and bugfix items. Corpus code runs only in the sandbox.")
+    execution_env: Literal["base", "declared"] = Field(
+        "base", description="Where hidden tests import the corpus's modules: 'base' (the "
+        "environment trackb runs in) or 'declared' (plus the corpus's declared "
+        "dependencies, wheels only, installed once into $TRACKB_CACHE/envs and locked in "
+        "the manifest; needs a package index at extract, and later stages install the "
+        "same lock). With 'declared' the card states the share of functions whose module "
+        "imports both ways.")
     categories: list[str] = Field(
         default_factory=lambda: list(families.names()),
         description="Task families to build (comma-separated); default: every registered "
@@ -117,13 +131,21 @@ def run(config: ExtractConfig, out: Store) -> dict[str, Any]:
         if not tasks:
             raise InputError(f"no tasks could be built from corpus {config.corpus} "
                              f"(skipped: {tasks_skipped})")
+        wanted = families.resolve(config.categories)
+        if config.derive_tests and any(f.uses_hidden_tests for f in wanted):
+            with run.timed("execution_env"):
+                env = execution_env(config.execution_env, corpus.path)
+                run.extra["execution_env"] = env
+                env_path = corpus_env.from_manifest(env)
+            with run.timed("hidden_tests"):
+                run.extra["hidden_tests"] = attach_hidden_tests(
+                    tasks, functions, corpus.path, config.seed, wanted, env_path)
 
         run.write_jsonl("functions.jsonl", functions)
         run.write_jsonl("tasks.jsonl", tasks)
         # Later stages run unit tests against these exact files, maybe with no network.
         run.write_bytes(SNAPSHOT_FILE, snapshot_bytes(corpus.path))
 
-        wanted = families.resolve(config.categories)
         per_category = {family.name: 0 for family in wanted}
         shown = {family.name for family in wanted if family.shows_mutant}
         mutation_kinds = dict.fromkeys(KINDS, 0)
@@ -157,6 +179,61 @@ def run(config: ExtractConfig, out: Store) -> dict[str, Any]:
             say("extract", f"bug kinds: {sum(n > 0 for n in mutation_kinds.values())} used, "
                            f"largest {top} {mutation_kinds[top] / bugs:.0%}")
     return run.manifest
+
+
+def execution_env(mode: str, corpus: Path) -> dict[str, Any]:
+    """The manifest's ``execution_env`` for ``mode``: for ``declared``, the corpus's
+    requirements and the lock pip resolved for them (:mod:`trackb_core.corpus_env`).
+    Raises UnavailableError (no package index), InputError (not installable as wheels)."""
+    if mode != "declared":
+        return corpus_env.describe(mode, [], [])
+    requirements = corpus_env.declared_requirements(corpus)
+    say("extract", f"execution environment: {len(requirements)} declared requirements")
+    lock = corpus_env.resolve_lock(requirements)
+    say("extract", f"execution environment: {len(lock)} wheels to add "
+                   f"({', '.join(e['name'] for e in lock[:8])}{', ...' if len(lock) > 8 else ''})")
+    return corpus_env.describe(mode, requirements, lock)
+
+
+def attach_hidden_tests(tasks: list[dict[str, Any]], functions: list[dict[str, Any]],
+                        corpus: Path, seed: int, wanted: list[families.Family],
+                        env: Path | None = None) -> dict[str, Any]:
+    """Derive each function's hidden tests (:func:`trackb_core.difftest.derive_tests`, in
+    the sandbox, with the corpus's execution environment ``env`` when there is one) and
+    put them on its tasks of the families that use them (field ``hidden_tests``);
+    returns the counts for the manifest. With ``env``, the share of functions whose
+    module imports without it is measured too (``importable_share_base``). Raises
+    nothing for what the corpus code does."""
+    mutants = {t["function_id"]: t["buggy_source"] for t in tasks
+               if isinstance(t.get("buggy_source"), str)}
+    step = max(1, len({f["file"] for f in functions}) // 10)
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % step == 0:
+            say("extract", f"hidden tests: {done}/{total} modules run in the sandbox")
+
+    workers = os.cpu_count() or 1
+    base_share = None
+    if env is not None:
+        # the same import runs without the environment: the share it adds is measured
+        base = difftest.derive_tests(functions, {}, corpus, seed=seed, workers=workers)
+        base_share = base.counts(functions)["importable_share"]
+    derived = difftest.derive_tests(functions, mutants, corpus, seed=seed, workers=workers,
+                                    python_path=[env] if env is not None else None,
+                                    progress=progress)
+    users = {f.name for f in wanted if f.uses_hidden_tests}
+    for task in tasks:
+        tests = derived.tests.get(task["function_id"])
+        if tests is not None and task["category"] in users:
+            task["hidden_tests"] = tests
+    counts = derived.counts(functions)
+    counts["environment"] = "declared" if env is not None else "base"
+    counts["importable_share_base"] = base_share if env is not None \
+        else counts["importable_share"]
+    say("extract", f"hidden tests for {counts['functions_with_tests']} of {len(functions)} "
+                   f"functions; the modules of {counts['functions_importable']} import in "
+                   "the sandbox")
+    return counts
 
 
 def extract_functions(

@@ -74,6 +74,7 @@ class FilterContext:
     filter_set: str = "strict"
     sandbox_timeout: float = 10.0
     allow_weak_sandbox: bool = False
+    python_path: tuple[Path, ...] = ()  # the corpus's execution environment
 
     def __post_init__(self) -> None:
         if self.filter_set not in FILTER_SETS:
@@ -130,6 +131,7 @@ def check_row(row: dict[str, Any], ctx: FilterContext) -> FilterVerdict:
         return FilterVerdict("strict:placeholder")
     family = families.get(row["category"])
     verdict = family.verdict(response, row, CheckContext(ctx.corpus_dir, ctx.sandbox_timeout,
-                                                         ctx.allow_weak_sandbox))
+                                                         ctx.allow_weak_sandbox,
+                                                         ctx.python_path))
     reason, facts = family.filter(verdict)
     return FilterVerdict(f"strict:{reason}" if reason else None, facts)

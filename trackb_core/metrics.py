@@ -345,8 +345,8 @@ def _honest_measures(min_samples: int) -> list[Measure]:
 def score_all(items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]], tag: str,
               *, corpus_dir: Path | None, n_boot: int = N_BOOT, seed: int = BOOTSTRAP_SEED,
               temperature: float | None = None, sandbox_timeout: float = 10.0,
-              workers: int | None = None, allow_weak_sandbox: bool = False
-              ) -> dict[str, Any]:
+              workers: int | None = None, allow_weak_sandbox: bool = False,
+              python_path: tuple[Path, ...] = ()) -> dict[str, Any]:
     """eval.json's metrics (all but its ``settings`` and ``trackb`` keys) of
     ``predictions`` over ``items``.
 
@@ -367,8 +367,9 @@ def score_all(items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]
       their Wilson interval;
     - ``items`` holds, per item, the flags a paired comparison needs.
 
-    unit_test answers run in the sandbox (``corpus_dir`` holds the modules they import),
-    ``sandbox_timeout`` seconds each, up to ``workers`` at once. Raises InputError if
+    Code answers run in the sandbox (``corpus_dir`` holds the modules they import,
+    ``python_path`` the corpus's execution environment), unit tests ``sandbox_timeout``
+    CPU seconds each, up to ``workers`` at once. Raises InputError if
     there are no items, an item has no id or no prediction, or a prediction is malformed.
     """
     answers = _validated_answers(items, predictions)
@@ -379,7 +380,7 @@ def score_all(items: list[dict[str, Any]], predictions: dict[str, dict[str, Any]
                  for item_id, a in answers.items()}
     seeds = seed_rows(items, seed_view, seed_k)
     seed_compatible = seed_summary(seeds, tag, seed_k)
-    context = CheckContext(corpus_dir, sandbox_timeout, allow_weak_sandbox)
+    context = CheckContext(corpus_dir, sandbox_timeout, allow_weak_sandbox, python_path)
     verdicts = _all_verdicts(ordered, answers, context, workers)
     records = _item_records(ordered, answers, {r["id"]: r for r in seeds}, verdicts)
     estimate = _Estimator(n_boot, seed)

@@ -269,9 +269,11 @@ def _parse_isolation(line: str) -> Isolation:
 
 
 def run_python(code: str, *, files: dict[str, str] | None = None, timeout: float = 10.0,
-               memory_mb: int = 1024, file_size_mb: int = 16, disk_mb: int = 64,
+               memory_mb: int = 1024, cpu_seconds: int | None = None,
+               file_size_mb: int = 16, disk_mb: int = 64,
                open_files: int = 256, processes: int = 512,
                python_path: list[str | Path] | None = None,
+               library_path: list[str | Path] | None = None,
                output_chars: int = OUTPUT_CHARS, report: bool = False,
                require_minimum: bool = True, network: str = "auto") -> SandboxResult:
     """Run ``code`` as ``__main__`` in a contained child process; never raises for what
@@ -279,8 +281,12 @@ def run_python(code: str, *, files: dict[str, str] | None = None, timeout: float
 
     ``files`` (relative path -> text) are written into the child's working folder, which
     is first on its ``sys.path`` and deleted afterwards. ``python_path`` folders follow it
-    on ``sys.path``, readable but not writable (a view of a corpus). The CPU limit is the
-    timeout rounded down plus two seconds. With ``report``, the code finds ``REPORT_FD``
+    on ``sys.path``, readable but not writable (a view of a corpus), then
+    ``library_path`` folders: installed packages (a corpus's execution environment),
+    read-only too, whose native extensions may load like those of trackb's own
+    environment. The CPU limit
+    (``RLIMIT_CPU``) is ``cpu_seconds``, by default the timeout rounded down plus two
+    seconds. With ``report``, the code finds ``REPORT_FD``
     in its globals, a pipe whose bytes come back as ``SandboxResult.report`` (at most
     :data:`REPORT_BYTES`). ``require_minimum`` refuses to run below the minimum
     isolation; ``network="auto"`` also tries a private network namespace, ``"seccomp"``
@@ -310,9 +316,11 @@ def run_python(code: str, *, files: dict[str, str] | None = None, timeout: float
         report_read, report_write = os.pipe() if report else (None, None)
         spec = {
             "workdir": str(work), "code_file": str(code_file),
-            "read_roots": [str(Path(p).resolve()) for p in (python_path or [])],
+            "read_roots": [str(Path(p).resolve())
+                           for p in [*(python_path or []), *(library_path or [])]],
+            "library_roots": [str(Path(p).resolve()) for p in (library_path or [])],
             "memory_bytes": int(memory_mb) * 1024 * 1024,
-            "cpu_seconds": int(timeout) + 2, "file_bytes": int(file_size_mb) * 1024 * 1024,
+            "cpu_seconds": int(cpu_seconds if cpu_seconds is not None else int(timeout) + 2), "file_bytes": int(file_size_mb) * 1024 * 1024,
             "open_files": int(open_files), "processes": int(processes),
             "try_netns": network == "auto" and not _NETNS_REFUSED,
             "clone_flags": CLONE_NEWUSER | CLONE_NEWNET, "landlock": True, "seccomp": True,

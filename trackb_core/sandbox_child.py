@@ -284,7 +284,7 @@ def main():
     if offered:
         if install_landlock(libc, offered, [*trusted_roots(), *spec["read_roots"]],
                             ["/etc/ld.so.cache", "/dev/urandom", "/dev/zero",
-                             "/etc/localtime"], [root]):
+                             "/etc/localtime", f"/proc/{os.getpid()}/status"], [root]):
             landlock = offered
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     seccomp = bool(spec["seccomp"]) and install_seccomp(libc, machine)
@@ -300,7 +300,7 @@ def main():
 
 def _run(spec, source, root, note):
     """The audit hook, then the code as ``__main__``."""
-    trusted = tuple(r + os.sep for r in trusted_roots())
+    trusted = tuple(r + os.sep for r in [*trusted_roots(), *spec.get("library_roots", [])])
     writable = (root, "/dev/null")
     sys.dont_write_bytecode = True
     sys.path[:] = [root, *spec["read_roots"], *[p for p in sys.path if p]]

@@ -93,6 +93,16 @@ def upstream_corpus(uri: str, filename: str) -> dict[str, Any] | None:
     return None
 
 
+def upstream_manifest_field(uri: str, filename: str, name: str) -> Any:
+    """The first manifest upstream of ``uri`` (following file inputs) that has the
+    top-level field ``name``: its value (e.g. extract's ``execution_env``, or its
+    ``counts``); None where none has it. Best effort, never raises."""
+    for _, _, manifest in _upstream_chain(uri, filename):
+        if name in manifest:
+            return manifest[name]
+    return None
+
+
 def upstream_corpus_dir(uri: str, filename: str, fetch: bool = False) -> Path | None:
     """A local folder holding the corpus a stage output descends from, or None.
 

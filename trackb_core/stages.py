@@ -195,7 +195,8 @@ SCORE_SIZING = Sizing("eval-baseline and eval-post, each: scoring, which runs mo
 # leave room to burst. A T4 node (e.g. g4dn.xlarge: 4 vCPU, 16 GiB) fits one GPU pod.
 STEPS: tuple[Step, ...] = (
     Step("extract", "extract", "extract", {"corpus": Setting("corpus")}, "extract",
-         Sizing("extract (downloads and parses the corpus).", "500m", "1Gi", "2", "4Gi",
+         Sizing("extract (downloads and parses the corpus; derives hidden tests by running "
+                "corpus code in the sandbox, one child per CPU).", "500m", "1Gi", "2", "4Gi",
                 deadline=3600, disk="4Gi")),
     Step("generate", "generate", "generate", {"tasks": Output("extract")}, "generate",
          Sizing("The generate client (an HTTP client of the teacher; also its "

@@ -21,6 +21,7 @@ from typing import Any
 
 from trackb_core.mutations import ParsedFunction, Scan
 from trackb_core.pyast import FunctionNode
+from trackb_core.testrun import hidden_test_verdict
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,31 @@ class FunctionSource:
 @dataclass(frozen=True)
 class CheckContext:
     """What a verdict may need besides the answer and its item: the corpus the item's
-    module comes from (None: unknown, code cannot run), the seconds one sandboxed run
-    may take, and whether code may run below the sandbox's minimum isolation."""
+    module comes from (None: unknown, code cannot run), the CPU seconds a sandboxed
+    run's tests may take, whether code may run below the sandbox's minimum isolation,
+    and the corpus's execution environment (folders after the corpus on ``sys.path``)."""
 
     corpus_dir: Path | None = None
     timeout: float = 10.0
     allow_weak_sandbox: bool = False
+    python_path: tuple[Path, ...] = ()
+
+    def hidden_tests(self, code: str | None, item: dict[str, Any]) -> dict[str, Any]:
+        """:func:`trackb_core.testrun.hidden_test_verdict` of ``code`` on ``item``."""
+        return hidden_test_verdict(code, item, self.corpus_dir,
+                                   require_minimum=not self.allow_weak_sandbox,
+                                   python_path=list(self.python_path))
+
+
+def hidden_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """eval.json facts of a family checked by hidden tests: how many items have them
+    and how the greedy answers' runs ended."""
+    statuses: dict[str, int] = {}
+    for record in records:
+        status = str(record["verdict"].get("hidden"))
+        statuses[status] = statuses.get(status, 0) + 1
+    return {"with_hidden_tests": len(records) - statuses.get("no_tests", 0),
+            "hidden_statuses": dict(sorted(statuses.items()))}
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,9 @@ class Family(abc.ABC):
         shows_mutant: its instruction shows the mutant, so the mutation kinds of its
             rows are the bug mix extract and the dataset card report.
         runs_code: its verdict runs code in the sandbox (scored a few at a time).
+        uses_hidden_tests: its task rows carry the function's hidden tests
+            (``hidden_tests``, derived by :mod:`trackb_core.difftest` at extract): its
+            functional check or its reference answer uses them.
         guidance: the format guidance a teacher model gets besides the instruction
             (part of the teacher prompt template: a change must bump
             ``openai_teacher.TEACHER_PROMPT_VERSION``).
@@ -116,6 +139,7 @@ class Family(abc.ABC):
     needs_mutants: bool = False
     shows_mutant: bool = False
     runs_code: bool = False
+    uses_hidden_tests: bool = False
     guidance: str
     pass_rule: str
     seed_reasons: tuple[str, ...] = ()

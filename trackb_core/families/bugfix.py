@@ -15,6 +15,8 @@
   functional check; ``site_restored`` = a diagnostic, not a fix: the smallest
   expression/statement that differs between the original and the mutant reads as in
   the original again, whatever else the answer changed (dead code included).
+- Functional check: the function's hidden tests run with the bound definition in its
+  module (:func:`trackb_core.testrun.hidden_test_verdict`); items without them have none.
 - Strict filter reasons: ``bugfix_unparsable`` / ``bugfix_not_restored`` (not an exact
   fix); facts ``bugfix_exact_fix``, ``bugfix_site_restored``.
 """
@@ -27,7 +29,14 @@ import re
 from typing import Any
 
 from trackb_core.codeblocks import first_code, parses
-from trackb_core.families.base import CheckContext, Family, FunctionSource, Metric, verdict_fact
+from trackb_core.families.base import (
+    CheckContext,
+    Family,
+    FunctionSource,
+    Metric,
+    hidden_summary,
+    verdict_fact,
+)
 from trackb_core.pyast import (
     FunctionNode,
     bound_function,
@@ -38,6 +47,7 @@ from trackb_core.pyast import (
     restores_original,
     short,
 )
+from trackb_core.testrun import hidden_functional
 
 # -- the reference answer ----------------------------------------------------------------
 
@@ -275,8 +285,12 @@ class Bugfix(Family):
     shows_mutant = True
     guidance = ("Say in one or two sentences which line is wrong and why, then give the whole "
                 "corrected function in one ```python block.")
-    pass_rule = ("the definition the answer's code binds is the original function: the "
-                 "mutated site restored and nothing else changed (exact_fix)")
+    runs_code = True
+    uses_hidden_tests = True
+    pass_rule = ("the function's hidden tests (derived from the original, validated to "
+                 "catch its mutant and a stub) pass with the definition the answer binds in "
+                 "its module; items without hidden tests are left out (exact_fix: the "
+                 "original restored exactly, is reported beside it)")
     filter_reasons = ("bugfix_unparsable", "bugfix_not_restored")
     metrics = (Metric("exact_fix", verdict_fact("exact_fix")),
                Metric("site_restored", verdict_fact("site_restored")))
@@ -308,7 +322,8 @@ class Bugfix(Family):
 
     def verdict(self, response: str, item: dict[str, Any], context: CheckContext
                 ) -> dict[str, Any]:
-        return bugfix_verdict(response, item)
+        return {**bugfix_verdict(response, item),
+                **context.hidden_tests(first_code(str(response or "")), item)}
 
     def filter(self, verdict: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         facts = {"bugfix_exact_fix": verdict["exact_fix"],
@@ -323,8 +338,11 @@ class Bugfix(Family):
         return bool(verdict["parses"])
 
     def functional_check(self, verdict: dict[str, Any]) -> bool | None:
-        # The original restored exactly is a working fix by construction.
-        return bool(verdict["exact_fix"])
+        # Hidden tests, not the text: a fix in dead code or beside the site fails them.
+        return hidden_functional(verdict)
+
+    def summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        return hidden_summary(records)
 
 
 FAMILY = Bugfix()

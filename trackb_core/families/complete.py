@@ -9,8 +9,11 @@
   NotImplementedError``; ``exact_match`` = AST-equal to the original;
   ``edit_similarity`` = difflib ratio over the tokens of both functions, normalised by
   :func:`ast.unparse` (docstrings dropped), in [0, 1].
+- Functional check: the function's hidden tests (:mod:`trackb_core.difftest`) run with
+  the completion in its module (:func:`trackb_core.testrun.hidden_test_verdict`:
+  ``hidden``, ``hidden_reason``); items without hidden tests have none.
 - Strict filter reasons: ``complete_unparsable`` / ``complete_signature_changed`` /
-  ``complete_echo``; facts ``complete_exact_match``, ``complete_edit_similarity``.
+  ``complete_echo`` / ``complete_fails_hidden_tests``; facts ``complete_exact_match``, ``complete_edit_similarity``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ import re
 from typing import Any
 
 from trackb_core.codeblocks import first_code, parses
-from trackb_core.families.base import CheckContext, Family, FunctionSource, Metric, verdict_fact
+from trackb_core.families.base import (
+    CheckContext,
+    Family,
+    FunctionSource,
+    Metric,
+    hidden_summary,
+    verdict_fact,
+)
 from trackb_core.pyast import (
     FunctionNode,
     bound_function,
@@ -33,6 +43,7 @@ from trackb_core.pyast import (
     python_block,
     restores_original,
 )
+from trackb_core.testrun import hidden_functional
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
@@ -117,10 +128,15 @@ class Complete(Family):
     name = "complete"
     answers_with_code = True
     guidance = "Give the whole completed function in one ```python block and nothing else."
-    pass_rule = ("none yet: a completion passes only when hidden tests run on it; until "
-                 "then exact_match and edit_similarity say how close it is, and format_ok "
-                 "that it parses, keeps the signature and is not an echo of the stub")
-    filter_reasons = ("complete_unparsable", "complete_signature_changed", "complete_echo")
+    runs_code = True
+    uses_hidden_tests = True
+    pass_rule = ("the function's hidden tests (derived from the original, validated to "
+                 "catch its mutant and a stub) pass with the completion in its module; "
+                 "items without hidden tests are left out; exact_match and "
+                 "edit_similarity say how close it is, format_ok that it parses, keeps the "
+                 "signature and is not an echo of the stub")
+    filter_reasons = ("complete_unparsable", "complete_signature_changed", "complete_echo",
+                      "complete_fails_hidden_tests")
     metrics = tuple(Metric(fact, verdict_fact(fact)) for fact in (
         "parses", "keeps_signature", "not_echo", "exact_match", "edit_similarity"))
 
@@ -145,7 +161,8 @@ class Complete(Family):
 
     def verdict(self, response: str, item: dict[str, Any], context: CheckContext
                 ) -> dict[str, Any]:
-        return complete_verdict(response, item)
+        return {**complete_verdict(response, item),
+                **context.hidden_tests(first_code(str(response or "")), item)}
 
     def filter(self, verdict: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         facts = {"complete_exact_match": verdict["exact_match"],
@@ -156,13 +173,18 @@ class Complete(Family):
             return "complete_signature_changed", facts
         if not verdict["not_echo"]:
             return "complete_echo", facts
+        if verdict.get("hidden") == "failed":
+            return "complete_fails_hidden_tests", facts
         return None, facts
 
     def format_check(self, verdict: dict[str, Any]) -> bool:
         return bool(verdict["parses"] and verdict["keeps_signature"] and verdict["not_echo"])
 
     def functional_check(self, verdict: dict[str, Any]) -> bool | None:
-        return None  # no hidden tests run for a completion yet
+        return hidden_functional(verdict)
+
+    def summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        return hidden_summary(records)
 
 
 FAMILY = Complete()

@@ -4,7 +4,9 @@
   a nested function has no import path and is skipped (``unit_test_not_importable``).
   Rows of a function that has a mutant carry it (``buggy_source``, ``mutation``), not
   shown to the model: a checker asks whether the tests catch that bug.
-- Reference answer: none (the source holds no tests): ``no_reference_unit_test``.
+- Reference answer: the function's hidden tests, derived from the original by
+  differential execution (:mod:`trackb_core.difftest`); none where it has none
+  (``no_reference_unit_test``).
 - Verdict (:func:`unit_test_verdict`): the tests run in the sandbox
   (:mod:`trackb_core.testrun`) against the original function and, where the item has a
   mutant, against the mutant.
@@ -28,13 +30,13 @@ from trackb_core.codeblocks import first_code, parses
 from trackb_core.families.base import CheckContext, Family, FunctionSource, Metric
 from trackb_core.pyast import FunctionNode, module_path, python_block
 from trackb_core.testrun import (
-    TEST_MODULE,
+    Budget,
     corpus_names,
-    corpus_view,
-    locate,
-    module_files,
-    replace_function,
-    run_tests,
+    kills_of,
+    run_against,
+    scaled_budget,
+    side_status,
+    timeout_reason,
 )
 
 # The verdict's status -> the strict filter's reason for rejecting it.
@@ -72,57 +74,50 @@ def _asserts(function: FunctionNode) -> bool:
 
 
 def _verdict(status: str, reason: str, passes: bool | None = None, kills: bool | None = None,
-             tests: int = 0, isolation: str | None = None) -> dict:
+             tests: int = 0, isolation: str | None = None, mutant_status: str | None = None
+             ) -> dict:
     return {"status": status, "passes_original": passes, "kills_mutant": kills,
-            "tests": tests, "reason": reason, "isolation": isolation}
-
-
-def _source_file(item: dict) -> str | None:
-    """The item's ``source_file`` if it is a relative ``.py`` path inside the corpus."""
-    value = item.get("source_file")
-    if not isinstance(value, str) or not value.endswith(".py"):
-        return None
-    parts = Path(value).parts
-    if not parts or Path(value).is_absolute() or ".." in parts or "\x00" in value:
-        return None
-    return value
+            "tests": tests, "reason": reason, "isolation": isolation,
+            "mutant_status": mutant_status}
 
 
 def unit_test_verdict(response: str, item: dict, corpus_dir: Path | None, *,
-                      timeout: float = 10.0, allow_weak_sandbox: bool = False) -> dict:
+                      timeout: float = 10.0, allow_weak_sandbox: bool = False,
+                      python_path: tuple[Path, ...] = ()) -> dict:
     """Run a unit_test response's tests in the sandbox against the item's function.
 
     Returns ``{"status", "passes_original", "kills_mutant", "tests", "reason",
-    "isolation"}``. The status is about the run against the original: ``passed`` (every
-    test case passed), ``failed`` (a case failed or raised), ``error`` (the tests did
-    not import, the sandbox killed the run, or it sent no single well-formed report),
-    ``timeout``, ``not_executable`` (no corpus, an item whose ``source_file`` is not a
-    file inside it, the module does not import here, e.g. a missing heavy dependency,
-    the tests need a library that is not installed or only fixtures the runner lacks,
-    or the sandbox cannot reach its minimum isolation here), ``no_tests`` (no
-    ``test_*`` function with an ``assert`` or ``pytest.raises``), ``unparsable``. When
-    the original passes and the item has ``buggy_source``, the tests run again on the
-    module with the function replaced by the mutant: ``kills_mutant`` is True if any
-    case fails, errors or times out there (None when not run). ``tests`` counts cases
-    run on the original; ``isolation`` is the sandbox's level
-    (:attr:`trackb_core.sandbox.Isolation.level`).
+    "isolation", "mutant_status"}``. The status is about the run against the original:
+    ``passed`` (every test case passed), ``failed`` (a case failed or raised), ``error``
+    (the tests did not import, the sandbox killed the run, or it sent no single
+    well-formed report), ``timeout`` (importing the module or the tests ran out of CPU
+    time, or the wall-clock backstop fired twice: neither a pass nor a failure),
+    ``not_executable`` (no corpus, an item whose ``source_file`` is not a file inside
+    it, the module does not import here, e.g. a missing heavy dependency, the tests need
+    a library that is not installed or only fixtures the runner lacks, or the sandbox
+    cannot reach its minimum isolation here), ``no_tests`` (no ``test_*`` function with
+    an ``assert`` or ``pytest.raises``), ``unparsable``. When the original passes and
+    the item has ``buggy_source``, the tests run again on the module with the function
+    replaced by the mutant: ``kills_mutant`` is True if a case fails or raises there (a
+    real assertion failure or error), False if all pass, None when that run timed out or
+    could not run (``mutant_status`` says which). ``tests`` counts cases run on the
+    original; ``isolation`` is the sandbox's level
+    (:attr:`trackb_core.sandbox.Isolation.level`). ``timeout`` is the CPU seconds the
+    tests may take on each side; ``python_path`` the corpus's execution environment.
 
-    The sandbox tree holds the module (lines ``line..end_line`` of ``source_file``
-    replaced for the mutant run) and ``__init__.py`` files along its path that only
-    extend ``__path__`` to a view of the corpus without the module under test (so
-    package inits do not run, siblings import, and both runs see the same files). Never
+    Both runs see the same files (:func:`trackb_core.testrun.run_against`). Never
     raises: a malformed response, item or report is a verdict too. Below the sandbox's
     minimum isolation nothing runs (``not_executable``) unless ``allow_weak_sandbox``.
     """
     try:
-        return _unit_test_verdict(response, item, corpus_dir, timeout,
-                                  not allow_weak_sandbox)
+        return _unit_test_verdict(response, item, corpus_dir, Budget(test_cpu=timeout),
+                                  not allow_weak_sandbox, list(python_path))
     except Exception as exc:  # noqa: BLE001 - a checker bug must cost one item, no more
         return _verdict("error", f"the checker failed: {type(exc).__name__}: {exc}"[:300])
 
 
-def _unit_test_verdict(response: str, item: dict, corpus_dir: Path | None,
-                       timeout: float, require_minimum: bool) -> dict:
+def _unit_test_verdict(response: str, item: dict, corpus_dir: Path | None, budget: Budget,
+                       require_minimum: bool, python_path: list[Path]) -> dict:
     code = first_code(str(response or ""))
     tree = parses(code) if code is not None else None
     if tree is None:
@@ -134,32 +129,22 @@ def _unit_test_verdict(response: str, item: dict, corpus_dir: Path | None,
     if corpus_dir is None:
         return _verdict("not_executable", "no corpus")
     corpus = Path(corpus_dir).resolve()
-    if "<locals>" in str(item.get("qualname", "")):
-        return _verdict("not_executable", "a nested function has no import path")
-    source_file = _source_file(item)
-    if source_file is None:
-        return _verdict("not_executable", "source_file is not a .py path inside the "
-                                          f"corpus: {str(item.get('source_file'))[:120]!r}")
-    path = corpus / source_file
-    if not path.is_file() or path.is_symlink():
-        return _verdict("not_executable", f"source file not in corpus: {source_file!r}")
-    file_text = path.read_text(encoding="utf-8", errors="replace")
-    module = module_path(source_file)
-    view = corpus_view(corpus, source_file)
-
-    files = {**module_files(view, source_file, file_text), f"{TEST_MODULE}.py": code}
-    original = run_tests(files, module, view, timeout, require_minimum)
+    original = run_against(code, item, corpus, budget, require_minimum=require_minimum,
+                           python_path=python_path)
+    if isinstance(original, str):
+        return _verdict("not_executable", original)
     isolation = original["sandbox"].isolation.level
-    if original["outcome"] == "below_minimum":
+    side = side_status(original)
+    if side == "below_minimum":
         return _verdict("not_executable", f"isolation: {original['failure']}",
                         isolation=isolation)
-    if original["outcome"] == "timeout":
-        return _verdict("timeout", f"no result within {timeout:g} s", passes=False,
-                        isolation=isolation)
+    if side == "timeout":
+        return _verdict("timeout", timeout_reason(original, budget), isolation=isolation)
     if original["outcome"] == "error":
         return _verdict("error", str(original["failure"])[:300], passes=False,
                         isolation=isolation)
     failure = original["failure"]
+    module = module_path(str(item.get("source_file")))
     if original["outcome"] == "import_module":
         return _verdict("not_executable", f"import {module} failed: {failure['error']}"
                         + (f": {failure['name']}" if failure.get("name") else
@@ -189,24 +174,21 @@ def _unit_test_verdict(response: str, item: dict, corpus_dir: Path | None,
     if not isinstance(buggy, str) or not buggy.strip():
         return _verdict("passed", f"{len(results)} passed", passes=True, tests=len(results),
                         isolation=isolation)
-    span = locate(file_text, item)
-    if isinstance(span, str):
-        return _verdict("passed", f"{len(results)} passed; mutant not run: {span}",
-                        passes=True, tests=len(results), isolation=isolation)
-    mutant_files = {**files, **module_files(view, source_file,
-                                             replace_function(file_text, span, buggy))}
-    mutant = run_tests(mutant_files, module, view, timeout, require_minimum)
-    if mutant["outcome"] == "below_minimum":
-        return _verdict("passed", f"{len(results)} passed; mutant not run: isolation",
-                        passes=True, tests=len(results), isolation=isolation)
-    if mutant["outcome"] == "ran":
-        caught = [r for r in mutant["results"] if r[1] != "passed"]
-        kills = bool(caught) or len(mutant["results"]) != len(results)
-        detail = f"{len(caught)} failed on the mutant" if kills else "all pass on the mutant"
-    else:
-        kills, detail = True, f"the mutant run ended in {mutant['outcome']}"
+    # The mutant gets what the original needed, scaled: a slower machine or a busy one
+    # changes CPU time little, and a mutant that loops is a timeout, never a kill.
+    mutant_budget = scaled_budget(budget, original)
+    mutant = run_against(code, item, corpus, mutant_budget, function_source=buggy,
+                         require_minimum=require_minimum, python_path=python_path)
+    if isinstance(mutant, str):
+        return _verdict("passed", f"{len(results)} passed; mutant not run: {mutant}",
+                        passes=True, tests=len(results), isolation=isolation,
+                        mutant_status="not_run")
+    kills, mutant_side = kills_of(mutant, len(results))
+    detail = {True: f"{sum(r[1] in ('failed', 'error') for r in mutant['results'])} failed "
+                    "on the mutant", False: "all pass on the mutant",
+              None: f"mutant not judged: {mutant_side}"}[kills]
     return _verdict("passed", f"{len(results)} passed; {detail}", passes=True, kills=kills,
-                    tests=len(results), isolation=isolation)
+                    tests=len(results), isolation=isolation, mutant_status=mutant_side)
 
 
 def executable(record: dict[str, Any]) -> bool:
@@ -231,6 +213,7 @@ class UnitTest(Family):
     answers_with_code = True
     needs_mutants = True
     runs_code = True
+    uses_hidden_tests = True
     guidance = ("Write self-contained pytest tests in one ```python block: import what you "
                 "test, name the functions test_..., use plain assert statements.")
     pass_rule = ("the tests run and pass against the original function and fail against "
@@ -271,12 +254,18 @@ class UnitTest(Family):
 
     def reference_answer(self, task: dict[str, Any], source: str, function: FunctionNode
                          ) -> tuple[str | None, str | None]:
+        hidden = task.get("hidden_tests")
+        if isinstance(hidden, dict) and isinstance(hidden.get("code"), str):
+            # tests derived from the original by differential execution, validated to
+            # pass on it and to catch its mutant and a stub (trackb_core.difftest)
+            return python_block(hidden["code"].rstrip("\n")), None
         return None, "no_reference_unit_test"
 
     def verdict(self, response: str, item: dict[str, Any], context: CheckContext
                 ) -> dict[str, Any]:
         return unit_test_verdict(response, item, context.corpus_dir, timeout=context.timeout,
-                                 allow_weak_sandbox=context.allow_weak_sandbox)
+                                 allow_weak_sandbox=context.allow_weak_sandbox,
+                                 python_path=context.python_path)
 
     def filter(self, verdict: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         facts = {"unit_test_status": verdict["status"],
