@@ -287,3 +287,23 @@ def _build_in_child(corpus: str) -> str:
     from trackb_core import testrun
 
     return str(testrun.corpus_view(Path(corpus), "pkg/helpers.py"))
+
+
+def test_a_module_whose_import_kills_the_interpreter_costs_only_its_own_tests(tmp_path):
+    """Modules share derivation runs; one that aborts the process on import must not take
+    the tests of the others with it (the run is split until the culprit is alone)."""
+    root = tmp_path / "corpus"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / "helpers.py").write_text(MODULE)
+    (root / "pkg" / "boom.py").write_text(
+        "import os\nos.abort()\n\n\ndef twice(x: int) -> int:\n    y = x\n    y = y * 2\n"
+        "    if y > 100:\n        return 100\n    return y\n")
+    rows = function_rows(root)
+    mutants = {r["id"]: r["source"].replace(*MUTANTS.get(r["name"], ("y > 100", "y >= 100")))
+               for r in rows}
+    result = difftest.derive_tests(rows, mutants, root, seed=0, workers=1)
+    assert result.modules["pkg/helpers.py"] == "imported"
+    assert result.modules["pkg/boom.py"].startswith("error")
+    tested = {r["name"] for r in rows if r["id"] in result.tests}
+    assert {"clamp", "dedupe", "shout"} <= tested and "twice" not in tested

@@ -54,7 +54,7 @@ UNDER_TEST = ("model", "adapter", "tag")
 # Per-item fields of eval.json "items" the paired test runs on: (field, label). The
 # verdict is the paired bootstrap's; booleans also get McNemar's test beside it.
 PAIRED_FIELDS = (
-    ("functional", "functional pass, greedy (tests run, or the exact fix)"),
+    ("functional", "functional pass, greedy (tests run on the answer)"),
     ("functional_fraction", "functional pass, share of samples"),
     ("format_ok", "format ok, greedy (form only, not correctness)"),
     ("seed_pass_at_1", "seed-compatible pass@1 (compiles / looks right)"),
@@ -550,8 +550,8 @@ def render_markdown(comparison: dict[str, Any], title: str = "trackb: baseline v
         f"({boot['n_boot']} resamples, seed {boot['seed']}), which gives the verdict. "
         "Sections: **seed** = the seed's own lenient definitions (pass = compiles or looks "
         "right), scored on the first 384 tokens; **functional** = the only *pass*: tests "
-        "run on the answer, or the exact fix (items nothing can check are left out, see "
-        "n); **format** = the answer has the asked-for form; **family** = each family's "
+        "run on the answer: a completion's or a fix's hidden tests, a unit test's run on "
+        "the original and its mutant (items nothing can check are left out, see n); **format** = the answer has the asked-for form; **family** = each family's "
         "own measures; **budget** = answers cut at the token budget.",
         "",
         "## Paired test (same items, matched by id)",

@@ -923,7 +923,7 @@ def _hidden_test_section(hidden: dict[str, Any]) -> list[str]:
     missing = derived.get("missing_modules") or {}
     if missing:
         lines.append("- Most missing modules (functions): " + ", ".join(
-            f"{k} ({v})" for k, v in list(missing.items())[:6]))
+            f"{k} ({v})" for k, v in sorted(missing.items(), key=lambda kv: (-kv[1], kv[0]))[:6]))
     reasons = derived.get("without_tests") or {}
     if reasons:
         lines.append("- Why the others have none: " + ", ".join(

@@ -56,8 +56,9 @@ CALL_CPU = 0.5
 TARGET_CPU = 4.0
 IMPORT_CPU = 60.0
 VALIDATE_CPU = 30.0
-# Modules imported in one derivation run: their heavy imports (torch) are paid once.
-MODULES_PER_RUN = 12
+# Modules imported in one derivation run: their heavy imports (torch) are paid once. A run
+# that fails as a whole (a module's import kills the interpreter) is split in halves.
+MODULES_PER_RUN = 32
 
 # Values drawn for a parameter, by what its annotation or name says it is.
 POOLS: dict[str, list[str]] = {
@@ -418,8 +419,15 @@ def derive(entry):
     return out
 
 reports = {}
+corpus_tops = {entry["module"].split(".")[0] for entry in MODULES}
 for entry in MODULES:
+    loaded = set(sys.modules)
     reports[entry["module"]] = derive(entry)
+    # the next module imports as in a fresh process: none of the corpus's modules loaded
+    # (third-party ones, torch, stay: importing them again would change nothing)
+    for name in [n for n in sys.modules if n not in loaded]:
+        if name.split(".")[0] in corpus_tops:
+            del sys.modules[name]
 os.write(REPORT_FD, (json.dumps(reports) + "\n").encode())
 """
 
@@ -692,11 +700,20 @@ def derive_tests(functions: list[dict[str, Any]], mutants: dict[str, str], corpu
     lock = threading.Lock()
     done = [0]
 
+    def reports_of(batch: list[str]) -> dict[str, dict[str, Any]]:
+        reports = derive_batch(corpus, {name: by_module[name] for name in batch}, mutants,
+                               seed=seed, require_minimum=require_minimum,
+                               python_path=python_path)
+        whole = {str(r.get("stage")) for r in reports.values()}
+        if len(batch) > 1 and whole <= {"error"}:
+            # the run died as a whole: find the module that did it by halves
+            half = len(batch) // 2
+            return {**reports_of(batch[:half]), **reports_of(batch[half:])}
+        return reports
+
     def one_batch(batch: list[str]) -> None:
         try:
-            reports = derive_batch(corpus, {name: by_module[name] for name in batch}, mutants,
-                                   seed=seed, require_minimum=require_minimum,
-                                   python_path=python_path)
+            reports = reports_of(batch)
             for source_file in batch:
                 _check_module(source_file, by_module[source_file], reports[source_file])
         except (OSError, RecursionError, MemoryError, ValueError) as exc:

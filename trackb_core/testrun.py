@@ -522,11 +522,11 @@ def hidden_test_verdict(code: str | None, item: dict, corpus: Path | None, *,
     module does not import with it, or it ran out of CPU time), ``no_tests`` (the item
     has none), ``not_executable`` (no corpus, the sandbox cannot run here, or the tests
     do not pass on the original in this environment) or ``timeout`` (on the original, or
-    the wall-clock backstop fired twice: neither a pass nor a failure). The tests run on
-    the original first, once per item and process: its CPU time (ten times, at least a
-    second) and import footprint (plus :data:`TEST_MEMORY_MB`) are the candidate's
-    budget. An answer that restores the original exactly then passes without another
-    run. Raises nothing.
+    the wall-clock backstop fired twice: neither a pass nor a failure). An answer that
+    restores the original exactly passes without a run: the tests were validated on that
+    very function at extract. For any other, the tests run on the original first, once
+    per item and process: its CPU time (ten times, at least a second) and import
+    footprint (plus :data:`TEST_MEMORY_MB`) are the candidate's budget. Raises nothing.
     """
     hidden = item.get("hidden_tests") if isinstance(item, dict) else None
     if not isinstance(hidden, dict) or not isinstance(hidden.get("code"), str):
@@ -538,14 +538,16 @@ def hidden_test_verdict(code: str | None, item: dict, corpus: Path | None, *,
     candidate = candidate_function(code or "", target.name) if target is not None else None
     if candidate is None:
         return {"hidden": "failed", "hidden_reason": "no definition of the function"}
+    if restores_original(code or "", original):
+        # the function the tests were validated on at extract (they pass on it, fail on
+        # its mutant and a stub): nothing a run could add
+        return {"hidden": "passed", "hidden_reason": "the original function, exactly"}
     try:
         reference = _reference_run(hidden["code"], item, Path(corpus), require_minimum,
                                    python_path)
         if isinstance(reference, str):
             return {"hidden": "timeout" if reference.startswith("timeout") else
                     "not_executable", "hidden_reason": reference}
-        if restores_original(code or "", original):
-            return {"hidden": "passed", "hidden_reason": "the original function, exactly"}
         budget = scaled_budget(Budget(test_cpu=REFERENCE_CPU), reference)
         run = run_against(hidden["code"], item, Path(corpus), budget,
                           function_source=candidate, require_minimum=require_minimum,

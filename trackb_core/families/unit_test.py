@@ -122,6 +122,15 @@ def _unit_test_verdict(response: str, item: dict, corpus_dir: Path | None, budge
     tree = parses(code) if code is not None else None
     if tree is None:
         return _verdict("unparsable", "no code block" if code is None else "does not parse")
+    hidden = item.get("hidden_tests") if isinstance(item, dict) else None
+    if corpus_dir is not None and isinstance(hidden, dict) \
+            and str(hidden.get("code", "")).strip() == code.strip() \
+            and isinstance(item.get("buggy_source"), str):
+        # the function's own hidden tests, validated at extract against this very
+        # function and its mutant (trackb_core.difftest): nothing a run could add
+        return _verdict("passed", f"{hidden.get('cases')} passed; the function's hidden "
+                                  "tests, validated at extract", passes=True, kills=True,
+                        tests=int(hidden.get("cases") or 0), mutant_status="failed")
     if not any(_asserts(f) for f in _test_functions(tree)):
         return _verdict("no_tests", "no test_* function with an assert")
     if not isinstance(item, dict):
@@ -310,11 +319,19 @@ class UnitTest(Family):
         for r in records:
             status = str(r["verdict"].get("status"))
             statuses[status] = statuses.get(status, 0) + 1
+        mutant: dict[str, int] = {}
+        for r in records:
+            side = r["verdict"].get("mutant_status")
+            if side is not None:
+                mutant[str(side)] = mutant.get(str(side), 0) + 1
         return {
             "n_executable": len(ran),
             "not_executable": len(records) - len(ran),
             "n_with_mutant": sum(r["has_mutant"] for r in ran),
+            # per side: how the runs on the original and on the mutant ended (a timeout
+            # on either side is neither a pass nor a kill)
             "statuses": dict(sorted(statuses.items())),
+            "mutant_statuses": dict(sorted(mutant.items())),
         }
 
 
