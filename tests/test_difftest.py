@@ -147,7 +147,7 @@ def test_derived_tests_are_plain_asserts_that_need_no_pytest(derived):
         tree = ast.parse(tests["code"])
         assert "pytest" not in tests["code"]
         assert any(isinstance(n, ast.Assert) for n in ast.walk(tree))
-        assert tests["cases"] >= 1 and tests["version"] == 1
+        assert tests["cases"] >= 1 and tests["version"] == difftest.VERSION
         assert set(tests) == {"code", "cases", "version"}  # nothing machine-dependent
 
 
@@ -307,3 +307,33 @@ def test_a_module_whose_import_kills_the_interpreter_costs_only_its_own_tests(tm
     assert result.modules["pkg/boom.py"].startswith("error")
     tested = {r["name"] for r in rows if r["id"] in result.tests}
     assert {"clamp", "dedupe", "shout"} <= tested and "twice" not in tested
+
+
+def test_functions_of_tensors_get_tests_that_rebuild_and_compare_tensors(tmp_path):
+    pytest.importorskip("torch")
+    root = tmp_path / "corpus"
+    (root / "ops").mkdir(parents=True)
+    (root / "ops" / "__init__.py").write_text("")
+    (root / "ops" / "masks.py").write_text(textwrap.dedent('''\
+        import torch
+
+
+        def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            """Mean of values where mask is set."""
+            total = (values * mask).sum()
+            count = mask.sum()
+            if count > 0:
+                return total / count
+            return total
+        '''))
+    rows = function_rows(root)
+    mutants = {r["id"]: r["source"].replace("if count > 0:", "if count >= 0:") for r in rows}
+    result = difftest.derive_tests(rows, mutants, root, seed=0, workers=1)
+    row = rows[0]
+    assert row["id"] in result.tests, result.reasons
+    code = result.tests[row["id"]]["code"]
+    assert code.startswith("import torch") and "torch.tensor(" in code
+    item = item_for(row, mutants[row["id"]], result.tests[row["id"]])
+    assert hidden_test_verdict(row["source"].replace("    ", "  "), item, root)["hidden"] \
+        == "passed"
+    assert hidden_test_verdict(mutants[row["id"]], item, root)["hidden"] == "failed"

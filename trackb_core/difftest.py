@@ -49,7 +49,7 @@ MAX_CALLS = 48
 MAX_CASES = 8
 # The longest literal (repr) a test may hold: an argument or a result.
 MAX_LITERAL = 300
-VERSION = 1  # bump when derived tests change for the same corpus and seed
+VERSION = 2  # bump when derived tests change for the same corpus and seed
 # CPU seconds one call may take, all calls of one target together, importing a module,
 # and a module's derived tests together when they are checked in a fresh run.
 CALL_CPU = 0.5
@@ -73,9 +73,17 @@ POOLS: dict[str, list[str]] = {
     "dict": ["{}", "{'a': 1}", "{'a': 1, 'b': 2}", "{'x': 'y'}", "{'a': {'b': 1}}"],
     "set": ["set()", "{1, 2}", "{'a'}"],
     "none": ["None"],
+    # small tensors, written as they are in a test: torch.tensor(<list>, dtype=...)
+    "tensor": ["torch.tensor([1.0, 2.0, 3.0])", "torch.tensor([[1.0, -1.0], [0.5, 2.0]])",
+               "torch.tensor([1, 0, 1])", "torch.tensor([[1, 1, 0], [1, 0, 0]])",
+               "torch.tensor([True, False, True])", "torch.tensor([[0.5, 1.5, -2.0]])",
+               "torch.tensor([2, 3, 4])", "torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])"],
 }
 # Parameter names (whole name, prefix or suffix) and the pools they suggest.
 NAME_HINTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("tensor|tensors|logits|mask|attention_mask|input_ids|labels|log_probs|logprobs|log_prob|"
+     "old_log_prob|probs|rewards|advantages|position_ids|hidden_states|response_mask|"
+     "token_level_rewards|token_level_scores|entropy|loss_mask|ids", ("tensor",)),
     ("n|num|count|size|length|len|idx|index|step|steps|k|i|j|dim|depth|level|batch_size|"
      "world_size|rank|seed|width|height|total|limit|offset|start|end|stop|max|min|epoch",
      ("int",)),
@@ -97,6 +105,7 @@ _ANNOTATION_POOLS = {
     "Iterable": ("list", "tuple"), "tuple": ("tuple",), "Tuple": ("tuple",),
     "dict": ("dict",), "Dict": ("dict",), "Mapping": ("dict",), "set": ("set",),
     "Set": ("set",), "None": ("none",), "Optional": ("none",), "Any": (),
+    "Tensor": ("tensor",),
 }
 # Types whose values tests name as literals.
 LITERAL_TYPES = ("NoneType", "bool", "int", "float", "str", "bytes", "list", "tuple", "dict",
@@ -265,10 +274,23 @@ def vm_peak_kb():
     except (OSError, ValueError):
         return None
 SAME_HELPER
-SAFE = {"__builtins__": {"set": set, "frozenset": frozenset}}
+# Names the call texts use. They are trackb's own pools or defaults that are literals
+# (checked on the host); torch needs the real builtins to build a tensor.
+SAFE = {"set": set, "frozenset": frozenset}
 KINDS = (type(None), bool, int, float, str, bytes, list, tuple, dict, set, frozenset)
+TENSOR_DTYPES = ("float32", "float64", "int64", "int32", "bool")
+
+def is_tensor(value):
+    return type(value).__name__ == "Tensor" and type(value).__module__.startswith("torch")
 
 def literal(value, depth=0):
+    if is_tensor(value):
+        try:
+            return (str(value.dtype).split(".")[-1] in TENSOR_DTYPES and value.numel() <= 50
+                    and not value.requires_grad and value.device.type == "cpu"
+                    and (not value.is_floating_point() or bool(value.isfinite().all())))
+        except BaseException:
+            return False
     if type(value) not in KINDS or depth > 6:
         return False
     if isinstance(value, float):
@@ -281,10 +303,20 @@ def literal(value, depth=0):
     return True
 
 def text(value):
+    "Source text that rebuilds value (tensors included, at any depth)."
+    if is_tensor(value):
+        return (f"torch.tensor({value.tolist()!r}, dtype=torch."
+                f"{str(value.dtype).split('.')[-1]})")
     if isinstance(value, frozenset):
-        return "frozenset(" + (repr(set(value)) if value else "") + ")"
-    if isinstance(value, set) and not value:
-        return "set()"
+        return "frozenset(" + (text(set(value)) if value else "") + ")"
+    if isinstance(value, set):
+        return "{" + ", ".join(text(v) for v in value) + "}" if value else "set()"
+    if isinstance(value, list):
+        return "[" + ", ".join(text(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(text(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{text(k)}: {text(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 def resolve(module, qualname, bare=False):
@@ -339,6 +371,12 @@ def load_variant(name, path, original):
     return variant
 
 def derive(entry):
+    if "torch." in json.dumps(entry["targets"]) and "torch" not in SAFE:
+        try:
+            import torch
+            SAFE["torch"] = torch
+        except BaseException:
+            pass
     started = cpu()
     try:
         budget(IMPORT_CPU)
@@ -388,7 +426,8 @@ def derive(entry):
                 continue
             originals = [eval(v, SAFE) for v in positional]
             changed = [i for i, (was, now) in enumerate(zip(originals, first[2]))
-                       if isinstance(was, (list, dict, set)) and text(was) != text(now)]
+                       if (isinstance(was, (list, dict, set)) or is_tensor(was))
+                       and text(was) != text(now)]
             record = (first[0], first[1], first[2], changed)
             if agrees(second, record) is not True:
                 continue  # not deterministic
@@ -436,14 +475,19 @@ os.write(REPORT_FD, (json.dumps(reports) + "\n").encode())
 
 _SAME = '''
 
-def _same(got, want):
-    """Equal, with floats equal to 1e-9 relative (another order of the same arithmetic)."""
+def _same(got, want, tol=1e-9):
+    """Equal, floats within tol relative (another order of the same arithmetic); tensors
+    of the same dtype and shape with equal values (float32 within 1e-5)."""
+    if type(want).__name__ == "Tensor":
+        return (type(got).__name__ == "Tensor" and got.dtype == want.dtype
+                and tuple(got.shape) == tuple(want.shape)
+                and _same(got.tolist(), want.tolist(), 1e-5 if want.is_floating_point() else 0))
     if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
-        return abs(got - want) <= 1e-9 * max(1.0, abs(want))
+        return abs(got - want) <= tol * max(1.0, abs(want))
     if isinstance(want, (list, tuple)) and type(got) is type(want):
-        return len(got) == len(want) and all(_same(g, w) for g, w in zip(got, want))
+        return len(got) == len(want) and all(_same(g, w, tol) for g, w in zip(got, want))
     if isinstance(want, dict) and isinstance(got, dict):
-        return got.keys() == want.keys() and all(_same(got[k], want[k]) for k in want)
+        return got.keys() == want.keys() and all(_same(got[k], want[k], tol) for k in want)
     return type(got) is type(want) and got == want
 '''
 
@@ -461,7 +505,9 @@ def test_file(module: str, qualname: str, cases: list[dict[str, Any]],
     called on ``Class.__new__(Class)``."""
     top = qualname.split(".")[0]
     name = qualname.split(".")[-1].lstrip("_") or "function"
-    lines = [f"from {module} import {top}", _SAME.rstrip("\n")]
+    uses_torch = "torch." in json.dumps(cases)
+    lines = [*(["import torch", ""] if uses_torch else []), f"from {module} import {top}",
+             _SAME.rstrip("\n")]
     for index, case in enumerate(cases):
         changed = {int(i): value for i, value in case.get("changed") or []}
         names = {i: f"arg{i}" for i in changed}
