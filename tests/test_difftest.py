@@ -111,10 +111,16 @@ def test_value_pools_come_from_the_default_then_the_annotation_then_the_name():
     assert "''" in difftest.value_pools({"name": "prefix", "annotation": None, "default": None})
     assert "None" in difftest.value_pools({"name": "a", "annotation": "list[int] | None",
                                            "default": None})
-    # every pool value is a literal a test file can hold
-    for values in difftest.POOLS.values():
+    # every pool value is a literal a test file can hold (tensors: torch.tensor(<literal>))
+    for kind, values in difftest.POOLS.items():
         for value in values:
-            ast.literal_eval(value) if value != "set()" else None
+            if kind == "tensor":
+                assert value.startswith("torch.tensor(")
+                ast.literal_eval(ast.parse(value).body[0].value.args[0])
+            elif value != "set()":
+                ast.literal_eval(value)
+    assert difftest.value_pools({"name": "mask", "annotation": None, "default": None})[0] \
+        .startswith("torch.tensor(")
 
 
 def test_the_calls_tried_are_the_same_for_the_same_function_and_seed(corpus):
@@ -337,3 +343,16 @@ def test_functions_of_tensors_get_tests_that_rebuild_and_compare_tensors(tmp_pat
     assert hidden_test_verdict(row["source"].replace("    ", "  "), item, root)["hidden"] \
         == "passed"
     assert hidden_test_verdict(mutants[row["id"]], item, root)["hidden"] == "failed"
+
+
+def test_a_test_that_fills_memory_is_killed_for_what_it_keeps_resident(corpus, monkeypatch):
+    """Address space is not memory (CUDA torch reserves gigabytes it never touches), so
+    imports get a large one; what a run keeps resident is watched and capped."""
+    from trackb_core import testrun
+
+    monkeypatch.setattr(testrun, "RESIDENT_MB", 200)
+    hog = ("def test_hog():\n    blocks = []\n    while True:\n"
+           "        blocks.append(bytearray(16 << 20))\n")
+    item = {"source_file": "pkg/helpers.py", "qualname": "clamp"}
+    run = testrun.run_against(hog, item, corpus, testrun.Budget(test_cpu=30))
+    assert run["outcome"] == "error" and "resident" in run["sandbox"].reason

@@ -39,6 +39,7 @@ from trackb_core.pyast import first_function, module_path
 from trackb_core.sandbox import run_python
 from trackb_core.testrun import (
     IMPORT_MEMORY_MB,
+    RESIDENT_MB,
     TEST_MEMORY_MB,
     Budget,
 )
@@ -681,6 +682,7 @@ def derive_batch(corpus: Path, modules: dict[str, list[dict[str, Any]]],
     budget = Budget()
     result = run_python(runner, files=files, timeout=budget.wall_factor * cpu + budget.wall_slack,
                         cpu_seconds=int(cpu) + 2, memory_mb=IMPORT_MEMORY_MB,
+                        resident_mb=RESIDENT_MB,
                         disk_mb=256, python_path=[view], library_path=python_path, report=True,
                         require_minimum=require_minimum)
     failed = {"stage": "error", "message": f"sandbox {result.status}: {result.reason}"[:300]}

@@ -270,6 +270,7 @@ def _parse_isolation(line: str) -> Isolation:
 
 def run_python(code: str, *, files: dict[str, str] | None = None, timeout: float = 10.0,
                memory_mb: int = 1024, cpu_seconds: int | None = None,
+               resident_mb: int | None = None,
                file_size_mb: int = 16, disk_mb: int = 64,
                open_files: int = 256, processes: int = 512,
                python_path: list[str | Path] | None = None,
@@ -286,7 +287,10 @@ def run_python(code: str, *, files: dict[str, str] | None = None, timeout: float
     read-only too, whose native extensions may load like those of trackb's own
     environment. The CPU limit
     (``RLIMIT_CPU``) is ``cpu_seconds``, by default the timeout rounded down plus two
-    seconds. With ``report``, the code finds ``REPORT_FD``
+    seconds. ``memory_mb`` caps the address space (``RLIMIT_AS``); ``resident_mb``, when
+    set, also the memory actually in use: the parent reads the child's resident set
+    while it runs and kills it past that (address space is not memory: CUDA torch
+    reserves gigabytes it never touches). With ``report``, the code finds ``REPORT_FD``
     in its globals, a pipe whose bytes come back as ``SandboxResult.report`` (at most
     :data:`REPORT_BYTES`). ``require_minimum`` refuses to run below the minimum
     isolation; ``network="auto"`` also tries a private network namespace, ``"seccomp"``
@@ -347,7 +351,7 @@ def run_python(code: str, *, files: dict[str, str] | None = None, timeout: float
                         os.close(fd)
                 for drain in drains:
                     drain.start()
-                timed_out, killed_for = _wait(process, timeout, work, disk_mb)
+                timed_out, killed_for = _wait(process, timeout, work, disk_mb, resident_mb)
                 for drain in drains:
                     drain.join(5)
                 seconds = time.monotonic() - started
@@ -402,10 +406,23 @@ def run_python(code: str, *, files: dict[str, str] | None = None, timeout: float
     return result("failed", "refused: " + ", ".join(refused) if refused else "")
 
 
+def resident_kb(pid: int) -> int:
+    """The resident set of process ``pid`` in KiB (0 when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _wait(process: subprocess.Popen, timeout: float, work: Path,
-          disk_mb: int) -> tuple[bool, str]:
-    """Wait for the child, accounting its folder; ``(timed out, why it was killed)``.
-    The process group is killed on every path (the child's leftovers too)."""
+          disk_mb: int, resident_mb: int | None = None) -> tuple[bool, str]:
+    """Wait for the child, accounting its folder (and its resident memory, with
+    ``resident_mb``); ``(timed out, why it was killed)``. The process group is killed on
+    every path (the child's leftovers too)."""
     deadline = time.monotonic() + timeout
     cap = int(disk_mb) * 1024 * 1024
     timed_out, killed_for = False, ""
@@ -416,7 +433,7 @@ def _wait(process: subprocess.Popen, timeout: float, work: Path,
                 timed_out = True
                 break
             try:
-                process.wait(timeout=min(remaining, 0.25))
+                process.wait(timeout=min(remaining, 0.1 if resident_mb else 0.25))
                 break
             except subprocess.TimeoutExpired:
                 used, entries = folder_usage(work, cap)
@@ -425,6 +442,9 @@ def _wait(process: subprocess.Popen, timeout: float, work: Path,
                     break
                 if entries > MAX_ENTRIES:
                     killed_for = f"disk limit (more than {MAX_ENTRIES} files and folders)"
+                    break
+                if resident_mb and resident_kb(process.pid) > resident_mb * 1024:
+                    killed_for = f"memory limit ({resident_mb} MiB resident)"
                     break
     finally:
         _kill_group(process)

@@ -339,10 +339,12 @@ class Budget:
 
 
 # The address space importing a module may take: CUDA builds of torch reserve several GiB
-# of virtual memory at import, which is not memory in use (the pod's memory limit bounds
-# that). Test runs get the import's measured peak plus TEST_MEMORY_MB.
+# of virtual memory at import, which is not memory in use. Test runs of a changed
+# function get the import's measured peak plus TEST_MEMORY_MB. What any run may keep
+# resident is RESIDENT_MB, watched by the parent (and the pod's memory limit outside).
 IMPORT_MEMORY_MB = 16384
 TEST_MEMORY_MB = 1024
+RESIDENT_MB = 3072
 
 
 def run_tests(files: dict[str, str], module: str, view: Path, budget: Budget,
@@ -369,6 +371,7 @@ def run_tests(files: dict[str, str], module: str, view: Path, budget: Budget,
     for wall in (budget.wall(), 4 * budget.wall()):
         result = run_python(runner, files=files, timeout=wall, cpu_seconds=cpu_limit,
                             memory_mb=budget.memory_mb or IMPORT_MEMORY_MB,
+                            resident_mb=RESIDENT_MB,
                             python_path=[view], library_path=python_path, report=True,
                             require_minimum=require_minimum)
         if result.status != "timeout":
