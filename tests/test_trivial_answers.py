@@ -92,27 +92,59 @@ def dead_code_fix(item: dict) -> str:
     return buggy + "\n    if False:\n" + textwrap.indent(body.rstrip("\n"), " " * 8) + "\n"
 
 
-def test_signature_only_completions_and_dead_code_fixes_fail_the_hidden_tests(verl_dataset):
-    """Over the real verl items that have hidden tests: the original passes them, a
-    completion that keeps only the signature fails them, and so does a fix that restores
-    the original only in code that never runs (the bug stays where it runs)."""
+def with_a_no_op(source: str) -> str:
+    """The original with a ``pass`` before its body: the same behaviour, another AST (so
+    the hidden tests really run on it)."""
+    import textwrap
+
+    lines = textwrap.dedent(source).split("\n")
+    header = next(i for i, line in enumerate(lines) if line.rstrip().endswith(":"))
+    return "\n".join([*lines[:header + 1], "    pass", *lines[header + 1:]])
+
+
+@pytest.fixture(scope="module")
+def verl_hidden_items():
+    """complete and bugfix tasks of verl/utils (every module there) with the hidden tests
+    derived for them, as extract derives them, and the corpus folder."""
+    from pathlib import Path
+
+    from trackb_core import difftest
     from trackb_core.corpus import resolve_corpus
+    from trackb_core.extract import extract_functions
+    from trackb_core.tasks import build_tasks
+
+    corpus = Path(resolve_corpus("pypi:verl==0.9.1").path)
+    files = [p for p in sorted(corpus.rglob("*.py")) if "verl/utils/" in p.as_posix()]
+    functions, _, _ = extract_functions(corpus, files, 5, 60, 1_000_000)
+    tasks, _ = build_tasks(functions, ["bugfix", "complete"], 42)
+    mutants = {t["function_id"]: t["buggy_source"] for t in tasks if t.get("buggy_source")}
+    derived = difftest.derive_tests(functions, mutants, corpus, seed=42, workers=2)
+    for task in tasks:
+        if task["function_id"] in derived.tests:
+            task["hidden_tests"] = derived.tests[task["function_id"]]
+    tested = {c: [t for t in tasks if t["category"] == c and t.get("hidden_tests")]
+              for c in ("complete", "bugfix")}
+    return tested, corpus
+
+
+def test_signature_only_completions_and_dead_code_fixes_fail_the_hidden_tests(
+        verl_hidden_items):
+    """Over real verl items with hidden tests: the original passes them, a completion that
+    keeps only the signature fails them, and so does a fix that restores the original only
+    in code that never runs (the bug stays where it runs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from trackb_core.testrun import hidden_test_verdict
 
-    folder, _ = verl_dataset
-    corpus = resolve_corpus("pypi:verl==0.9.1").path
-    rows = [json.loads(line) for name in ("train.jsonl", "test.jsonl")
-            for line in (folder / name).read_text().splitlines()]
-    tested = {c: [r for r in rows if r["category"] == c and isinstance(r.get("hidden_tests"),
-                                                                        dict)]
-              for c in ("complete", "bugfix")}
+    tested, corpus = verl_hidden_items
     assert all(len(items) >= 20 for items in tested.values()), \
         {c: len(items) for c, items in tested.items()}
-    for item in tested["complete"][:20]:
-        assert hidden_test_verdict(item["source_function"], item, corpus)["hidden"] == \
-            "passed", item["id"]
-        stub = first_code(signature_return_none(item))
-        assert hidden_test_verdict(stub, item, corpus)["hidden"] == "failed", item["id"]
-    for item in tested["bugfix"][:20]:
-        verdict = hidden_test_verdict(dead_code_fix(item), item, corpus)
-        assert verdict["hidden"] == "failed", (item["id"], verdict)
+    checks = [(with_a_no_op(item["source_function"]), item, "passed")
+              for item in tested["complete"][:5]]
+    checks += [(first_code(signature_return_none(item)), item, "failed")
+               for item in tested["complete"][:20]]
+    checks += [(dead_code_fix(item), item, "failed") for item in tested["bugfix"][:20]]
+    with ThreadPoolExecutor(2) as pool:
+        verdicts = list(pool.map(lambda c: hidden_test_verdict(c[0], c[1], corpus), checks))
+    for (code, item, wanted), verdict in zip(checks, verdicts, strict=True):
+        assert verdict["hidden"] == wanted, (item["id"], wanted, verdict, code)

@@ -330,8 +330,15 @@ def resolve(module, qualname, bare=False):
     method = getattr(cls, name)
     return lambda *args, **kwargs: method(cls.__new__(cls), *args, **kwargs)
 
+import tempfile
+
+HOME = os.getcwd()  # the sandbox folder: the variant files are there
+
 def call(function, positional, keywords):
     "(kind, value, positional args after the call), or None when over budget."
+    # each call in a fresh empty folder: files an earlier call left (a folder made by
+    # the original) must not make the mutant fail where a test run alone would not
+    os.chdir(tempfile.mkdtemp())
     args = [eval(v, SAFE) for v in positional]
     kwargs = {k: eval(v, SAFE) for k, v in keywords}
     budget(CALL_CPU)
@@ -406,7 +413,8 @@ def derive(entry):
         for kind in ("mutant", "stub"):
             try:
                 budget(IMPORT_CPU)
-                variants[kind] = resolve(load_variant(entry["module"], target[kind], module),
+                path = os.path.join(HOME, target[kind])
+                variants[kind] = resolve(load_variant(entry["module"], path, module),
                                          target["qualname"], target["bare"])
                 budget(0)
             except BaseException:
