@@ -17,6 +17,8 @@ indexes and find-links pip uses (PEP 503 pages, read here) and unpacked as an ar
 
 from __future__ import annotations
 
+import email.message
+import email.parser
 import hashlib
 import json
 import os
@@ -27,6 +29,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -69,6 +72,21 @@ class ResolvedCorpus:
     path: Path
     sha256: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def package_metadata(folder: Path) -> Iterator[email.message.Message]:
+    """The package metadata a corpus folder holds, parsed, in the order it is trusted: a
+    wheel's ``*.dist-info/METADATA``, then an sdist's ``PKG-INFO`` (top level or one
+    folder down). Unreadable files are skipped; raises nothing."""
+    folder = Path(folder)
+    candidates = sorted(folder.glob("*.dist-info/METADATA")) + sorted(folder.glob("PKG-INFO")) \
+        + sorted(folder.glob("*/PKG-INFO"))
+    for path in candidates:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        yield email.parser.Parser().parsestr(text)
 
 
 def cache_root() -> Path:

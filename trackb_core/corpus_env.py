@@ -26,7 +26,6 @@ from it.
 
 from __future__ import annotations
 
-import email.parser
 import hashlib
 import json
 import os
@@ -37,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from trackb_core.corpus import cache_root, network_failure, pip_error_line
+from trackb_core.corpus import cache_root, network_failure, package_metadata, pip_error_line
 from trackb_core.errors import ConfigError, InputError, UnavailableError
 
 MODES = ("base", "declared")
@@ -51,15 +50,7 @@ def declared_requirements(corpus: Path) -> list[str]:
     has no package metadata."""
     from packaging.requirements import InvalidRequirement, Requirement  # noqa: PLC0415
 
-    corpus = Path(corpus)
-    candidates = sorted(corpus.glob("*.dist-info/METADATA")) + sorted(corpus.glob("PKG-INFO")) \
-        + sorted(corpus.glob("*/PKG-INFO"))
-    for path in candidates:
-        try:
-            meta = email.parser.Parser().parsestr(path.read_text(encoding="utf-8",
-                                                                 errors="replace"))
-        except OSError:
-            continue
+    for meta in package_metadata(Path(corpus)):
         wanted = []
         for line in meta.get_all("Requires-Dist") or []:
             try:

@@ -29,7 +29,6 @@ Reads ``responses.jsonl`` (from generate) and writes, in order:
 from __future__ import annotations
 
 import ast
-import email.parser
 import hashlib
 import json
 import tempfile
@@ -42,6 +41,7 @@ from pydantic import Field
 
 from trackb_core import codeblocks, corpus_env, families, filters, neardup, prompts, pyast
 from trackb_core.config import declared_inputs, input_field
+from trackb_core.corpus import package_metadata
 from trackb_core.errors import InputError
 from trackb_core.sandbox import CodeRunOptions, protect_process, stage_isolation
 from trackb_core.stage import (
@@ -599,14 +599,7 @@ def corpus_license(folder: Path | None) -> str | None:
     """
     if folder is None:
         return None
-    candidates = sorted(folder.glob("*.dist-info/METADATA")) + sorted(folder.glob("PKG-INFO")) \
-        + sorted(folder.glob("*/PKG-INFO"))
-    for path in candidates:
-        try:
-            meta = email.parser.Parser().parsestr(path.read_text(encoding="utf-8",
-                                                                 errors="replace"))
-        except OSError:
-            continue
+    for meta in package_metadata(folder):
         expression = (meta.get("License-Expression") or "").strip()
         if expression:
             return expression

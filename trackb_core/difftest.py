@@ -248,32 +248,8 @@ def plan_calls(row: dict[str, Any], seed: int = 0, limit: int = MAX_CALLS
     return tuple(calls)
 
 
-DERIVE_RUNNER = r"""
-import copy, importlib, importlib.util, inspect, json, math, os, resource, signal, sys
-
-class Budget(BaseException):
-    "A CPU-time budget ran out (SIGPROF counts CPU time: a busy machine changes nothing)."
-
-def on_budget(signum, frame):
-    raise Budget()
-
-signal.signal(signal.SIGPROF, on_budget)
-
-def budget(seconds):
-    signal.setitimer(signal.ITIMER_PROF, seconds)
-
-def cpu():
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-def vm_peak_kb():
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmPeak:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
+DERIVE_RUNNER = testrun.RUNNER_PRELUDE + r"""
+import copy, importlib, importlib.util, inspect, json, math, os, sys
 SAME_HELPER
 # Names the call texts use. They are trackb's own pools or defaults that are literals
 # (checked on the host); torch needs the real builtins to build a tensor.

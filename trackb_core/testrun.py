@@ -50,12 +50,14 @@ TEST_MODULE = "test_generated"
 VIEW_FILE_BYTES = 1 << 20
 RESULT_KINDS = ("passed", "failed", "error", "timeout")
 
-TEST_RUNNER = r"""
-import asyncio, importlib, inspect, itertools, json, os, pathlib, resource, signal, sys
-import tempfile
+# What every script run in the sandbox by trackb starts with: a CPU-time budget (SIGPROF
+# counts CPU time, so a busy machine changes nothing), the CPU time spent, and the peak
+# address space (the child's own /proc status is readable in the sandbox).
+RUNNER_PRELUDE = r"""
+import resource, signal
 
 class Budget(BaseException):
-    "The CPU-time budget ran out (SIGPROF counts CPU time, so a busy machine does not)."
+    "The CPU-time budget ran out."
 
 def on_budget(signum, frame):
     raise Budget()
@@ -68,6 +70,20 @@ def budget(seconds):
 def cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+def vm_peak_kb():
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmPeak:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+"""
+
+TEST_RUNNER = RUNNER_PRELUDE + r"""
+import asyncio, importlib, inspect, itertools, json, os, pathlib, sys
+import tempfile
 
 def report(payload):
     os.write(REPORT_FD, (json.dumps(payload) + "\n").encode())
@@ -96,16 +112,6 @@ except BaseException as exc:
     report(failure("import_module", exc))
     raise SystemExit(0)
 import_cpu = cpu() - started
-
-def vm_peak_kb():
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmPeak:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-
 vm_peak = vm_peak_kb()
 phase = cpu()
 try:
