@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import re
+import threading
+import warnings
 
 # The fence tag must be absent or exactly "python", and a newline must follow it.
 SEED_FENCE = re.compile(r"```(?:python)?\s*\n(.*?)```", re.DOTALL)
@@ -40,10 +42,28 @@ def compiles(code: str) -> bool:
     return True
 
 
+# CPython 3.11 before 3.11.8 keeps the AST converter's recursion counter in one global
+# (python/cpython#106905): two parses that interleave in threads (scoring runs verdicts in
+# a thread pool; a GC callback or finaliser can switch threads mid-conversion) raise
+# SystemError "AST constructor recursion depth mismatch". One lock makes parses take turns.
+_AST_LOCK = threading.Lock()
+
+
+def syntax_tree(source: str | bytes, mode: str = "exec") -> ast.AST:
+    """``ast.parse(source, mode=mode)``, safe to call from several threads at once.
+
+    Warnings about old code (invalid escape sequences) are silenced. Raises SyntaxError,
+    ValueError (null bytes), RecursionError or MemoryError (too deeply nested).
+    """
+    with _AST_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(source, mode=mode)
+
+
 def parses(code: str) -> ast.Module | None:
     """The module AST of ``code``, or None if it does not parse."""
     try:
-        return ast.parse(code)
+        return syntax_tree(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
 

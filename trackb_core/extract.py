@@ -13,13 +13,13 @@ import ast
 import hashlib
 import os
 import random
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from trackb_core import corpus_env, difftest, families
+from trackb_core.codeblocks import syntax_tree
 from trackb_core.config import StageConfig, input_field
 from trackb_core.corpus import SNAPSHOT_FILE, python_files, resolve_corpus, snapshot_bytes
 from trackb_core.errors import InputError
@@ -310,9 +310,7 @@ def _functions_with_nodes(
 ) -> tuple[list[tuple[dict[str, Any], ParsedFunction]], dict[str, int]]:
     # ast numbers lines on \n, \r\n and \r alike; one convention keeps slices aligned.
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # invalid escape sequences in old code
-        tree = ast.parse(text)
+    tree = syntax_tree(text)
     lines = text.split("\n")
     found: list[tuple[dict[str, Any], ParsedFunction]] = []
     skipped: dict[str, int] = {}

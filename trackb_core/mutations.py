@@ -37,11 +37,12 @@ from __future__ import annotations
 import ast
 import hashlib
 import re
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
+
+from trackb_core.codeblocks import syntax_tree
 
 SEED_KINDS = ("off_by_one", "eq_flip", "is_not_to_is", "not_in_to_in", "return_value_removed",
               "bool_flip", "lte_to_lt", "gte_to_gt", "not_dropped", "and_or_swap")
@@ -93,9 +94,7 @@ class ParsedFunction:
     def parse(cls, source: str) -> ParsedFunction:
         """Parse ``source`` (one def first). Raises SyntaxError, ValueError (no def or
         null bytes), RecursionError or MemoryError (too deeply nested)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # invalid escape sequences in old code
-            tree = ast.parse(source)
+        tree = syntax_tree(source)
         if not tree.body or not isinstance(tree.body[0], ast.FunctionDef | ast.AsyncFunctionDef):
             raise ValueError("source does not start with a function definition")
         return cls(source, tree.body[0])
@@ -358,9 +357,7 @@ def _rewrite_is_one_site(lines: list[str], site: Site, new_line: bytes) -> bool:
     # Brackets let the expression span lines as it did inside its statement.
     text = b"(" + b"\n".join(segment) + b"\n)"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rewritten = ast.parse(text, mode="eval").body
+        rewritten = syntax_tree(text, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
     differences = ast_differences(anchor, rewritten)
