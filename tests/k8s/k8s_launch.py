@@ -26,16 +26,18 @@ def wait_until(condition: Callable[[], bool], what: str, guard: float = HANG_GUA
         stop.wait(every)
 
 
-def launch_within(limit: float, config, run_id, client, budgets):
+def launch_within(limit: float, config, run_id, client, budgets, **kwargs):
     """``(report URI or exception, seconds)``; fails the test if the launcher hangs
-    (runs past ``limit``, an outer guard, not a speed requirement)."""
+    (runs past ``limit``, an outer guard, not a speed requirement). ``kwargs`` go to
+    :func:`run_on_kubernetes` (e.g. ``clock``)."""
     from trackb_core.k8s.launcher import run_on_kubernetes
 
     result: dict = {}
 
     def target():
         try:
-            result["value"] = run_on_kubernetes(config, run_id, api=client, budgets=budgets)
+            result["value"] = run_on_kubernetes(config, run_id, api=client, budgets=budgets,
+                                                **kwargs)
         except BaseException as exc:  # noqa: B036 - handed to the test thread
             result["value"] = exc
 

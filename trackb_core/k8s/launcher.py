@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,10 +83,13 @@ class _Run:
     resource_version: str = ""
     active: dict[str, _Active] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
+    # Seconds on a monotonic clock: every budget is measured on it (tests inject one).
+    clock: Callable[[], float] = time.monotonic
 
 
 def run_on_kubernetes(config: PipelineConfig, run_id: str, api: KubeClient | None = None,
-                      budgets: LauncherConfig | None = None) -> str:
+                      budgets: LauncherConfig | None = None,
+                      clock: Callable[[], float] = time.monotonic) -> str:
     """Run every stage of ``config`` not already done as Jobs; returns the report's URI.
 
     ``api`` is a :class:`trackb_core.k8s.client.KubeClient` (default: kubeconfig, else
@@ -97,7 +101,7 @@ def run_on_kubernetes(config: PipelineConfig, run_id: str, api: KubeClient | Non
     store = open_store(jobspec.run_uri(config, run_id))
     store.check_writable()
     run = _Run(config, run_id, client, budgets or config.kubernetes.budgets, store,
-               config.kubernetes.namespace)
+               config.kubernetes.namespace, clock=clock)
     configs = jobspec.stage_configs(config, run_id)
     needs = dependencies(config)
     order = jobspec.stage_names(config)
@@ -290,7 +294,7 @@ def _finished(run: _Run, jobs: list[dict[str, Any]],
 
 def _inspect_pods(run: _Run, active: _Active) -> None:
     """Say what is happening to the stage's pods; raise StageFailed when one is stuck."""
-    now = time.monotonic()
+    now = run.clock()
     pods = run.client.list_pods(run.namespace, jobspec.selector(run.run_id, active.stage))
     for pod in pods:
         name = pod["metadata"]["name"]
