@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -142,20 +141,28 @@ def upstream_corpus_dir(uri: str, filename: str, fetch: bool = False) -> Path | 
 
 
 def tree_sha256(store: Store) -> str:
-    """A hash over every file (path and content) stored under ``store``."""
+    """A hash over every file (path and content) stored under ``store``.
+
+    Each file is hashed by :meth:`Store.sha256` (streamed; on S3 usually not even
+    downloaded). Raises MissingInputError if a file vanishes meanwhile, StoreError if
+    one is unreadable.
+    """
     digest = hashlib.sha256()
     for key in store.list():
         if key == MANIFEST:
             continue
-        digest.update(key.encode() + b"\0" + sha256_bytes(store.get_bytes(key)).encode())
+        digest.update(key.encode() + b"\0" + store.sha256(key).encode())
     return digest.hexdigest()
 
 
 def hash_input(uri: str, kind: str, filename: str = "") -> dict[str, Any]:
-    """``{"uri", "sha256", ...}`` for one input. Raises MissingInputError if absent."""
+    """``{"uri", "sha256", ...}`` for one input, hashed without holding a file whole.
+
+    Raises MissingInputError if absent, StoreError if unreadable.
+    """
     if kind == "file":
         store, key = resolve_file(uri, filename)
-        return {"uri": uri, "file": key, "sha256": sha256_bytes(store.get_bytes(key))}
+        return {"uri": uri, "file": key, "sha256": store.sha256(key)}
     if kind == "corpus":
         from trackb_core.corpus import resolve_corpus
 
@@ -181,14 +188,19 @@ def _dir_store(uri: str) -> Store | None:
 def local_dir(uri: str, cache_root: Path | None = None) -> Path:
     """A local folder holding the artifact at ``uri``, downloading it if remote.
 
-    Raises MissingInputError if nothing is stored there.
+    The download is reused while the folder's hash (:func:`tree_sha256`, which
+    downloads nothing trackb wrote) still matches. Raises MissingInputError if nothing
+    is stored there, StoreError if it cannot be read.
     """
     store = open_store(uri)
     if isinstance(store, LocalStore):
         if not store.root.is_dir():
             raise MissingInputError(f"no such folder: {store.root}")
         return store.root
-    cache_root = cache_root or Path(os.environ.get("TRACKB_CACHE", "~/.cache/trackb")).expanduser()
+    if cache_root is None:
+        from trackb_core.corpus import cache_root as default_cache_root
+
+        cache_root = default_cache_root()
     target = cache_root / "artifacts" / sha256_bytes(uri.encode())[:16]
     fingerprint = tree_sha256(store)
     stamp = target / ".trackb-tree-sha256"
@@ -318,12 +330,15 @@ class StageRun:
         return len(lines)
 
     def write_dir(self, key: str, local: Path) -> None:
-        """Upload a local folder (a model, an adapter) under ``key/``."""
+        """Upload a local folder (a model, an adapter) under ``key/``. Raises StoreError."""
         for path in sorted(Path(local).rglob("*")):
             if path.is_file():
                 rel = f"{key}/{path.relative_to(local).as_posix()}"
                 self.out.put_file(rel, path)
-                self.outputs[rel] = {"sha256": _file_sha256(path), "bytes": path.stat().st_size}
+                # The stored copy's digest: on S3 the one put_file recorded (a HEAD),
+                # not a second read of a model-sized file.
+                self.outputs[rel] = {"sha256": self.out.sha256(rel),
+                                     "bytes": path.stat().st_size}
 
     @contextmanager
     def timed(self, label: str) -> Iterator[None]:
@@ -332,14 +347,6 @@ class StageRun:
             yield
         finally:
             self.timings[label] = round(time.perf_counter() - start, 3)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parse_jsonl(data: bytes, where: str) -> list[dict[str, Any]]:

@@ -12,11 +12,19 @@ S3 settings come from the standard AWS environment and credential chain. The end
 is ``TRACKB_S3_ENDPOINT_URL`` if set, else boto3's own ``AWS_ENDPOINT_URL_S3`` /
 ``AWS_ENDPOINT_URL``; pods and laptops often need different endpoints, so it is never
 baked into configs.
+
+:meth:`Store.sha256` hashes a stored file without holding it (a rerun hashes every
+input). An S3 object that trackb uploaded carries its sha256 in its metadata, so it is
+not downloaded to be hashed; any other object is hashed once per version and its
+digest kept in ``$TRACKB_CACHE/s3-sha256.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -40,6 +48,14 @@ MULTIPART_CHUNK = 16 * 1024 * 1024
 # Local writes go to a temporary name first; listings never show these.
 TMP_SUFFIX = ".trackb-tmp"
 PROBE_PREFIX = ".trackb-write-probe"
+# Hashing reads this much at a time: memory stays flat whatever a file's size.
+HASH_CHUNK = 1024 * 1024
+# The S3 user metadata (x-amz-meta-sha256) in which trackb records what it uploads.
+SHA256_METADATA = "sha256"
+# $TRACKB_CACHE/<this>: digests of S3 objects that carry no recorded sha256.
+DIGEST_CACHE = "s3-sha256.json"
+DIGEST_CACHE_ENTRIES = 4096
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def _join(*parts: str) -> str:
@@ -101,6 +117,21 @@ class Store(ABC):
     @abstractmethod
     def child(self, subpath: str) -> Store:
         """The same store narrowed to ``subpath``. Raises ConfigError on ``..``."""
+
+    def sha256(self, key: str) -> str:
+        """The sha256 (hex) of ``key``'s content, read in chunks and never held whole.
+
+        Raises MissingInputError if absent, StoreError if unreadable.
+        """
+        # The fallback for a store that knows no better way: the disk holds the
+        # download, not memory. LocalStore and S3Store override it.
+        try:
+            with tempfile.TemporaryDirectory(prefix="trackb-sha256-") as tmp:
+                path = Path(tmp) / "object"
+                self.get_file(key, path)
+                return file_sha256(path)
+        except OSError as exc:
+            raise StoreError(f"cannot hash {self.uri}/{key}: {exc.strerror or exc}") from exc
 
     def check_writable(self) -> None:
         """Raise StoreError now, with the reason, if this store cannot be written."""
@@ -167,6 +198,19 @@ class LocalStore(Store):
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
+    def sha256(self, key: str) -> str:
+        # No digest cache here: reading a local file is no download, and (size, mtime)
+        # does not name content: cp -p, tar and rsync -t put old mtimes on new bytes,
+        # and coarse-clock filesystems (NFS, FAT) miss rewrites within a tick. A stale
+        # digest would reuse a result made from other bytes.
+        path = self._path(key)
+        if not path.is_file():
+            raise MissingInputError(f"no such file: {path}")
+        try:
+            return file_sha256(path)
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -224,6 +268,12 @@ class LocalStore(Store):
     def local_path(self, key: str = "") -> Path:
         """The filesystem path of ``key`` (local stores only). Raises ConfigError on ``..``."""
         return self._path(key)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 (hex) of a local file, read in chunks. Raises OSError if unreadable."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _write_atomically(target: Path, fill) -> None:
@@ -364,7 +414,9 @@ class S3Store(Store):
 
         with self._errors("write", key):
             self.client.upload_fileobj(
-                io.BytesIO(data), self.bucket, self._key(key), Config=self._transfer_config()
+                io.BytesIO(data), self.bucket, self._key(key),
+                ExtraArgs=_digest_metadata(hashlib.sha256(data).hexdigest()),
+                Config=self._transfer_config(),
             )
 
     def get_bytes(self, key: str) -> bytes:
@@ -422,9 +474,47 @@ class S3Store(Store):
 
     def put_file(self, key: str, path: Path) -> None:
         with self._errors("write", key):
+            # Hashed before the upload, not during it: the metadata goes up with the
+            # first request (CreateMultipartUpload), and parts are read in parallel.
+            digest = file_sha256(Path(path))
             self.client.upload_file(
-                str(path), self.bucket, self._key(key), Config=self._transfer_config()
+                str(path), self.bucket, self._key(key), ExtraArgs=_digest_metadata(digest),
+                Config=self._transfer_config(),
             )
+
+    def sha256(self, key: str) -> str:
+        # The S3 ETag is no substitute: it is an MD5, or for a multipart upload an MD5
+        # of the parts' MD5s (which depends on the part size), and the manifests record
+        # sha256. It does name one version of an object, so it keys the digest cache.
+        with self._errors("read", key):
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        # Written by put_*: trusted as the bytes are (whoever can rewrite the metadata
+        # can rewrite the content). A PUT or copy that drops it drops it with the bytes.
+        recorded = str((head.get("Metadata") or {}).get(SHA256_METADATA, "")).lower()
+        if _SHA256_HEX.fullmatch(recorded):
+            return recorded
+        version = self._version(key, head)
+        cached = _cached_digest(version) if version else None
+        if cached is not None:
+            return cached
+        digest = hashlib.sha256()
+        with self._errors("read", key):
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            for chunk in response["Body"].iter_chunks(HASH_CHUNK):
+                digest.update(chunk)
+        # Keyed by what GetObject answered: the object may have changed since the HEAD.
+        version = self._version(key, response)
+        if version:
+            _remember_digest(version, digest.hexdigest())
+        return digest.hexdigest()
+
+    def _version(self, key: str, response: dict) -> str | None:
+        """The digest cache's name for the version of ``key`` a HEAD or GET described;
+        None where the server sent no ETag (then nothing tells versions apart)."""
+        if not response.get("ETag"):
+            return None
+        return json.dumps([self.client.meta.endpoint_url, self.bucket, self._key(key),
+                           response["ETag"], response.get("ContentLength")])
 
     def get_file(self, key: str, path: Path) -> None:
         with self._errors("read", key):
@@ -436,6 +526,61 @@ class S3Store(Store):
 
     def child(self, subpath: str) -> S3Store:
         return S3Store(self.bucket, self._key(subpath), client=self._client)
+
+
+def _digest_metadata(digest: str) -> dict:
+    """boto3 ExtraArgs recording ``digest`` on the object (x-amz-meta-sha256)."""
+    return {"Metadata": {SHA256_METADATA: digest}}
+
+
+def _digest_cache_path() -> Path | None:
+    """Where the digest cache lives; None where there is no cache folder to name (no
+    $TRACKB_CACHE and no home directory): then nothing is cached."""
+    from trackb_core.corpus import cache_root  # imported late: store stays light
+
+    try:
+        return cache_root() / DIGEST_CACHE
+    except RuntimeError:  # expanduser("~") without a home directory
+        return None
+
+
+def _load_digests() -> dict[str, str]:
+    """The digest cache; empty when missing or unreadable (it is rebuilt, never fatal)."""
+    path = _digest_cache_path()
+    if path is None:
+        return {}
+    try:
+        digests = json.loads(path.read_text(encoding="utf-8"))["digests"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+    if not isinstance(digests, dict):
+        return {}
+    return {k: v for k, v in digests.items()
+            if isinstance(k, str) and isinstance(v, str) and _SHA256_HEX.fullmatch(v)}
+
+
+def _cached_digest(version: str) -> str | None:
+    return _load_digests().get(version)
+
+
+def _remember_digest(version: str, digest: str) -> None:
+    """Add one digest to the cache, dropping the oldest past DIGEST_CACHE_ENTRIES.
+
+    Never raises: a cache that cannot be written costs a hash next time, not a run.
+    Two processes writing at once may lose one entry, never corrupt the file.
+    """
+    path = _digest_cache_path()
+    if path is None:
+        return
+    digests = _load_digests()
+    digests.pop(version, None)
+    digests[version] = digest
+    kept = dict(list(digests.items())[-DIGEST_CACHE_ENTRIES:])
+    text = json.dumps({"version": 1, "digests": kept}, indent=0)
+    try:
+        _write_atomically(path, lambda fh: fh.write(text.encode("utf-8")))
+    except StoreError:
+        pass
 
 
 def _add_content_md5(request, **_kwargs) -> None:
