@@ -14,8 +14,8 @@ from trackb_core.cli import main
 from trackb_core.errors import EXIT_CANT_CREATE, EXIT_CONFIG, EXIT_DATA, EXIT_NO_INPUT
 from trackb_core.stages import COMMANDS as STAGE_COMMANDS
 
-COMMANDS = [spec.name for spec in STAGE_COMMANDS] + ["run-all", "render", "status", "logs",
-                                                    "delete"]
+COMMANDS = [spec.name for spec in STAGE_COMMANDS] + ["run-all", "render", "preflight",
+                                                    "status", "logs", "delete"]
 
 
 def invoke(*args: str):
@@ -35,7 +35,7 @@ def test_every_command_help_explains_inputs_outputs_and_defaults(name):
     assert result.exit_code == 0, result.output
     text = result.output
     assert len(text) > 300
-    if name not in ("run-all", "render", "status", "logs", "delete"):
+    if name not in ("run-all", "render", "preflight", "status", "logs", "delete"):
         assert "--out" in text and "--config" in text
         assert "[default:" in text
     for spec in STAGE_COMMANDS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 from typing import Any
 
@@ -25,7 +26,7 @@ from trackb_core.config import (
     options_to_overrides,
     parse_dotted_overrides,
 )
-from trackb_core.errors import TrackbError
+from trackb_core.errors import EXIT_INTERRUPTED, Terminated, TrackbError, raise_on_sigterm
 from trackb_core.publish import PublishConfig
 from trackb_core.sandbox import protect_process
 from trackb_core.stages import COMMANDS, Command
@@ -44,7 +45,8 @@ def fail(exc: TrackbError) -> None:
 
 
 def reports_errors(func):
-    """Turn TrackbError into one line + exit code; Ctrl-C into exit 130 with no trace."""
+    """Turn TrackbError into one line + exit code; Ctrl-C into exit 130 and SIGTERM into
+    exit 143, with no trace."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -55,7 +57,11 @@ def reports_errors(func):
         except KeyboardInterrupt:
             click.echo("trackb: interrupted; the stage left no manifest, so it is not done",
                        err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
+        except Terminated as exc:
+            click.echo("trackb: terminated (SIGTERM); the stage left no manifest, so it is "
+                       "not done", err=True)
+            sys.exit(exc.exit_code)
 
     return wrapper
 
@@ -117,6 +123,7 @@ def main() -> None:
     \b
     On Kubernetes:
       render         every object a run creates, as YAML (the launcher's own builder)
+      preflight      check a run can start (objects build, permissions, Secrets, PVC, nodes)
       status         where a run stands: each stage done in the store or not, its Job
       logs           one stage's logs (from its pods, or the copy kept in the store)
       delete         remove a run's Kubernetes objects (the store keeps its outputs)
@@ -130,6 +137,8 @@ def main() -> None:
     # Every trackb process may hold secrets (S3 keys, the hub token) in its environment:
     # no same-user process, model-written code included, may read them through /proc.
     protect_process()
+    # Pods stop with SIGTERM (the images' STOPSIGNAL); it must end the process cleanly.
+    raise_on_sigterm()
 
 
 # The stage list comes from the command table, so a new command shows up by itself.
@@ -179,7 +188,10 @@ def run_all(config_file: str, run_id: str | None, store: str | None, backend: st
     if config.backend == "k8s":
         from trackb_core.k8s.launcher import run_on_kubernetes
 
-        report = run_on_kubernetes(config, config.run_id)
+        # Only a person at a terminal means "cancel" by Ctrl-C; in a pod (or under nohup,
+        # cron, CI) an interrupt must not delete hours of GPU work.
+        interactive = sys.stdin.isatty() and "KUBERNETES_SERVICE_HOST" not in os.environ
+        report = run_on_kubernetes(config, config.run_id, cancel_on_interrupt=interactive)
     else:
         report = run_pipeline(config)
     click.echo(f"report: {report}")
@@ -210,6 +222,49 @@ def render_command(config_file: str, out: str, run_id: str | None,
         click.echo(str(path))
 
 
+@main.command("preflight", context_settings={"max_content_width": 100})
+@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False),
+              metavar="FILE", help="Pipeline YAML; its 'kubernetes' section holds the "
+                                   "cluster settings.")
+@click.option("--run-id", default=None,
+              help="Run id the objects would be named after.  [default: from the config, "
+                   "else the current UTC time, as run-all]")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set kubernetes.namespace=ml (repeatable).")
+@reports_errors
+def preflight_command(config_file: str, run_id: str | None, sets: tuple[str, ...]) -> None:
+    """Check that a run can start on Kubernetes, before anything runs: every stage's
+    objects build (a model each pod can find, a reachable store), the launcher may make
+    every call it makes (SelfSubjectAccessReviews), the Secrets and the cache PVC exist
+    in the namespace, the PriorityClass and RuntimeClass exist, and a node matches the
+    GPU node selector. Creates nothing.
+
+    \b
+    Prints one finding per line:
+      error     the run cannot work as configured (run-all refuses to start it)
+      warning   it may, or only later (e.g. a GPU pool that autoscales from zero)
+      skipped   this identity may not make the check (forbidden)
+
+    Exits 64 when any finding is an error, else 0. `run-all --backend k8s` makes the
+    same checks before its first Job. The cluster comes from kubeconfig, else the pod's
+    service account.
+    """
+    from trackb_core.errors import ConfigError
+    from trackb_core.k8s.client import connect
+    from trackb_core.k8s.preflight import preflight
+    from trackb_core.pipeline import PipelineConfig, new_run_id
+
+    config = build_config(PipelineConfig, merge(load_yaml(config_file),
+                                                parse_dotted_overrides(sets)),
+                          source=f"config {config_file}")
+    findings = preflight(config, run_id or new_run_id(config), connect())
+    for finding in findings:
+        click.echo(str(finding))
+    errors = sum(finding.level == "error" for finding in findings)
+    if errors:
+        raise ConfigError(f"preflight found {errors} error(s); fix them before run-all")
+
+
 @main.command("publish", help=_help_text(PublishConfig),
               short_help="Push a dataset folder to the Hugging Face Hub.",
               context_settings={"max_content_width": 100})
@@ -231,27 +286,45 @@ def _k8s_options(func):
     func = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                         help="Override a config value, e.g. --set kubernetes.namespace=ml "
                              "(repeatable).")(func)
-    return click.option("--config", "config_file", required=True,
+    func = click.option("--namespace", "-n", default=None, metavar="NAMESPACE",
+                        help="Namespace of the run, when no --config names it.  "
+                             "[default: trackb]")(func)
+    return click.option("--config", "config_file", default=None,
                         type=click.Path(dir_okay=False), metavar="FILE",
-                        help="The run's pipeline YAML (its namespace and store).")(func)
+                        help="The run's pipeline YAML (its namespace and store).  [default: "
+                             "the pipeline the run's launcher recorded on its Lease]")(func)
 
 
-def _k8s_config(config_file: str, sets: tuple[str, ...]):
+def _k8s_config(run_id: str, config_file: str | None, namespace: str | None,
+                sets: tuple[str, ...]):
+    """The run's pipeline: from --config, else as its launcher recorded it in the
+    cluster. Raises ConfigError, MissingInputError, UnavailableError."""
     from trackb_core.pipeline import PipelineConfig
 
-    return build_config(PipelineConfig, merge(load_yaml(config_file), parse_dotted_overrides(sets)),
-                        source=f"config {config_file}")
+    overrides = parse_dotted_overrides(sets)
+    if namespace:
+        overrides = merge(overrides, {"kubernetes": {"namespace": namespace}})
+    if config_file:
+        return build_config(PipelineConfig, merge(load_yaml(config_file), overrides),
+                            source=f"config {config_file}")
+    from trackb_core.k8s.launcher import run_config
+    from trackb_core.k8s.settings import KubernetesConfig
+
+    recorded = run_config(run_id, namespace or KubernetesConfig().namespace)
+    values = recorded.model_dump(mode="json")
+    return build_config(PipelineConfig, merge(values, overrides), source="the run's Lease")
 
 
 @main.command("status", context_settings={"max_content_width": 100})
 @click.argument("run_id")
 @_k8s_options
 @reports_errors
-def status_command(run_id: str, config_file: str, sets: tuple[str, ...]) -> None:
+def status_command(run_id: str, config_file: str | None, namespace: str | None,
+                   sets: tuple[str, ...]) -> None:
     """Show each stage of RUN_ID on Kubernetes: done in the store or not, and its Job."""
     from trackb_core.k8s.launcher import status
 
-    for row in status(_k8s_config(config_file, sets), run_id):
+    for row in status(_k8s_config(run_id, config_file, namespace, sets), run_id):
         click.echo(f"{row['stage']:<14} {row['store']:<9} {row['job']}")
 
 
@@ -260,24 +333,28 @@ def status_command(run_id: str, config_file: str, sets: tuple[str, ...]) -> None
 @click.argument("stage")
 @_k8s_options
 @reports_errors
-def logs_command(run_id: str, stage: str, config_file: str, sets: tuple[str, ...]) -> None:
+def logs_command(run_id: str, stage: str, config_file: str | None, namespace: str | None,
+                 sets: tuple[str, ...]) -> None:
     """Print STAGE's logs of RUN_ID: from its pods, or the copy saved in the store
     (runs/<run_id>/<stage>/_k8s/) once the pods are gone."""
     from trackb_core.k8s.launcher import logs
 
-    click.echo(logs(_k8s_config(config_file, sets), run_id, stage))
+    click.echo(logs(_k8s_config(run_id, config_file, namespace, sets), run_id, stage))
 
 
 @main.command("delete", context_settings={"max_content_width": 100})
 @click.argument("run_id")
 @_k8s_options
 @reports_errors
-def delete_command(run_id: str, config_file: str, sets: tuple[str, ...]) -> None:
-    """Delete RUN_ID's Kubernetes objects (Jobs and their pods, ConfigMaps, Services,
-    NetworkPolicies). The store keeps its outputs, so a later run-all resumes."""
+def delete_command(run_id: str, config_file: str | None, namespace: str | None,
+                   sets: tuple[str, ...]) -> None:
+    """Cancel RUN_ID on Kubernetes: delete its Jobs and their pods, ConfigMaps, Services,
+    NetworkPolicies and its Lease. The store keeps its outputs, so a later run-all
+    resumes. This is the one way to cancel a run besides Ctrl-C at the launcher's
+    terminal: signals to a launcher (SIGTERM) never delete anything."""
     from trackb_core.k8s.launcher import delete
 
-    for name in delete(_k8s_config(config_file, sets), run_id):
+    for name in delete(_k8s_config(run_id, config_file, namespace, sets), run_id):
         click.echo(f"deleted {name}")
 
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from trackb_core.errors import PERMANENT_EXIT_CODES
+from trackb_core.errors import EXIT_STAGE_FAILED, EXIT_TERMINATED, PERMANENT_EXIT_CODES
 
 from . import CHART, find, one, pod_spec, render, render_ci
 
@@ -143,6 +143,24 @@ def test_failure_policy_deadline_and_ttl_are_the_shared_job_policy():
     assert set(fail["onExitCodes"]["values"]) == set(PERMANENT_EXIT_CODES)
     ignore = next(r for r in rules if r["action"] == "Ignore")
     assert ignore["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+
+
+def test_a_failed_stage_is_not_retried_by_the_launcher_job():
+    # The launcher exits 80 when a stage failed for good; a retry of the launcher Job
+    # would rerun that stage with its own retries (up to 9 GPU pods per failure).
+    rules = launcher()["spec"]["podFailurePolicy"]["rules"]
+    failing = {code for r in rules if r["action"] == "FailJob"
+               for code in r["onExitCodes"]["values"]}
+    assert EXIT_STAGE_FAILED in failing and EXIT_TERMINATED not in failing
+    # The builder's launcher Job (trackb render) says the same.
+    from trackb_core.config import build_config
+    from trackb_core.k8s.jobspec import build_launcher_job
+    from trackb_core.pipeline import PipelineConfig
+
+    job = build_launcher_job(build_config(PipelineConfig, {"store": "s3://b/p"}), "demo")[-1]
+    codes = {code for r in job["spec"]["podFailurePolicy"]["rules"]
+             if r["action"] == "FailJob" for code in r["onExitCodes"]["values"]}
+    assert EXIT_STAGE_FAILED in codes and EXIT_TERMINATED not in codes
 
 
 def test_cpu_node_placement_and_pull_secrets_come_from_the_shared_settings():

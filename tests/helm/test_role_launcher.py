@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 
-from trackb_core.k8s.client import RBAC_RULES
+import pytest
+import yaml
+
+from trackb_core.k8s.client import NAMED_ONLY, RBAC_RULES
+from trackb_core.k8s.jobspec import secret_names
+from trackb_core.k8s.settings import KubernetesConfig
 
 from . import CHART, NAMESPACE, find, one, render, render_ci
 
@@ -25,9 +30,36 @@ def test_role_grants_exactly_the_launchers_calls_and_no_wildcard():
     role = one(render_ci("default-values"), "Role", "launcher")
     assert "*" not in json.dumps(role)
     assert granted(role) == EXPECTED
+    for rule in role["rules"]:
+        named = {(g, r) for g in rule["apiGroups"] for r in rule["resources"]} <= NAMED_ONLY
+        assert set(rule) == {"apiGroups", "resources", "verbs"} | (
+            {"resourceNames"} if named else set()), "no nonResourceURLs tricks"
+
+
+def settings(objects) -> KubernetesConfig:
+    """The kubernetes section of the pipeline the chart renders for the launcher."""
+    pipeline = yaml.safe_load(one(objects, "ConfigMap", "pipeline")["data"]["pipeline.yaml"])
+    return KubernetesConfig.model_validate(pipeline["kubernetes"])
+
+
+@pytest.mark.parametrize("values, sets", [
+    ("default-values", ()), ("gpu-values", ()), ("minio-values", ()),
+    ("default-values", ("kubernetes.huggingface.token_optional=false",
+                        "kubernetes.images.pull_secrets={registry-creds,trackb-s3}"))])
+def test_secrets_are_readable_only_by_the_names_the_builder_checks(values, sets):
+    objects = render_ci(values, sets=sets)
+    rules = [r for r in one(objects, "Role", "launcher")["rules"]
+             if "secrets" in r["resources"]]
+    assert rules == [{"apiGroups": [""], "resources": ["secrets"],
+                      "resourceNames": secret_names(settings(objects)), "verbs": ["get"]}]
+
+
+def test_no_secret_names_grant_no_secret_at_all():
+    # An empty resourceNames would grant every Secret of the namespace.
+    objects = render_ci("gpu-values", sets=("kubernetes.images.pull_secrets=null",))
+    assert secret_names(settings(objects)) == []
+    role = one(objects, "Role", "launcher")
     assert not any("secrets" in r["resources"] for r in role["rules"])
-    assert all(set(r) <= {"apiGroups", "resources", "verbs"} for r in role["rules"]), \
-        "no resourceNames/nonResourceURLs tricks"
 
 
 def test_role_is_namespaced_and_bound_to_the_launcher_service_account():

@@ -215,8 +215,9 @@ def test_the_stage_is_left_to_the_job_args(name):
     cmd = json.loads(stage.all("CMD")[-1].args)
     module = cmd[0]
     assert module.startswith("jobs.") and (ROOT / f"{module.replace('.', '/')}.py").is_file()
-    # Python as PID 1 ignores SIGTERM; SIGINT ends trackb cleanly (exit 130).
-    assert stage.all("STOPSIGNAL")[-1].args == "SIGINT"
+    # Pods stop with SIGTERM, which trackb handles (exit 143, nothing deleted by the
+    # launcher); SIGINT means Ctrl-C, "cancel", which no eviction should mean.
+    assert stage.all("STOPSIGNAL")[-1].args == "SIGTERM"
 
 
 def test_vllm_image_never_sets_vllm_port():

@@ -17,6 +17,7 @@ import re
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -41,11 +42,72 @@ WAITING = {
     "invalid-image": ("InvalidImageName", 'couldn\'t parse image name "x::y"'),
     "missing-secret": ("CreateContainerConfigError", 'secret "trackb-s3" not found'),
 }
+# Stuck states (tests/k8s/test_stuck_states.py). A Job that cannot create its pod: the
+# Job controller's FailedCreate event on the Job ({pod}: the pod it tried to create).
+FAILED_CREATE = {
+    "no-pods-priorityclass": 'Error creating: pods "{pod}" is forbidden: no PriorityClass '
+                             "with name trackb-gpu was found",
+    "no-pods-quota": 'Error creating: pods "{pod}" is forbidden: exceeded quota: gpu-quota, '
+                     "requested: requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=4, "
+                     "limited: requests.nvidia.com/gpu=4",
+    "no-pods-webhook": 'Error creating: admission webhook "validate.kyverno.svc-fail" denied '
+                       "the request: resource Pod/trackb-test/{pod} was blocked due to the "
+                       "following policies require-team-label",
+}
+# The generate pod's vLLM sidecar crash-looping: (restarts, its last termination, the log
+# of that run, the kubelet's events about it as (reason, message)).
+VLLM_CRASHES = {
+    "vllm-crashloop-oom": (2, {"exitCode": 1, "reason": "Error"},
+                           "INFO model_runner.py:1060] Loading model weights took 13.9 GB\n"
+                           "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                           "1.50 GiB. GPU 0 has a total capacity of 14.58 GiB of which 1.02 "
+                           "GiB is free.\n", []),
+    "vllm-crashloop-probe": (1, {"exitCode": 137, "reason": "Error"},
+                             "INFO weight_utils.py:243] Using model weights format "
+                             "['*.safetensors']\n",
+                             [("Unhealthy", 'Startup probe failed: Get "http://10.244.1.7:8000'
+                               '/v1/models": dial tcp 10.244.1.7:8000: connect: connection '
+                               "refused"),
+                              ("Killing", "Container vllm failed startup probe, will be "
+                               "restarted")]),
+    # FallbackToLogsOnError: the log's tail is the termination message too.
+    "vllm-crashloop-gpu": (1, {"exitCode": 1, "reason": "Error", "message":
+                               "ValueError: Bfloat16 is only supported on GPUs with compute "
+                               "capability of at least 8.0. Your Tesla T4 GPU has compute "
+                               "capability 7.5."},
+                           "INFO config.py:1200] Downcasting torch.float32 to torch.bfloat16."
+                           "\nValueError: Bfloat16 is only supported on GPUs with compute "
+                           "capability of at least 8.0. Your Tesla T4 GPU has compute "
+                           "capability 7.5.\n", []),
+}
+# A CUDA image on a node whose NVIDIA driver is too old: the runtime refuses to start it,
+# or CUDA says so from inside (the container's terminated state).
+DRIVER_TOO_OLD = {
+    "driver-too-old": {"exitCode": 128, "reason": "StartError", "message":
+                       "failed to create containerd task: failed to create shim task: OCI "
+                       "runtime create failed: runc create failed: unable to start container "
+                       "process: error during container init: error running hook #0: error "
+                       "running hook: exit status 1, stdout: , stderr: Auto-detected mode as "
+                       "'legacy'\nnvidia-container-cli: requirement error: unsatisfied "
+                       "condition: cuda>=12.4, please update your driver to a newer version, "
+                       "or use an earlier cuda container: unknown"},
+    "driver-too-old-log": {"exitCode": 1, "reason": "Error", "message":
+                           "Traceback (most recent call last):\nRuntimeError: CUDA error: CUDA "
+                           "driver version is insufficient for CUDA runtime version"},
+}
+MULTI_ATTACH = ('Multi-Attach error for volume "pvc-3f1c2a" Volume is already used by pod(s) '
+                "trackb-other-train-00001")
 RESOURCES = (("batch", "v1", "jobs"), ("", "v1", "pods"), ("", "v1", "events"),
              ("", "v1", "configmaps"), ("", "v1", "services"), ("apps", "v1", "deployments"),
-             ("networking.k8s.io", "v1", "networkpolicies"))
+             ("networking.k8s.io", "v1", "networkpolicies"),
+             ("coordination.k8s.io", "v1", "leases"))
 CONTROLLER_AGENT = "trackb-fake-controller"
 LOG_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log")
+# What preflight reads (tests add objects with Emulator.put) and its access reviews.
+PREFLIGHT_RESOURCES = (("", "v1", "secrets"), ("", "v1", "persistentvolumeclaims"),
+                       ("", "v1", "nodes"), ("scheduling.k8s.io", "v1", "priorityclasses"),
+                       ("node.k8s.io", "v1", "runtimeclasses"))
+REVIEW_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 
 
 class Emulator:
@@ -53,6 +115,10 @@ class Emulator:
 
     def __init__(self) -> None:
         self.logs: dict[str, str] = {}  # pod name -> its log text
+        # (pod name, container) -> the log of the container's run before its last restart
+        self.previous_logs: dict[tuple[str, str], str] = {}
+        self.forbidden: set[str] = set()  # plurals whose every request answers 403
+        self.denied: set[tuple[str, str, str]] = set()  # (group, resource, verb) reviews deny
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kmock", daemon=True)
         self._thread.start()
@@ -65,10 +131,15 @@ class Emulator:
         async def main() -> None:
             async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as srv:
                 # Lists of a kind nobody created yet must be empty, not 404: declare kinds.
-                for group, version, plural in RESOURCES:
+                for group, version, plural in RESOURCES + PREFLIGHT_RESOURCES:
                     emulator.resources[kmock.resource(group, version, plural)] = {}
                 # Pod logs are a subresource the emulator does not store: serve them here.
                 emulator["get", LOG_PATH] << self._serve_log
+                # Kinds a test forbids answer 403 (a criterion, not a reaction that returns
+                # nothing: kmock disables a reaction for good after its first mismatch).
+                emulator[self._forbidden] << kmock.KubernetesError(
+                    status=403, reason="Forbidden", message="forbidden by the test")
+                emulator["post", REVIEW_PATH] << self._review
                 self.handler = emulator
                 self.url = str(srv.url).rstrip("/")
                 self._loop = asyncio.get_running_loop()
@@ -80,18 +151,68 @@ class Emulator:
 
     def _serve_log(self, request: Any) -> bytes:
         match = LOG_PATH.search(request.url.path)
+        if match and str(request.params.get("previous", "")).lower() == "true":
+            key = (match.group(2), request.params.get("container", ""))
+            return self.previous_logs.get(key, "").encode()
         return self.logs.get(match.group(2), "").encode() if match else b""
+
+    def _forbidden(self, request: Any) -> bool:
+        return request.resource is not None and request.resource.plural in self.forbidden
+
+    def _review(self, request: Any) -> dict[str, Any]:
+        """A SelfSubjectAccessReview: allowed unless its (group, resource, verb) is denied."""
+        attributes = request.data["spec"]["resourceAttributes"]
+        resource = attributes["resource"] + (f"/{attributes['subresource']}"
+                                             if attributes.get("subresource") else "")
+        key = (attributes.get("group", ""), resource, attributes["verb"])
+        # The emulator stores every create by name, and reviews have none: forget this one,
+        # or the next review would be refused as a conflict.
+        self.handler.objects[request.resource, None, None].delete()
+        return {**request.data, "status": {"allowed": key not in self.denied}}
+
+    def provide(self, config) -> None:
+        """Put what preflight checks for ``config`` (a PipelineConfig): its Secrets with
+        the keys pods read, its cache PVC (ReadWriteMany), PriorityClass and RuntimeClass,
+        and a node matching its GPU node selector."""
+        from trackb_core.k8s.jobspec import required_secrets
+
+        k8s = config.kubernetes
+        for name, _, keys in required_secrets(k8s):
+            self.put("", "secrets", {"metadata": {"name": name, "namespace": k8s.namespace},
+                                     "data": dict.fromkeys(keys, "eA==")})
+        if k8s.cache.pvc:
+            self.put("", "persistentvolumeclaims", {
+                "metadata": {"name": k8s.cache.pvc, "namespace": k8s.namespace},
+                "spec": {"accessModes": ["ReadWriteMany"]}})
+        for group, plural, name in (
+                ("scheduling.k8s.io", "priorityclasses", k8s.scheduling.priority_class_name),
+                ("node.k8s.io", "runtimeclasses", k8s.sandbox.runtime_class_name)):
+            if name:
+                self.put(group, plural, {"metadata": {"name": name}})
+        self.put("", "nodes", {"metadata": {"name": "gpu-node",
+                                            "labels": dict(k8s.scheduling.node_selector)}})
+
+    def put(self, group: str, plural: str, obj: dict[str, Any]) -> None:
+        """Store ``obj`` as if created, without a request (namespaced when its metadata
+        names a namespace): what preflight expects to find."""
+        import kmock
+
+        meta = obj["metadata"]
+        self.handler.objects[kmock.resource(group, "v1", plural), meta.get("namespace"),
+                             meta["name"]] = obj
 
     def calls(self, exclude_agent: str = CONTROLLER_AGENT) -> set[tuple[str, str, str]]:
         """``(API group, resource[/subresource], verb)`` of every request served so far,
         except those of the fake controller: what a Role must grant the launcher."""
         verbs = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create",
-                 "DELETE": "delete"}
+                 "DELETE": "delete", "PATCH": "patch", "UPDATE": "update"}
         found = set()
         for request in list(self.handler):
             if request.resource is None or request.headers.get("User-Agent") == exclude_agent:
                 continue
             verb = verbs.get(getattr(request.action, "name", ""), str(request.method).lower())
+            if str(request.method).upper().endswith("PATCH"):
+                verb = "patch"  # the emulator files a PATCH under its UPDATE action
             plural = request.resource.plural + (f"/{request.subresource}"
                                                 if request.subresource else "")
             found.add((request.resource.group or "", plural, verb))
@@ -122,7 +243,12 @@ class FakeJobController(BackgroundLoop):
     ``behaviour`` maps a stage to what its pod does: ``ok`` (default: run the stage),
     ``image-pull`` (stuck in ImagePullBackOff), ``invalid-image``, ``missing-secret``,
     ``unschedulable``, ``oom`` (OOMKilled, Job fails), ``evicted`` or ``fail`` (the stage
-    exits 65 with a message).
+    exits 65 with a message); stuck states the Job never ends by itself: a key of
+    FAILED_CREATE (no pod, a FailedCreate event on the Job), of VLLM_CRASHES (the vLLM
+    sidecar in CrashLoopBackOff, its previous log in ``emulator.previous_logs``), of
+    DRIVER_TOO_OLD (the container failed to start; the Job would retry), ``multi-attach``
+    (Pending on a volume another pod holds); ``hold`` (Running until ``release`` is set,
+    then as ``ok``).
     ``completed`` records (stage, perf_counter time) when a Job is marked Complete.
     """
 
@@ -145,6 +271,10 @@ class FakeJobController(BackgroundLoop):
         self.kube.api_client.user_agent = CONTROLLER_AGENT
         self.completed: list[tuple[str, float]] = []
         self.started: list[str] = []
+        self.holding: set[str] = set()  # stages whose pod runs until release is set
+        self.release = threading.Event()
+        # What a prepared namespace holds (Secrets, ...): preflight checks for it.
+        emulator.provide(config)
         super().__init__("fake-controller")
 
     # -- the control loop (every 50 ms: like a real controller, not instantaneous) --------
@@ -153,6 +283,12 @@ class FakeJobController(BackgroundLoop):
         self._collect_garbage({j["metadata"]["name"] for j in jobs})
         for job in jobs:
             if "startTime" not in job.get("status", {}):
+                if not job["metadata"].get("uid"):
+                    # A real API server gives every object a uid at creation; the
+                    # emulator does not, so the controller does, before anyone looks.
+                    self.batch.patch_namespaced_job(
+                        job["metadata"]["name"], self.namespace,
+                        {"metadata": {"uid": str(uuid.uuid4())}}, _preload_content=False)
                 self._patch_job(job["metadata"]["name"], {"startTime": _now()})
                 threading.Thread(target=self._run_job, args=(job,), daemon=True).start()
 
@@ -179,6 +315,11 @@ class FakeJobController(BackgroundLoop):
         self.started.append(stage)
         template = job["spec"]["template"]
         pod_name = f"{name}-{len(self.started):05d}"
+        if self.behaviour.get(stage) in FAILED_CREATE:
+            # The pod is never made: only the Job's events say why.
+            self._event("Job", name, job["metadata"].get("uid"), "FailedCreate",
+                        FAILED_CREATE[self.behaviour[stage]].format(pod=pod_name))
+            return
         self.core.create_namespaced_pod(self.namespace, {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": pod_name, "namespace": self.namespace,
@@ -197,8 +338,28 @@ class FakeJobController(BackgroundLoop):
                 "name": "stage", "ready": False, "restartCount": 0, "image": "x",
                 "imageID": "", "state": {"waiting": {"reason": reason, "message": message}}}]})
             return
+        if behaviour in VLLM_CRASHES:
+            self._crash_loop(pod_name, template["spec"], *VLLM_CRASHES[behaviour])
+            return
+        if behaviour == "multi-attach":
+            self._event("Pod", pod_name, None, "FailedAttachVolume", MULTI_ATTACH)
+            self._patch_pod(pod_name, {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "True"}], "containerStatuses": [{
+                    "name": "stage", "ready": False, "restartCount": 0, "image": "x",
+                    "imageID": "", "state": {"waiting": {"reason": "ContainerCreating"}}}]})
+            return
+        if behaviour in DRIVER_TOO_OLD:
+            # The Job would retry on the same kind of node (backoffLimit): only the
+            # launcher's diagnosis ends the stage at once.
+            self._patch_pod(pod_name, {"phase": "Failed", "containerStatuses": [self._state(
+                "terminated", {**DRIVER_TOO_OLD[behaviour], "finishedAt": _now()})]})
+            return
         self._patch_pod(pod_name, {"phase": "Running", "startTime": _now(),
                                    "containerStatuses": [self._state("running", {})]})
+        if behaviour == "hold":
+            # Runs until the test says so (a long training run): launchers come and go.
+            self.holding.add(stage)
+            self.release.wait(600)
         if behaviour == "evicted":
             self._patch_pod(pod_name, {"phase": "Failed", "reason": "Evicted",
                                        "message": "The node was low on resource: memory."})
@@ -271,6 +432,46 @@ class FakeJobController(BackgroundLoop):
             self._patch_job(job, {"failed": 1, "conditions": [
                 {"type": "Failed", "status": "True", "reason": kind, "message": text,
                  "lastTransitionTime": _now()}]})
+
+    def _crash_loop(self, pod: str, spec: dict[str, Any], restarts: int,
+                    last: dict[str, Any], log: str, events: list[tuple[str, str]]) -> None:
+        """The pod's native sidecar (the init container with restartPolicy Always) in
+        CrashLoopBackOff; the containers after it wait, so the pod stays Pending."""
+        sidecar = next(c["name"] for c in spec["initContainers"]
+                       if c.get("restartPolicy") == "Always")
+        self.emulator.previous_logs[pod, sidecar] = log
+        self.emulator.logs[pod] = "INFO starting the server\n"  # the run after the crash
+        for reason, message in events:
+            self._event("Pod", pod, None, reason, message, f"spec.initContainers{{{sidecar}}}")
+        waiting = {"waiting": {"reason": "PodInitializing"}}
+        self._patch_pod(pod, {"phase": "Pending", "initContainerStatuses": [
+            {"name": c["name"], "ready": False, "image": c["image"], "imageID": "",
+             **({"restartCount": restarts, "started": False, "state": {"waiting": {
+                 "reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed "
+                 f"container={sidecar} pod={pod}"}},
+                 "lastState": {"terminated": {**last, "finishedAt": _now()}}}
+                if c["name"] == sidecar else {"restartCount": 0, "state": waiting})}
+            for c in spec["initContainers"]],
+            "containerStatuses": [{"name": c["name"], "ready": False, "restartCount": 0,
+                                   "image": c["image"], "imageID": "", "state": waiting}
+                                  for c in spec["containers"]]})
+
+    def _event(self, kind: str, name: str, uid: str | None, reason: str, message: str,
+               field_path: str | None = None) -> None:
+        """A Warning event about one object, as the Job controller or the kubelet
+        records it."""
+        involved = {"kind": kind, "name": name, "namespace": self.namespace}
+        if uid:
+            involved["uid"] = uid
+        if field_path:
+            involved["fieldPath"] = field_path
+        self.core.create_namespaced_event(self.namespace, {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{name}.{uuid.uuid4().hex[:16]}",
+                         "namespace": self.namespace},
+            "involvedObject": involved, "reason": reason, "message": message,
+            "type": "Warning", "count": 1, "firstTimestamp": _now(),
+            "lastTimestamp": _now()}, _preload_content=False)
 
     @staticmethod
     def _state(key: str, value: dict[str, Any]) -> dict[str, Any]:

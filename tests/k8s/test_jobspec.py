@@ -646,10 +646,16 @@ def test_long_run_ids_give_short_unique_names():
 
 def test_rbac_is_least_privilege():
     role = kind(build_rbac(KubernetesConfig()), "Role")[0]
-    assert role["rules"] == [dict(r) for r in RBAC_RULES]
+    secrets = {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["trackb-s3"],
+               "verbs": ["get"]}
+    assert [r for r in role["rules"] if r != secrets] == [dict(r) for r in RBAC_RULES]
+    assert secrets in role["rules"]
     for rule in role["rules"]:
         assert "*" not in str(rule)
-        assert not {"update", "patch", "deletecollection", "escalate", "bind"} & set(rule["verbs"])
+        assert not {"deletecollection", "escalate", "bind"} & set(rule["verbs"])
+        # Changing objects in place is granted only on the run's own Lease (renewals).
+        if {"update", "patch"} & set(rule["verbs"]):
+            assert rule["resources"] == ["leases"] and "update" not in rule["verbs"], rule
     created = {o["kind"] for o in every_object(config(GPU, "kubernetes.distributed.nodes=2",
                                                       "kubernetes.resources.train.gpus=2"))}
     created |= {o["kind"] for o in build_vllm_service(config(GPU), RUN)}
@@ -658,3 +664,38 @@ def test_rbac_is_least_privilege():
     for kind_name in created:
         rule = [r for r in role["rules"] if resource[kind_name] in r["resources"]]
         assert rule and "create" in rule[0]["verbs"] and "delete" in rule[0]["verbs"], kind_name
+
+
+def test_the_role_reads_only_the_secrets_pods_need_and_none_when_there_are_none():
+    k8s = KubernetesConfig.model_validate({
+        "s3": {"credentials_secret": "keys"}, "images": {"pull_secrets": ["pull", "keys"]},
+        "huggingface": {"token_secret": "hub", "token_optional": False}})
+    assert jobspec.secret_names(k8s) == ["keys", "hub", "pull"]
+    (rule,) = [r for r in jobspec.role_rules(k8s) if "secrets" in r["resources"]]
+    assert rule["resourceNames"] == ["keys", "hub", "pull"]
+    # An optional hub token is not checked; with no names at all there is no rule, since
+    # an empty resourceNames would grant every Secret.
+    none = KubernetesConfig.model_validate({"s3": {"credentials_secret": None}})
+    assert jobspec.secret_names(none) == []
+    assert not [r for r in jobspec.role_rules(none) if "secrets" in r["resources"]]
+
+
+@pytest.mark.parametrize("model, pvc, ok", [
+    ("s3://bucket/models/qwen", None, True),
+    ("Qwen/Qwen2.5-Coder-1.5B", None, True),  # generation pods reach the hub
+    ("/cache/models/qwen", "model-cache", True),
+    ("/opt/models/qwen", None, True),  # taken on trust: a custom image may carry it
+    ("/cache/models/qwen", None, False),  # an emptyDir cache starts empty
+    ("./models/qwen", "model-cache", False),
+    ("~/models/qwen", None, False),
+    ("file:///models/qwen", None, False),
+])
+def test_a_model_is_found_only_in_the_store_the_hub_or_on_the_cache_pvc(model, pvc, ok):
+    sets = [f"model={model}"] + ([f"kubernetes.cache.pvc={pvc}"] if pvc else [])
+    cfg = config(GPU, *sets)
+    if ok:
+        build_stage("train", cfg, RUN)
+        return
+    with pytest.raises(ConfigError, match="train pods do not see this machine's files, so "
+                                          "the model must be in the store or on a cache PVC"):
+        build_stage("train", cfg, RUN)

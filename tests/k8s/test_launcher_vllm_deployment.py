@@ -61,9 +61,9 @@ def remaining(client, config, run_id: str) -> list[str]:
             if client.get(kind, NAMESPACE, name) is not None]
 
 
-def launch(config, run_id, client, budgets=BUDGETS):
+def launch(config, run_id, client, budgets=BUDGETS, **kwargs):
     """``(report URI or exception, seconds)``, guarded against hangs."""
-    return launch_within(HANG_GUARD, config, run_id, client, budgets)
+    return launch_within(HANG_GUARD, config, run_id, client, budgets, **kwargs)
 
 
 class FakeDeploymentController(BackgroundLoop):
@@ -119,13 +119,13 @@ class Recorder:
 
 
 def _run(emulator, controller, bucket, corpus, run_id, *, behaviour=None, ready=True,
-         startup_seconds=None, budgets=BUDGETS, client=None):
+         startup_seconds=None, budgets=BUDGETS, client=None, **kwargs):
     config = vllm_pipeline(corpus, bucket, run_id, startup_seconds)
     client = client or emulator.client()
     recorder = Recorder(client, config, run_id)
     with controller(config, run_id, behaviour=behaviour, fake=lambda stage: True) as ctl, \
             FakeDeploymentController(emulator, config, run_id, ready=ready) as server:
-        outcome, seconds = launch(config, run_id, client, budgets)
+        outcome, seconds = launch(config, run_id, client, budgets, **kwargs)
     assert not ctl.errors, ctl.errors[0]
     assert not server.errors, server.errors[0]
     return config, ctl, server, recorder, outcome, seconds
@@ -161,13 +161,14 @@ def test_server_is_created_waited_for_used_and_deleted_after_generate(
     assert "waiting up to 1800s for the vLLM Deployment trackb-vdep-vllm" \
         in capsys.readouterr().err
     # What the launcher called for the server is granted by the Role.
-    from trackb_core.k8s.client import RBAC_RULES
+    from trackb_core.k8s.client import OUTSIDE_ROLE, RBAC_RULES
 
     calls = emulator.calls()
     assert {("apps", "deployments", "create"), ("apps", "deployments", "get"),
             ("apps", "deployments", "delete"), ("", "services", "delete")} <= calls
     for group, resource, verb in calls:
-        assert verb in RBAC_RULES.get((group, resource), ()), (group, resource, verb)
+        assert verb in {**RBAC_RULES, **OUTSIDE_ROLE}.get((group, resource), ()), \
+            (group, resource, verb)
 
 
 def test_failed_generate_still_deletes_the_server(emulator, controller, bucket,
@@ -225,7 +226,7 @@ def test_server_never_ready_fails_within_its_budget_and_is_deleted(
     assert remaining(emulator.client(), config, "vslow") == []
 
 
-def test_ctrl_c_while_waiting_for_the_server_deletes_it(emulator, controller, bucket,
+def test_ctrl_c_at_a_terminal_while_waiting_for_the_server_deletes_it(emulator, controller, bucket,
                                                         stdlib_corpus):
     client = emulator.client()
     get = client.get
@@ -242,7 +243,7 @@ def test_ctrl_c_while_waiting_for_the_server_deletes_it(emulator, controller, bu
     client.get = interrupted_get
     config, ctl, _, rec, error, _ = _run(
         emulator, controller, bucket, stdlib_corpus, "vctrlc", ready=False,
-        startup_seconds=30, client=client)
+        startup_seconds=30, client=client, cancel_on_interrupt=True)
     assert isinstance(error, Interrupted) and error.exit_code == 130, error
     assert "generate" not in ctl.started
     client.get = get

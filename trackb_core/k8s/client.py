@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from trackb_core.errors import ConfigError, UnavailableError
 
 # (API group, resource) -> verbs the launcher uses. The chart's Role must grant exactly
-# these (tests compare them); no wildcards, no Secrets.
+# these (tests compare them); no wildcards. Kinds in NAMED_ONLY are granted only for the
+# names the config gives (resourceNames), never the whole kind.
 RBAC_RULES: dict[tuple[str, str], frozenset[str]] = {
     ("batch", "jobs"): frozenset({"create", "get", "list", "watch", "delete"}),
     ("", "pods"): frozenset({"list"}),
@@ -31,6 +34,22 @@ RBAC_RULES: dict[tuple[str, str], frozenset[str]] = {
     ("apps", "deployments"): frozenset({"create", "get", "delete"}),
     ("networking.k8s.io", "networkpolicies"): frozenset({"create", "get", "delete"}),
     ("", "configmaps"): frozenset({"create", "get", "delete"}),
+    # One Lease per run id: a second launcher of the run waits instead of fighting.
+    ("coordination.k8s.io", "leases"): frozenset({"create", "get", "patch", "delete"}),
+    # Preflight (trackb_core/k8s/preflight.py): the objects a run's pods need exist.
+    ("", "persistentvolumeclaims"): frozenset({"get"}),
+    ("", "secrets"): frozenset({"get"}),
+}
+# Only the configured Secrets (jobspec.secret_names), so that the Role never reads others.
+NAMED_ONLY: frozenset[tuple[str, str]] = frozenset({("", "secrets")})
+# Calls outside the namespaced Role, all made by preflight. Cluster-scoped reads are
+# best-effort (a 403 is reported as a check skipped; a ClusterRole may grant them), and
+# any identity may review its own permissions (the system:basic-user ClusterRole).
+OUTSIDE_ROLE: dict[tuple[str, str], frozenset[str]] = {
+    ("scheduling.k8s.io", "priorityclasses"): frozenset({"get"}),
+    ("node.k8s.io", "runtimeclasses"): frozenset({"get"}),
+    ("", "nodes"): frozenset({"list"}),
+    ("authorization.k8s.io", "selfsubjectaccessreviews"): frozenset({"create"}),
 }
 
 INSTALL_HINT = ("the Kubernetes backend needs the 'kubernetes' package: "
@@ -44,11 +63,49 @@ _KINDS = {
     "Service": ("CoreV1Api", "service"),
     "Deployment": ("AppsV1Api", "deployment"),
     "NetworkPolicy": ("NetworkingV1Api", "network_policy"),
+    "Lease": ("CoordinationV1Api", "lease"),
 }
 
 
 class WatchExpired(Exception):
     """The watch's resourceVersion is too old (HTTP 410 Gone): list again, then watch."""
+
+
+class Forbidden(Exception):
+    """The API refused a call with 403: this identity may not make it."""
+
+
+# Answers that say "not now": rate limited, or the API server (or a proxy before it) is
+# restarting or overloaded. Anything else (400, 403, 404, 409, 422) will not change by
+# asking again.
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass
+class RetryPolicy:
+    """Retries of API calls that failed for a passing reason: a dropped connection, a 429
+    or a 5xx. Waits grow exponentially with full jitter (so that many launchers do not
+    retry in step), a 429's Retry-After is honoured, and after ``seconds`` in all the last
+    error is raised. ``sleep`` and ``clock`` are injectable for tests."""
+
+    seconds: float = 300.0
+    first_wait: float = 0.5
+    longest_wait: float = 30.0
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+    retried: int = 0  # calls retried so far (the launcher reports it)
+
+    def wait(self, attempt: int, started: float, retry_after: float | None) -> bool:
+        """Sleep before attempt ``attempt + 1``; False when the budget is spent."""
+        wait = self.rng.uniform(0, min(self.longest_wait, self.first_wait * 2 ** attempt))
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.longest_wait))
+        if self.clock() + wait - started > self.seconds:
+            return False
+        self.retried += 1
+        self.sleep(wait)
+        return True
 
 
 def _sdk():
@@ -96,8 +153,10 @@ def for_host(url: str) -> KubeClient:
 class KubeClient:
     """Namespaced calls the launcher makes, on plain dicts.
 
-    Every method raises UnavailableError when the API server cannot be reached, and
-    the SDK's ApiException for other API errors (callers check ``.status``).
+    Every call is retried under :attr:`retry` while the failure is passing (connection
+    errors, 429, 5xx); then each method raises UnavailableError when the API server cannot
+    be reached, and the SDK's ApiException for other API errors (callers check
+    ``.status``).
     """
 
     def __init__(self, api_client: Any):
@@ -109,6 +168,7 @@ class KubeClient:
         self.batch = self._apis["BatchV1Api"]
         self.ApiException = k8s.client.ApiException
         self._watch = k8s.watch.Watch
+        self.retry = RetryPolicy()
 
     # -- generic objects --------------------------------------------------------------
     def _method(self, verb: str, kind: str):
@@ -130,6 +190,12 @@ class KubeClient:
             if exc.status == 404:
                 return None
             raise
+
+    def patch(self, kind: str, namespace: str, name: str,
+              body: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``body`` into the object; a ``metadata.resourceVersion`` in it is a
+        precondition (409 Conflict when the object changed since)."""
+        return self._call(self._method("patch", kind), name, namespace, body)
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete with propagationPolicy Background (a Job's pods go too). False if absent."""
@@ -168,21 +234,20 @@ class KubeClient:
     def pod_log(self, namespace: str, pod: str, container: str) -> str:
         """The container's log so far ('' when it has not started)."""
         try:
-            response = self.core.read_namespaced_pod_log(
-                pod, namespace, container=container, _preload_content=False)
+            response = self._retrying(self.core.read_namespaced_pod_log, pod, namespace,
+                                      container=container, _preload_content=False)
         except self.ApiException as exc:
             if exc.status in (400, 404):  # not started yet, or already gone
                 return ""
             raise
-        except Exception as exc:
-            raise _unavailable(exc) from exc
         return response.data.decode("utf-8", "replace")
 
     def follow_log(self, namespace: str, pod: str, container: str) -> Iterator[str]:
         """The container's log lines as they are written, until it exits."""
         try:
-            response = self.core.read_namespaced_pod_log(
-                pod, namespace, container=container, follow=True, _preload_content=False)
+            response = self._retrying(self.core.read_namespaced_pod_log, pod, namespace,
+                                      container=container, follow=True,
+                                      _preload_content=False)
         except self.ApiException as exc:
             if exc.status in (400, 404):
                 return
@@ -233,18 +298,121 @@ class KubeClient:
         finally:
             watch.stop()
 
+    # -- diagnosis: what a stuck stage's Job and pods say (trackb_core.k8s.diagnose) ---
+    def object_events(self, namespace: str, kind: str, name: str) -> list[dict[str, Any]]:
+        """Events about one object of ``kind``, e.g. a Job's FailedCreate: why it has no
+        pod (the pod was never made, so no pod event says it)."""
+        data = self._call(self.core.list_namespaced_event, namespace,
+                          field_selector=f"involvedObject.kind={kind},"
+                                         f"involvedObject.name={name}")
+        # Filter here too: some API servers (and emulators) ignore field selectors.
+        return [e for e in data.get("items", [])
+                if (e.get("involvedObject") or {}).get("kind") == kind
+                and (e.get("involvedObject") or {}).get("name") == name]
+
+    def previous_log(self, namespace: str, pod: str, container: str,
+                     tail_lines: int | None = None) -> str:
+        """The log of the container's previous run, the one that crashed ('' when it
+        never restarted); its last ``tail_lines`` lines when given."""
+        kwargs: dict[str, Any] = {"tail_lines": tail_lines} if tail_lines else {}
+        try:
+            response = self._retrying(self.core.read_namespaced_pod_log, pod, namespace,
+                                      container=container, previous=True,
+                                      _preload_content=False, **kwargs)
+        except self.ApiException as exc:
+            if exc.status in (400, 404):  # no previous run, or the pod is gone
+                return ""
+            raise
+        return response.data.decode("utf-8", "replace")
+
+    # -- preflight: reads that check a run can start, creating nothing -----------------
+    # kind -> (SDK API class, read method, namespaced)
+    _READS = {
+        "Secret": ("CoreV1Api", "read_namespaced_secret", True),
+        "PersistentVolumeClaim": ("CoreV1Api", "read_namespaced_persistent_volume_claim", True),
+        "PriorityClass": ("SchedulingV1Api", "read_priority_class", False),
+        "RuntimeClass": ("NodeV1Api", "read_runtime_class", False),
+    }
+
+    def read(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
+        """A Secret or PersistentVolumeClaim in ``namespace``, or a cluster-scoped
+        PriorityClass or RuntimeClass; None if it does not exist.
+
+        Raises Forbidden on 403 (this identity may not read it).
+        """
+        api, method, namespaced = self._READS[kind]
+        args = (name, namespace) if namespaced else (name,)
+        try:
+            return self._call(getattr(self._api(api), method), *args)
+        except self.ApiException as exc:
+            if exc.status == 404:
+                return None
+            if exc.status == 403:
+                raise Forbidden(f"get {kind} {name}: forbidden") from exc
+            raise
+
+    def list_nodes(self, selector: dict[str, str]) -> list[dict[str, Any]]:
+        """Nodes carrying every label in ``selector``. Raises Forbidden on 403."""
+        try:
+            data = self._call(self.core.list_node, label_selector=_selector(selector))
+        except self.ApiException as exc:
+            if exc.status == 403:
+                raise Forbidden("list nodes: forbidden") from exc
+            raise
+        return _matching(data.get("items", []), selector)
+
+    def access_review(self, namespace: str, group: str, resource: str, verb: str,
+                      name: str | None = None) -> bool:
+        """Whether this identity may ``verb`` ``resource`` (``pods/log``: a subresource)
+        in ``namespace``, or only the object ``name``: a SelfSubjectAccessReview, which
+        creates nothing. Raises Forbidden on 403."""
+        plural, _, subresource = resource.partition("/")
+        attributes = {"namespace": namespace, "group": group, "resource": plural,
+                      "verb": verb}
+        if subresource:
+            attributes["subresource"] = subresource
+        if name:
+            attributes["name"] = name
+        review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                  "spec": {"resourceAttributes": attributes}}
+        api = self._api("AuthorizationV1Api")
+        try:
+            data = self._call(api.create_self_subject_access_review, review)
+        except self.ApiException as exc:
+            if exc.status == 403:
+                raise Forbidden("create selfsubjectaccessreviews: forbidden") from exc
+            raise
+        return bool(data.get("status", {}).get("allowed"))
+
+    def _api(self, name: str) -> Any:
+        if name not in self._apis:
+            self._apis[name] = getattr(_sdk().client, name)(self.api_client)
+        return self._apis[name]
+
     # -- plumbing ---------------------------------------------------------------------
     def _call(self, method, *args, **kwargs) -> dict[str, Any]:
-        try:
-            response = method(*args, _preload_content=False, **kwargs)
-        except self.ApiException:
-            raise
-        except (ValueError, TypeError) as exc:
-            # The SDK checks bodies before sending: a bad manifest, not a network problem.
-            raise ConfigError(f"the Kubernetes client rejected a request: {exc}") from exc
-        except Exception as exc:
-            raise _unavailable(exc) from exc
+        response = self._retrying(method, *args, _preload_content=False, **kwargs)
         return json.loads(response.data or b"{}")
+
+    def _retrying(self, method, *args, **kwargs) -> Any:
+        """``method(*args, **kwargs)``, retried under :attr:`retry` while it fails for a
+        passing reason. Raises UnavailableError (connection), ApiException (other status),
+        ConfigError (the SDK refused the request before sending it)."""
+        started, attempt = self.retry.clock(), 0
+        while True:
+            try:
+                return method(*args, **kwargs)
+            except self.ApiException as exc:
+                if exc.status not in RETRIED_STATUSES or not self.retry.wait(
+                        attempt, started, _retry_after(exc)):
+                    raise
+            except (ValueError, TypeError) as exc:
+                # The SDK checks bodies before sending: a bad manifest, not the network.
+                raise ConfigError(f"the Kubernetes client rejected a request: {exc}") from exc
+            except Exception as exc:
+                if not self.retry.wait(attempt, started, None):
+                    raise _unavailable(exc) from exc
+            attempt += 1
 
 
 def _selector(labels: dict[str, str]) -> str:
@@ -256,6 +424,13 @@ def _matching(items: list[dict[str, Any]], labels: dict[str, str]) -> list[dict[
     return [item for item in items
             if all(item.get("metadata", {}).get("labels", {}).get(k) == v
                    for k, v in labels.items())]
+
+
+def _retry_after(exc: Any) -> float | None:
+    try:
+        return float((exc.headers or {}).get("Retry-After"))
+    except (TypeError, ValueError):
+        return None
 
 
 def _is_timeout(exc: Exception) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 
 from trackb_core import __version__
 from trackb_core.config import StageConfig
-from trackb_core.errors import ConfigError
+from trackb_core.errors import EXIT_STAGE_FAILED, ConfigError
 from trackb_core.k8s.settings import KubernetesConfig, Resources
 from trackb_core.pipeline import RUN_ID, TINY, PipelineConfig, plan, steps_for
 from trackb_core.sandbox import RUNTIME_ENV as SANDBOX_RUNTIME_ENV
@@ -289,12 +289,14 @@ def _dump_config(stage_config: StageConfig) -> str:
     return yaml.safe_dump(stage_config.model_dump(mode="json"), sort_keys=False)
 
 
-def _pod_failure_policy(k8s: KubernetesConfig) -> dict[str, Any]:
+def _pod_failure_policy(k8s: KubernetesConfig, launcher: bool = False) -> dict[str, Any]:
+    # The launcher's "a stage failed for good" (80) is permanent for the launcher Job: a
+    # retry would rerun the failed stage with its own retries, GPU pods each time.
+    codes = sorted({*k8s.job.permanent_exit_codes, *((EXIT_STAGE_FAILED,) if launcher else ())})
     return {"rules": [
         # trackb's permanent errors (bad config or input): retrying cannot help.
         {"action": "FailJob", "onExitCodes": {"containerName": MAIN_CONTAINER,
-                                              "operator": "In",
-                                              "values": list(k8s.job.permanent_exit_codes)}},
+                                              "operator": "In", "values": codes}},
         # Eviction, preemption, node drain: not the stage's fault, not a retry spent.
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
                                                   "status": "True"}]},
@@ -353,7 +355,7 @@ def _job(k8s: KubernetesConfig, name: str, run_id: str, stage: str, pod: dict[st
         "backoffLimit": k8s.job.backoff_limit,
         "activeDeadlineSeconds": deadline,
         "ttlSecondsAfterFinished": k8s.job.ttl_seconds_after_finished,
-        "podFailurePolicy": _pod_failure_policy(k8s),
+        "podFailurePolicy": _pod_failure_policy(k8s, launcher=stage == LAUNCHER),
         "template": {"metadata": {"labels": labels(run_id, stage)}, "spec": pod},
     })
     metadata = _metadata(k8s, name, run_id, stage)
@@ -431,14 +433,44 @@ def _check_locked_network(config: PipelineConfig, row: Step) -> None:
     if not (net.store_namespace or net.store_cidrs):
         raise ConfigError("kubernetes.network: set store_namespace or store_cidrs, or "
                           f"{row.folder} pods cannot reach the object store")
-    if not row.loads_model:
-        return  # build-dataset loads no model
-    hub_model = (config.model != TINY and "://" not in config.model
-                 and not config.model.startswith("/"))
-    if hub_model and not config.kubernetes.cache.pvc:
-        raise ConfigError(f"{row.folder} pods may reach only the object store, so model "
-                          f"{config.model!r} cannot come from the hub: put it in the store "
-                          "(model: s3://...) or set kubernetes.cache.pvc to a warmed cache")
+
+
+def model_is_path(model: str) -> bool:
+    """Whether ``model`` names a folder (or a non-s3 URI) rather than a hub id "org/name"
+    or an s3:// store URI; the same reading as trackb_core.train.looks_like_path, without
+    looking at this machine's disk."""
+    if model.startswith("s3://"):
+        return False
+    return "://" in model or model.startswith(("/", ".", "~")) or model.count("/") != 1
+
+
+def check_model_source(config: PipelineConfig, row: Step, *, offline: bool) -> None:
+    """The one home of the rule for where a pod finds the base model.
+
+    A pod sees the store, its image, /cache (the cache PVC, else an empty emptyDir) and,
+    unless ``offline`` (egress locked to the object store), the hub; never the files of
+    the machine that launched the run. So: offline pods find the model only in the store
+    or on the cache PVC, and a model folder is found only on the cache PVC (or in an
+    image that carries it: an absolute path elsewhere is taken on trust).
+
+    Raises ConfigError stating the rule when ``row`` loads a model its pods cannot find.
+    """
+    model, pvc = config.model, config.kubernetes.cache.pvc
+    if model == TINY or not row.loads_model or model.startswith("s3://"):
+        return
+    if not model_is_path(model):
+        if offline and not pvc:
+            raise ConfigError(f"{row.folder} pods are offline, so the model must be in the "
+                              f"store or on a cache PVC: hub model {model!r} cannot be "
+                              "downloaded there; put it in the store (model: s3://...) or set "
+                              "kubernetes.cache.pvc to a cache that holds it")
+        return
+    in_cache = model.startswith(f"{CACHE_DIR}/")
+    if not model.startswith("/") or (in_cache and not pvc):
+        raise ConfigError(f"{row.folder} pods do not see this machine's files, so the model "
+                          f"must be in the store or on a cache PVC: put {model!r} in the "
+                          f"store (model: s3://...) or on kubernetes.cache.pvc (model: "
+                          f"{CACHE_DIR}/...)")
 
 
 def _network_policy(k8s: KubernetesConfig, run_id: str, stage: str, *, locked_egress: bool,
@@ -544,6 +576,7 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
     if row.hub and (on_gpu or not row.gpu):
         env += _hf_env(k8s)
     locked = row.runs_model_code and k8s.network.enabled
+    check_model_source(config, row, offline=locked)
     if locked:
         _check_locked_network(config, row)
         # Egress is locked to the object store: never try the hub.
@@ -707,20 +740,53 @@ def build_all(config: PipelineConfig, run_id: str) -> dict[str, list[dict[str, A
 
 
 # -- the namespace and the launcher's RBAC (k8s/namespace.yaml, k8s/rbac.yaml, the chart) --
-def _role_rules() -> tuple[dict[str, Any], ...]:
-    """One rule per (API group, resource) the launcher calls, from client.RBAC_RULES.
+def required_secrets(k8s: KubernetesConfig) -> list[tuple[str, str, tuple[str, ...]]]:
+    """``(Secret name, setting, keys pods read)`` of each Secret without which a run's
+    pods do not start or pull: the S3 keys, the hub token unless
+    ``huggingface.token_optional``, the imagePullSecrets. Preflight checks that they
+    exist; the launcher's Role may read these and no other Secret."""
+    found = []
+    if k8s.s3.credentials_secret:
+        found.append((k8s.s3.credentials_secret, "kubernetes.s3.credentials_secret",
+                      (k8s.s3.access_key_id_key, k8s.s3.secret_access_key_key)))
+    if k8s.huggingface.token_secret and not k8s.huggingface.token_optional:
+        found.append((k8s.huggingface.token_secret, "kubernetes.huggingface.token_secret",
+                      (k8s.huggingface.token_key,)))
+    found += [(name, "kubernetes.images.pull_secrets", ()) for name in k8s.images.pull_secrets]
+    return found
+
+
+def secret_names(k8s: KubernetesConfig) -> list[str]:
+    """The names of :func:`required_secrets`, each once, in config order."""
+    return list(dict.fromkeys(name for name, _, _ in required_secrets(k8s)))
+
+
+def role_rules(k8s: KubernetesConfig) -> list[dict[str, Any]]:
+    """One rule per (API group, resource) the launcher calls, from client.RBAC_RULES;
+    a kind in client.NAMED_ONLY (Secrets) only for the configured names.
 
     client.py lists every call it makes; deriving the Role from that list keeps the
     grant exactly what is used (no wildcards). client.py imports the SDK only inside
     functions, so this import keeps the builder pure.
     """
+    from trackb_core.k8s.client import NAMED_ONLY
     from trackb_core.k8s.client import RBAC_RULES as CALLS
 
-    return tuple({"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)}
-                 for (group, resource), verbs in sorted(CALLS.items()))
+    rules = []
+    for (group, resource), verbs in sorted(CALLS.items()):
+        rule: dict[str, Any] = {"apiGroups": [group], "resources": [resource]}
+        if (group, resource) in NAMED_ONLY:
+            names = secret_names(k8s) if resource == "secrets" else []
+            if not names:
+                continue  # an empty resourceNames would grant every object of the kind
+            rule["resourceNames"] = names
+        rules.append({**rule, "verbs": sorted(verbs)})
+    return rules
 
 
-RBAC_RULES: tuple[dict[str, Any], ...] = _role_rules()
+# The rules every config gets: role_rules less those naming configured objects.
+RBAC_RULES: tuple[dict[str, Any], ...] = tuple(
+    rule for rule in role_rules(KubernetesConfig()) if "resourceNames" not in rule)
 
 
 def _static_labels(component: str) -> dict[str, str]:
@@ -738,7 +804,7 @@ def build_namespace(k8s: KubernetesConfig) -> list[dict[str, Any]]:
 
 
 def build_rbac(k8s: KubernetesConfig) -> list[dict[str, Any]]:
-    """ServiceAccount, Role (:data:`RBAC_RULES`) and RoleBinding of the launcher."""
+    """ServiceAccount, Role (:func:`role_rules`) and RoleBinding of the launcher."""
     meta = {"name": k8s.service_account, "namespace": k8s.namespace,
             "labels": _static_labels(LAUNCHER)}
     return [
@@ -746,7 +812,7 @@ def build_rbac(k8s: KubernetesConfig) -> list[dict[str, Any]]:
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta),
          "automountServiceAccountToken": False},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta),
-         "rules": [dict(rule) for rule in RBAC_RULES]},
+         "rules": role_rules(k8s)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
          "metadata": dict(meta),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",

@@ -1,6 +1,7 @@
 """``trackb run-all --backend k8s``: every stage as a Kubernetes Job, in dependency order.
 
-The launcher reads top to bottom as one loop:
+The launcher reads top to bottom as one loop, after a preflight (:mod:`preflight`) that
+refuses, before anything is created, what would fail later:
 
 1. a stage is *ready* when the stages it reads from are done; a ready stage whose
    manifest exists in the store and verifies is skipped as cached (so a rerun of a
@@ -10,18 +11,36 @@ The launcher reads top to bottom as one loop:
 3. the run's Jobs are listed, then watched from the list's resourceVersion for at most
    ``poll_seconds`` (a 410 Gone or a watch that cannot be read just ends the round),
    until one is Complete or Failed; each round the pods of running
-   stages are inspected, so a pod stuck in Pending fails the run with the reason
-   (Unschedulable, ImagePullBackOff past its budget, at once on permanent causes)
-   instead of hanging: a Job's backoffLimit never fires for a pod that never starts;
+   stages (and the events of a Job without pods) are inspected
+   (:mod:`trackb_core.k8s.diagnose`), so a stuck state fails the run with its name and
+   likely cause (Unschedulable, ImagePullBackOff, a crash-looping vLLM sidecar, a quota,
+   a Multi-Attach volume past its budget; a missing PriorityClass, an admission denial,
+   a driver too old for the image at once) instead of hanging: a Job's backoffLimit
+   never fires for a pod that never starts, nor for a sidecar the kubelet restarts;
 4. when a Job ends, its pods' logs and termination reasons are copied to
    ``runs/<id>/<stage>/_k8s/`` in the store before TTL deletes them; a failure stops
    the run with one line naming the stage and the cause.
 
-Ctrl-C deletes the run's active Jobs and exits 130.
+Staying alive (nothing here ever throws GPU hours away by accident):
+
+- one launcher drives a run at a time: it holds the run's Lease (:mod:`lease`); a second
+  one waits until the holder gives it up or stops renewing it (it died);
+- a stage whose Job is still running, with the same objects and inputs (the
+  ``trackb/config-hash`` annotation), is adopted, never recreated: a restarted launcher
+  picks up where the last one was;
+- API calls that fail for a passing reason are retried with backoff and jitter, and a
+  broken watch is re-established from the last resourceVersion;
+- signals have one meaning each: Ctrl-C at an interactive terminal cancels the run
+  (deletes its active Jobs, exit 130); SIGTERM (eviction, drain, helm upgrade, kill), a
+  Ctrl-C without a terminal and a lost lease delete nothing (exit 143, or 75);
+  ``trackb delete`` is the explicit cancel;
+- a failed stage exits 80, which the launcher Job's podFailurePolicy does not retry; its
+  running siblings are left to finish, for a rerun to adopt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -29,31 +48,65 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from trackb_core.errors import ConfigError, MissingInputError, TrackbError
-from trackb_core.k8s import jobspec
-from trackb_core.k8s.client import KubeClient, WatchExpired, connect, wait_deleted
+from trackb_core.config import build_config
+from trackb_core.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_STAGE_FAILED,
+    EXIT_TERMINATED,
+    ConfigError,
+    MissingInputError,
+    Terminated,
+    TrackbError,
+    UnavailableError,
+)
+from trackb_core.k8s import diagnose, jobspec, preflight
+from trackb_core.k8s.client import (
+    RETRIED_STATUSES,
+    KubeClient,
+    WatchExpired,
+    connect,
+    wait_deleted,
+)
+from trackb_core.k8s.lease import (
+    PIPELINE_ANNOTATION,
+    STORE_ANNOTATION,
+    LeaseLost,
+    RunLease,
+    lease_name,
+)
 from trackb_core.k8s.settings import LauncherConfig
 from trackb_core.pipeline import PipelineConfig, dependencies, dump_yaml, report_uri
 from trackb_core.stage import MANIFEST, cached_manifest, say
 from trackb_core.store import Store, open_store
 
-# Waiting reasons no retry can fix: fail the stage at once.
-PERMANENT_WAITING = ("InvalidImageName", "CreateContainerConfigError", "ErrImageNeverPull")
-IMAGE_PULL_WAITING = ("ErrImagePull", "ImagePullBackOff")
-# Registry answers that mean the image will never be pulled as configured.
-PERMANENT_PULL_MESSAGES = ("not found", "manifest unknown", "unauthorized", "denied",
-                           "repository does not exist")
 K8S_FOLDER = "_k8s"
+# A stage Job's annotation: the hash of its objects and inputs (see _config_hash).
+CONFIG_HASH = "trackb/config-hash"
 
 
 class StageFailed(TrackbError):
-    """A stage's Job failed or its pod cannot start; the message names stage and cause."""
+    """A stage's Job failed or its pod cannot start; the message names stage and cause
+    ("<stage>: <cause>"). Exit code 80, which the launcher Job's podFailurePolicy does not
+    retry: its retries would only rerun the failed stage with its own retries."""
+
+    exit_code = EXIT_STAGE_FAILED
+
+    @property
+    def stage(self) -> str:
+        return str(self).split(":", 1)[0]
 
 
 class Interrupted(TrackbError):
-    """Ctrl-C: the run's active Jobs were deleted."""
+    """Ctrl-C at a terminal: the run is cancelled, its active Jobs deleted."""
 
-    exit_code = 130
+    exit_code = EXIT_INTERRUPTED
+
+
+class Detached(TrackbError):
+    """This launcher stopped (SIGTERM, a lost lease) and deleted nothing: the run's Jobs
+    go on, and a launcher of the same run id started later adopts them."""
+
+    exit_code = EXIT_TERMINATED
 
 
 @dataclass
@@ -89,28 +142,44 @@ class _Run:
 
 def run_on_kubernetes(config: PipelineConfig, run_id: str, api: KubeClient | None = None,
                       budgets: LauncherConfig | None = None,
-                      clock: Callable[[], float] = time.monotonic) -> str:
+                      clock: Callable[[], float] = time.monotonic,
+                      cancel_on_interrupt: bool = False) -> str:
     """Run every stage of ``config`` not already done as Jobs; returns the report's URI.
 
     ``api`` is a :class:`trackb_core.k8s.client.KubeClient` (default: kubeconfig, else
-    in-cluster). Raises StageFailed naming the stage and cause, Interrupted on Ctrl-C,
-    ConfigError for settings that cannot run, UnavailableError if the API is down.
+    in-cluster). ``cancel_on_interrupt``: Ctrl-C deletes the run's active Jobs (a person
+    at a terminal); otherwise nothing is ever deleted on a signal. Raises StageFailed
+    naming the stage and cause (exit 80: not worth a retry), Interrupted on Ctrl-C,
+    Detached when this launcher stops and leaves the run's Jobs to a later one (SIGTERM,
+    a lost lease), ConfigError for settings that cannot run, UnavailableError if the API
+    stays down past ``api_retry_seconds``.
     """
 
     client = api or connect()
+    budgets = budgets or config.kubernetes.budgets
+    client.retry.seconds = budgets.api_retry_seconds
+    # Everything that can be known before the first Job is checked before it.
+    preflight.check(config, run_id, client)
     store = open_store(jobspec.run_uri(config, run_id))
     store.check_writable()
-    run = _Run(config, run_id, client, budgets or config.kubernetes.budgets, store,
-               config.kubernetes.namespace, clock=clock)
+    run = _Run(config, run_id, client, budgets, store, config.kubernetes.namespace,
+               clock=clock)
     configs = jobspec.stage_configs(config, run_id)
     needs = dependencies(config)
     order = jobspec.stage_names(config)
     say("run-all", f"run {run_id} on Kubernetes (namespace {run.namespace}) in {store.uri}")
-    store.put_text("pipeline.yaml", dump_yaml(config.model_copy(update={"run_id": run_id})))
+    pipeline_yaml = dump_yaml(config.model_copy(update={"run_id": run_id}))
+    lease = RunLease(client, run.namespace, run_id, budgets.lease_seconds, clock=clock,
+                     annotations={STORE_ANNOTATION: store.uri,
+                                  PIPELINE_ANNOTATION: pipeline_yaml})
+    lease.acquire()
     started = time.perf_counter()
     done: set[str] = set()
+    finished_cleanly = False
     try:
+        store.put_text("pipeline.yaml", pipeline_yaml)
         while len(done) < len(order):
+            lease.check()
             for stage in order:
                 if stage in done or stage in run.active or not set(needs[stage]) <= done:
                     continue
@@ -118,7 +187,7 @@ def run_on_kubernetes(config: PipelineConfig, run_id: str, api: KubeClient | Non
                     say(stage, "cached: manifest matches this config and these inputs; skipped")
                     done.add(stage)
                     continue
-                _start(run, stage)
+                _start(run, stage, [store.child(need) for need in needs[stage]])
             if not run.active:
                 if not set(order) - done:
                     break
@@ -132,37 +201,112 @@ def run_on_kubernetes(config: PipelineConfig, run_id: str, api: KubeClient | Non
                     _cleanup_vllm(run)
                 _finish(run, stage, cause)
                 done.add(stage)
+        finished_cleanly = True
     except KeyboardInterrupt:
+        if not cancel_on_interrupt:
+            raise _detached(run, "interrupted (not from an interactive terminal)",
+                            exit_code=EXIT_INTERRUPTED) from None
         names = _cancel(run)
-        raise Interrupted("interrupted: deleted Jobs " + (", ".join(names) or "(none)") +
+        _cleanup_vllm(run)
+        raise Interrupted("cancelled: deleted Jobs " + (", ".join(names) or "(none)") +
                           f"; rerun with --run-id {run_id} to resume") from None
+    except Terminated:
+        raise _detached(run, "terminated (SIGTERM)") from None
+    except LeaseLost as exc:
+        raise _detached(run, str(exc), exit_code=exc.exit_code) from None
+    except StageFailed as exc:
+        # The failed stage's Job, if still there (a pod that cannot start), is deleted:
+        # it holds a request the scheduler cannot meet. Running siblings go on, and a
+        # rerun adopts them.
+        stuck = run.active.pop(exc.stage, None)
+        if stuck is not None:
+            _delete_job(run, stuck)
+        if jobspec.teacher_step().folder not in run.active:
+            _cleanup_vllm(run)  # no stage needs the server any more
+        _say_left_running(run)
+        raise
     except BaseException:
-        _cancel(run)
+        _say_left_running(run)
         raise
     finally:
-        _cleanup_vllm(run)
+        if finished_cleanly:
+            _cleanup_vllm(run)
+        lease.release()
         for thread in run.threads:
             thread.join(timeout=2)
     say("run-all", f"finished in {time.perf_counter() - started:.1f}s")
     return report_uri(store)
 
 
+def _say_left_running(run: _Run) -> None:
+    if run.active:
+        say("run-all", "left running: " + ", ".join(
+            f"{a.stage} (Job {a.job})" for a in run.active.values()) +
+            f"; a rerun of run {run.run_id} adopts them, `trackb delete {run.run_id}` "
+            "cancels them")
+
+
+def _detached(run: _Run, why: str, exit_code: int = EXIT_TERMINATED) -> Detached:
+    """This launcher stops; the run's Jobs go on for a later launcher to adopt."""
+    running = ", ".join(a.job for a in run.active.values()) or "(none)"
+    error = Detached(f"{why}: deleted nothing; Jobs still running: {running}; a launcher "
+                     f"of run {run.run_id} started later adopts them")
+    error.exit_code = exit_code
+    return error
+
+
 # -- starting a stage ---------------------------------------------------------------------
-def _start(run: _Run, stage: str) -> None:
-    if stage == jobspec.teacher_step().folder and jobspec.serves_vllm(run.config) \
-            and run.config.kubernetes.vllm.serve == "deployment":
-        _start_vllm(run)
+def _start(run: _Run, stage: str, upstream: list[Store]) -> None:
+    """Create the stage's objects, or adopt its Job when an earlier launcher of this run
+    left it running with the same objects and the same inputs."""
     objects = jobspec.build_stage(stage, run.config, run.run_id)
+    job = next(o for o in objects if o.get("kind") == "Job")
+    digest = _config_hash(objects, upstream)
+    job["metadata"].setdefault("annotations", {})[CONFIG_HASH] = digest
+    live = _adoptable(run, job["metadata"]["name"], digest)
+    serves = (stage == jobspec.teacher_step().folder and jobspec.serves_vllm(run.config)
+              and run.config.kubernetes.vllm.serve == "deployment")
+    if serves:
+        _start_vllm(run, reuse=live is not None)
+    if live is not None:
+        uid = live["metadata"].get("uid")
+        run.active[stage] = _Active(stage, job["metadata"]["name"], objects, uid=uid)
+        say(stage, f"adopted the running Job {job['metadata']['name']} (uid {uid}) of an "
+            "earlier launcher: same objects, same inputs")
+        return
     # An old manifest must not outlive a new attempt that fails before the stage starts.
     run.store.child(stage).delete(MANIFEST)
-    created = [_create_or_replace(run, obj) for obj in objects]
+    created = [_create_or_replace(run, obj, digest) for obj in objects]
     job = next(o for o in created if o.get("kind") == "Job")
     run.active[stage] = _Active(stage, job["metadata"]["name"], objects,
                                 uid=job["metadata"].get("uid"))
     say(stage, f"Job {job['metadata']['name']} created")
 
 
-def _create_or_replace(run: _Run, obj: dict[str, Any]) -> dict[str, Any]:
+def _config_hash(objects: list[dict[str, Any]], upstream: list[Store]) -> str:
+    """What a stage's Job would do: its objects and the manifests of the stages it reads
+    (a Job started before an upstream stage was redone must not be adopted)."""
+    digest = hashlib.sha256(json.dumps(objects, sort_keys=True).encode())
+    for folder in upstream:
+        digest.update(b"\0" + folder.uri.encode() + b"\0")
+        digest.update(folder.get_bytes(MANIFEST) if folder.exists(MANIFEST) else b"")
+    return digest.hexdigest()
+
+
+def _adoptable(run: _Run, name: str, digest: str) -> dict[str, Any] | None:
+    """The live Job ``name`` if it carries ``digest`` (not finished, not being deleted)."""
+    job = run.client.get("Job", run.namespace, name)
+    if job is None or job["metadata"].get("deletionTimestamp"):
+        return None
+    if (job["metadata"].get("annotations") or {}).get(CONFIG_HASH) != digest:
+        return None
+    ended = any(c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
+                for c in (job.get("status") or {}).get("conditions", []))
+    return None if ended else job
+
+
+def _create_or_replace(run: _Run, obj: dict[str, Any],
+                       digest: str | None = None) -> dict[str, Any]:
     """The object as the API created it (with its uid)."""
     try:
         return run.client.create(obj)
@@ -171,45 +315,57 @@ def _create_or_replace(run: _Run, obj: dict[str, Any]) -> dict[str, Any]:
             raise StageFailed(f"{obj['metadata'].get('labels', {}).get('trackb/stage', '?')}: "
                               f"cannot create {obj['kind']} {obj['metadata']['name']}: "
                               f"{_api_message(exc)}") from exc
+        name = obj["metadata"]["name"]
+        if obj["kind"] == "Job" and digest is not None:
+            # A create that timed out after the server made the Job, retried: it is ours.
+            live = _adoptable(run, name, digest)
+            if live is not None:
+                return live
         # A leftover of an earlier attempt (a failed Job, its ConfigMap): replace it, so
         # the new attempt runs with the current config.
-        name = obj["metadata"]["name"]
         run.client.delete(obj["kind"], run.namespace, name)
         wait_deleted(run.client, obj["kind"], run.namespace, name, run.budgets.replace_seconds)
         return run.client.create(obj)
 
 
-def _start_vllm(run: _Run) -> None:
-    """Deployment mode: create the teacher server and wait until it is ready."""
+def _start_vllm(run: _Run, reuse: bool = False) -> None:
+    """Deployment mode: create the teacher server and wait until it is ready. ``reuse``:
+    the generate Job was adopted, so the server it talks to is kept if it exists."""
     objects = jobspec.build_vllm_service(run.config, run.run_id)
     for obj in objects:
-        _create_or_replace(run, obj)
+        if not (reuse and run.client.get(obj["kind"], run.namespace, obj["metadata"]["name"])):
+            _create_or_replace(run, obj)
     name = objects[0]["metadata"]["name"]
     budget = run.config.kubernetes.vllm.startup_seconds
     say(jobspec.teacher_step().folder,
         f"waiting up to {budget}s for the vLLM Deployment {name}")
-    deadline = time.monotonic() + budget
+    deadline = run.clock() + budget
     while True:
         deployment = run.client.get("Deployment", run.namespace, name) or {}
         if ((deployment.get("status") or {}).get("readyReplicas") or 0) >= 1:
             return
-        if time.monotonic() > deadline:
+        if run.clock() > deadline:
             raise StageFailed(_one_line(f"{jobspec.teacher_step().folder}: the vLLM Deployment {name} was not ready "
                                         f"after {budget}s: {_vllm_pod_state(run)}"))
         time.sleep(run.budgets.poll_seconds)
 
 
 def _vllm_pod_state(run: _Run) -> str:
-    """Why the server is not ready, as far as its pods tell."""
+    """Why the server is not ready, as far as its pods tell (the same diagnosis as a
+    stage's pods: a crash loop names its likely cause)."""
     pods = run.client.list_pods(run.namespace, jobspec.selector(run.run_id, "vllm"))
     for pod in pods:
         name = pod["metadata"]["name"]
         status = pod.get("status") or {}
+        found = [f for f in diagnose.pod_findings(pod, run.budgets, *_evidence(run, pod))
+                 if f.budget != diagnose.SAY_ONLY]
+        if found:
+            return f"{found[0].where} {found[0].cause}"
         scheduled = next((c for c in status.get("conditions", [])
                           if c.get("type") == "PodScheduled"), {})
         if scheduled.get("status") == "False":
             return f"pod {name} {scheduled.get('reason', '')}: {scheduled.get('message', '')}"
-        for container in _container_statuses(status):
+        for container in diagnose.container_statuses(status):
             waiting = container.get("state", {}).get("waiting") or {}
             if waiting:
                 return (f"pod {name} container {container['name']}: "
@@ -252,7 +408,23 @@ def _wait_for_finish(run: _Run) -> list[tuple[str, str | None]]:
             _inspect_pods(run, run.active[stage])
         # Leave the watch after poll_seconds even while events flow, so that stuck
         # pods are inspected on time.
-        deadline = time.monotonic() + run.budgets.poll_seconds
+        finished = _watch_round(run, selector)
+        if finished:
+            return finished
+
+
+def _watch_round(run: _Run, selector: dict[str, str]) -> list[tuple[str, str | None]]:
+    """Watch the run's Jobs from the last resourceVersion for one round (poll_seconds).
+
+    A watch that breaks (connection reset, 429, 5xx) is re-established from the last
+    resourceVersion seen after a backoff; a 410 Gone ends the round (the caller lists
+    again). Raises UnavailableError once the client's retry budget is spent.
+    """
+    # The round's length is a cadence in real time (how often pods are inspected), not a
+    # budget: it stays on the real clock.
+    deadline = time.monotonic() + run.budgets.poll_seconds
+    started, attempt = None, 0
+    while time.monotonic() <= deadline:
         try:
             for kind, job in run.client.watch_jobs(run.namespace, selector,
                                                     run.resource_version,
@@ -264,9 +436,19 @@ def _wait_for_finish(run: _Run) -> list[tuple[str, str | None]]:
                 if finished:
                     return finished
                 if time.monotonic() > deadline:
-                    break
+                    return []
+            return []  # the server ended the watch: the next round lists again
         except WatchExpired:
-            pass  # 410 Gone: the next round lists again and watches from there
+            return []  # 410 Gone: the next round lists again and watches from there
+        except (UnavailableError, run.client.ApiException) as exc:
+            if isinstance(exc, run.client.ApiException) and exc.status not in RETRIED_STATUSES:
+                raise
+            started = run.client.retry.clock() if started is None else started
+            if not run.client.retry.wait(attempt, started, None):
+                raise UnavailableError(f"the watch of run {run.run_id}'s Jobs keeps "
+                                       f"failing: {exc}") from exc
+            attempt += 1
+    return []
 
 
 def _finished(run: _Run, jobs: list[dict[str, Any]],
@@ -293,53 +475,36 @@ def _finished(run: _Run, jobs: list[dict[str, Any]],
 
 
 def _inspect_pods(run: _Run, active: _Active) -> None:
-    """Say what is happening to the stage's pods; raise StageFailed when one is stuck."""
+    """Say once what is stuck in the stage's pods (or its Job, while it has none); raise
+    StageFailed when a state outlasts its budget, at once when no wait can fix it."""
     now = run.clock()
     pods = run.client.list_pods(run.namespace, jobspec.selector(run.run_id, active.stage))
+    found: list[diagnose.Finding] = []
     for pod in pods:
-        name = pod["metadata"]["name"]
-        status = pod.get("status", {})
         _stream_logs(run, active, pod)
-        if status.get("reason") == "Evicted":
-            _tell(active, f"evicted:{name}", f"pod {name} Evicted: {status.get('message', '')}")
-        for container in _container_statuses(status):
-            terminated = container.get("state", {}).get("terminated") or {}
-            if terminated.get("reason") == "OOMKilled":
-                _tell(active, f"oom:{name}", f"pod {name}: container {container['name']} "
-                      "OOMKilled (raise its memory limit in kubernetes.resources)")
-        if status.get("phase") != "Pending":
-            continue
-        scheduled = next((c for c in status.get("conditions", [])
-                          if c.get("type") == "PodScheduled"), {})
-        if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
-            message = scheduled.get("message", "")
-            cause = f"Unschedulable: {message}"
-            _tell(active, f"unsched:{name}", f"pod {name} {cause}")
-            if _past(active, (name, "Unschedulable"), now, run.budgets.unschedulable_seconds):
-                raise _stuck(run, active, pod, f"{cause} (for over "
-                             f"{run.budgets.unschedulable_seconds:.0f}s)")
-        for container in _container_statuses(status):
-            waiting = container.get("state", {}).get("waiting") or {}
-            reason, message = waiting.get("reason", ""), waiting.get("message", "")
-            where = f"container {container['name']}: {reason}: {message}".rstrip(": ")
-            if reason in PERMANENT_WAITING:
-                raise _stuck(run, active, pod, where)
-            if reason in IMAGE_PULL_WAITING:
-                if any(text in message.lower() for text in PERMANENT_PULL_MESSAGES):
-                    raise _stuck(run, active, pod, where)
-                _tell(active, f"pull:{name}", f"pod {name} {where}")
-                if _past(active, (name, "ImagePull"), now, run.budgets.image_pull_seconds):
-                    raise _stuck(run, active, pod, f"{where} (for over "
-                                 f"{run.budgets.image_pull_seconds:.0f}s)")
-            if reason == "ContainerCreating":
-                for event in run.client.pod_events(run.namespace, name):
-                    text = event.get("message", "")
-                    if event.get("reason") == "FailedMount" and "not found" in text:
-                        raise _stuck(run, active, pod, f"FailedMount: {text}")
+        found += diagnose.pod_findings(pod, run.budgets, *_evidence(run, pod))
+    if not pods:
+        # Only the Job's events say why it made no pod (quota, PriorityClass, admission).
+        events = run.client.object_events(run.namespace, "Job", active.job)
+        found += diagnose.job_without_pods(active.job, active.uid, events, run.budgets)
+    for finding in found:
+        if finding.budget is diagnose.NOW:
+            raise _stuck(run, active, finding.where, finding.cause)
+        _tell(active, f"{finding.state}:{finding.where}", f"{finding.where} {finding.cause}")
+        if _past(active, (finding.where, finding.state), now, finding.budget):
+            raise _stuck(run, active, finding.where,
+                         f"{finding.cause} (for over {finding.budget:.0f}s)")
 
 
-def _container_statuses(status: dict[str, Any]) -> list[dict[str, Any]]:
-    return [*status.get("initContainerStatuses", []), *status.get("containerStatuses", [])]
+def _evidence(run: _Run, pod: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """What diagnose.pod_findings asks for about ``pod``: its events, and the previous
+    log of each crashed container (nothing for a pod that is doing well)."""
+    name = pod["metadata"]["name"]
+    events = run.client.pod_events(run.namespace, name) if diagnose.wants_events(pod) else []
+    previous = {container: run.client.previous_log(run.namespace, name, container,
+                                                   tail_lines=diagnose.LOG_TAIL)
+                for container in diagnose.crashed(pod)}
+    return events, previous
 
 
 def _past(active: _Active, key: tuple[str, str], now: float, budget: float) -> bool:
@@ -353,10 +518,12 @@ def _tell(active: _Active, key: str, message: str) -> None:
         say(active.stage, message)
 
 
-def _stuck(run: _Run, active: _Active, pod: dict[str, Any], cause: str) -> StageFailed:
+def _stuck(run: _Run, active: _Active, where: str, cause: str) -> StageFailed:
+    """The stage's failure, ``where`` ('pod <name>', 'Job <name>') stuck for ``cause``,
+    with its pods' logs and status saved to the store first."""
     cause = _one_line(cause)
     _save_k8s(run, active, cause)
-    return StageFailed(f"{active.stage}: pod {pod['metadata']['name']} cannot start: {cause}")
+    return StageFailed(f"{active.stage}: {where} cannot start: {cause}")
 
 
 def _failure_cause(run: _Run, active: _Active, condition: dict[str, Any]) -> str:
@@ -367,11 +534,15 @@ def _failure_cause(run: _Run, active: _Active, condition: dict[str, Any]) -> str
         status = pod.get("status", {})
         if status.get("reason") == "Evicted":
             return _one_line(f"Evicted: {status.get('message', '')} (job {job_reason})")
-        for container in _container_statuses(status):
+        for container in diagnose.container_statuses(status):
             terminated = container.get("state", {}).get("terminated") or {}
             code = terminated.get("exitCode")
             if terminated and code not in (0, None):
                 last = (terminated.get("message") or "").strip().splitlines()[-1:] or [""]
+                # A GPU failure is named, not just quoted (the log's tail is the message).
+                known = diagnose.gpu_cause(terminated.get("message") or "",
+                                           vllm=container["name"] == jobspec.VLLM_CONTAINER)
+                last = [known[0]] if known else last
                 reason = terminated.get("reason") or "Error"
                 return _one_line(f"{reason} (exit {code}) in container {container['name']}"
                                  f"{': ' + last[0] if last[0] else ''}; job {job_reason}")
@@ -407,7 +578,8 @@ def _save_k8s(run: _Run, active: _Active, cause: str | None,
         if pods is None:
             pods = run.client.list_pods(run.namespace,
                                         jobspec.selector(run.run_id, active.stage))
-        summary = {"job": active.job, "cause": cause, "pods": []}
+        summary: dict[str, Any] = {"job": active.job, "cause": cause, "pods": []}
+        events = []
         for pod in pods:
             name = pod["metadata"]["name"]
             spec = pod.get("spec", {})
@@ -415,13 +587,32 @@ def _save_k8s(run: _Run, active: _Active, cause: str | None,
                 text = run.client.pod_log(run.namespace, name, container["name"])
                 if text:
                     folder.put_text(f"{name}.{container['name']}.log", text)
+            # A crashed container's own account is in the log of its run before this one.
+            for container in diagnose.crashed(pod):
+                text = run.client.previous_log(run.namespace, name, container)
+                if text:
+                    folder.put_text(f"{name}.{container}.previous.log", text)
             status = pod.get("status", {})
+            statuses = diagnose.container_statuses(status)
             summary["pods"].append({
                 "name": name, "phase": status.get("phase"), "reason": status.get("reason"),
                 "message": status.get("message"),
-                "containers": {c["name"]: c.get("state", {})
-                               for c in _container_statuses(status)},
+                "containers": {c["name"]: c.get("state", {}) for c in statuses},
+                "restarts": {c["name"]: {"restartCount": c["restartCount"],
+                                         "lastState": c.get("lastState", {})}
+                             for c in statuses if c.get("restartCount")},
             })
+            if cause is not None:
+                events += run.client.pod_events(run.namespace, name)
+        if cause is not None and not pods:
+            events += run.client.object_events(run.namespace, "Job", active.job)
+        if cause is not None:
+            # Why a stuck pod or a Job without pods is stuck is often only in its events.
+            summary["events"] = [
+                {"object": f"{(e.get('involvedObject') or {}).get('kind')}/"
+                           f"{(e.get('involvedObject') or {}).get('name')}",
+                 "type": e.get("type"), "reason": e.get("reason"),
+                 "message": e.get("message"), "count": e.get("count")} for e in events]
         folder.put_text("status.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     except TrackbError as exc:  # losing logs must not hide the stage's own outcome
         say(active.stage, f"could not copy pod logs to the store: {exc}")
@@ -451,16 +642,20 @@ def _stream_logs(run: _Run, active: _Active, pod: dict[str, Any]) -> None:
 
 
 def _cancel(run: _Run) -> list[str]:
-    names = []
-    for active in list(run.active.values()):
-        try:
-            run.client.delete("Job", run.namespace, active.job)
-            names.append(active.job)
-            say(active.stage, f"Job {active.job} deleted")
-        except Exception as exc:
-            say(active.stage, f"could not delete Job {active.job}: {exc}")
+    """Delete every active Job (the user cancelled the run); their names."""
+    names = [active.job for active in list(run.active.values()) if _delete_job(run, active)]
     run.active.clear()
     return names
+
+
+def _delete_job(run: _Run, active: _Active) -> bool:
+    try:
+        run.client.delete("Job", run.namespace, active.job)
+        say(active.stage, f"Job {active.job} deleted")
+        return True
+    except Exception as exc:
+        say(active.stage, f"could not delete Job {active.job}: {exc}")
+        return False
 
 
 def _api_message(exc: Any) -> str:
@@ -471,22 +666,54 @@ def _api_message(exc: Any) -> str:
 
 
 # -- status, logs, delete -----------------------------------------------------------------
-def status(config: PipelineConfig, run_id: str,
-           api: KubeClient | None = None) -> list[dict[str, str]]:
-    """One row per stage: ``{"stage", "store", "job"}`` (store: done / not done; job:
-    the Job's state on the cluster, or 'none'). Raises ConfigError, UnavailableError."""
+def run_config(run_id: str, namespace: str, api: KubeClient | None = None) -> PipelineConfig:
+    """The pipeline of ``run_id`` as its launcher recorded it on the run's Lease, so that
+    ``trackb status/logs/delete RUN_ID`` need no config file. Raises MissingInputError
+    when no launcher of that run ever started in ``namespace``, ConfigError when the
+    recorded pipeline is not valid here (another trackb version), UnavailableError."""
+    import yaml
 
     client = api or connect()
-    store = open_store(jobspec.run_uri(config, run_id))
+    lease = client.get("Lease", namespace, lease_name(run_id))
+    text = ((lease or {}).get("metadata", {}).get("annotations") or {}).get(PIPELINE_ANNOTATION)
+    if not text:
+        raise MissingInputError(f"no run {run_id!r} in namespace {namespace} (no Lease "
+                                f"{lease_name(run_id)} recording its pipeline): check the "
+                                "run id and --namespace, or pass the run's --config")
+    return build_config(PipelineConfig, yaml.safe_load(text),
+                        source=f"the pipeline recorded on Lease {lease_name(run_id)}")
+
+
+def status(config: PipelineConfig, run_id: str,
+           api: KubeClient | None = None) -> list[dict[str, str]]:
+    """One row per stage: ``{"stage", "store", "job"}`` (store: done / not done, or
+    'unknown' when the store cannot be read from here; job: the Job's state on the
+    cluster, or 'none'). Raises ConfigError, UnavailableError."""
+
+    client = api or connect()
     jobs, _ = client.list_jobs(config.kubernetes.namespace, {"trackb/run-id": run_id})
     by_stage = {j["metadata"].get("labels", {}).get("trackb/stage"): j for j in jobs}
+    try:
+        store: Store | None = open_store(jobspec.run_uri(config, run_id))
+    except TrackbError as exc:
+        say("status", f"cannot read the store ({exc}): its column says unknown")
+        store = None
     rows = []
     for stage in jobspec.stage_names(config):
         job = by_stage.get(stage)
-        rows.append({"stage": stage,
-                     "store": "done" if store.child(stage).exists(MANIFEST) else "not done",
+        rows.append({"stage": stage, "store": _store_state(store, stage),
                      "job": _job_state(job) if job else "none"})
     return rows
+
+
+def _store_state(store: Store | None, stage: str) -> str:
+    # An in-cluster MinIO is out of a laptop's reach: the Jobs still tell the story.
+    if store is None:
+        return "unknown"
+    try:
+        return "done" if store.child(stage).exists(MANIFEST) else "not done"
+    except TrackbError:
+        return "unknown"
 
 
 def _job_state(job: dict[str, Any]) -> str:
@@ -544,4 +771,6 @@ def delete(config: PipelineConfig, run_id: str, api: KubeClient | None = None) -
             kind, name = obj["kind"], obj["metadata"]["name"]
             if kind != "Job" and client.delete(kind, namespace, name):
                 deleted.append(f"{kind}/{name}")
+    if client.delete("Lease", namespace, lease_name(run_id)):
+        deleted.append(f"Lease/{lease_name(run_id)}")
     return deleted

@@ -327,7 +327,8 @@ class SandboxConfig(StageConfig):
 
 
 class LauncherConfig(StageConfig):
-    """How long the k8s launcher waits on a stuck pod before it fails the run."""
+    """How long the k8s launcher waits: on a stuck pod before it fails the run, on a
+    failing API before it gives up, on another launcher's lease before it takes over."""
 
     poll_seconds: float = Field(2.0, gt=0, description="Longest wait for a Job event before "
                                 "the pods of running stages are inspected again.")
@@ -337,8 +338,40 @@ class LauncherConfig(StageConfig):
     unschedulable_seconds: float = Field(900.0, ge=0, description="Budget for an "
                                          "Unschedulable pod (room for a cluster autoscaler "
                                          "to add a GPU node) before the stage fails.")
+    crashloop_restarts: int = Field(3, ge=1, description="Restarts of a crash-looping vLLM "
+                                    "server (generate's sidecar, or the Deployment's pod) "
+                                    "before the stage fails, naming the likely cause (CUDA "
+                                    "out of memory, the startup probe, the last log line). The "
+                                    "kubelet restarts a sidecar for ever and no backoffLimit "
+                                    "counts it; an unsupported GPU or a driver too old for "
+                                    "the image fails at once.")
+    crashloop_seconds: float = Field(900.0, ge=0, description="Budget for a crash-looping "
+                                     "vLLM server from its first crash seen, when fewer than "
+                                     "crashloop_restarts restarts came first (the kubelet's "
+                                     "back-off between restarts grows to 5 minutes).")
+    pod_creation_seconds: float = Field(900.0, ge=0, description="Budget for a Job that "
+                                        "cannot create its pod for a reason that may pass "
+                                        "(FailedCreate: an exceeded ResourceQuota that other "
+                                        "pods may free, an admission webhook that cannot be "
+                                        "reached). A missing PriorityClass or a denial by "
+                                        "admission fails at once.")
+    multi_attach_seconds: float = Field(900.0, ge=0, description="Budget for a pod waiting "
+                                        "for a ReadWriteOnce volume that a pod on another "
+                                        "node holds (Multi-Attach error, e.g. a shared cache "
+                                        "PVC); longer than the 6 minutes after which "
+                                        "Kubernetes detaches a volume from a node that "
+                                        "stopped answering.")
     replace_seconds: float = Field(120.0, gt=0, description="Wait for a leftover object of "
                                    "an earlier attempt to be deleted before recreating it.")
+    api_retry_seconds: float = Field(300.0, ge=0, description="How long an API call that "
+                                     "failed for a passing reason (connection reset, 429, "
+                                     "5xx) is retried, with exponential backoff and jitter, "
+                                     "before the launcher exits 75 (deleting nothing: a "
+                                     "later launcher adopts the run's Jobs).")
+    lease_seconds: int = Field(60, ge=1, description="Duration of the run's Lease: a second "
+                               "launcher of the same run id waits, and takes over only after "
+                               "the holder has not renewed it for this long (it died); a "
+                               "launcher that exits gives the lease up at once.")
 
 
 class KubernetesConfig(StageConfig):
