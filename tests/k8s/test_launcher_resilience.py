@@ -248,3 +248,42 @@ def test_ctrl_c_without_a_terminal_deletes_nothing(emulator, controller, bucket,
         assert "train" in running and not running["train"]["status"].get("conditions")
         ctl.release.set()
     assert "deleted nothing" in str(error)
+
+
+def test_the_trackb_commands_in_the_charts_notes_run_as_printed(
+        emulator, controller, bucket, stdlib_corpus, tmp_path, monkeypatch):
+    """NOTES.txt prints `trackb status/logs/delete RUN -n NS`, no --config: they find the
+    run's pipeline on its Lease."""
+    from click.testing import CliRunner
+
+    from helm import CHART, run_helm
+    from trackb_core.cli import main
+
+    rendered = run_helm("install", "demo", str(CHART), "--namespace", NAMESPACE,
+                        "--dry-run=client", "--set", "launcher.runId=notes", "--values",
+                        str(CHART / "ci" / "default-values.yaml"))
+    assert rendered.returncode == 0, rendered.stderr
+    notes = rendered.stdout.split("NOTES:", 1)[1]
+    commands = [line.split() for line in notes.splitlines()
+                if line.startswith("     trackb ")]  # the indented command lines
+    assert {c[1] for c in commands} == {"status", "logs", "delete"}, commands
+
+    config = pipeline(stdlib_corpus, bucket, "notes")
+    with controller(config, "notes", fake=lambda stage: True) as ctl:
+        report, _ = launch_within(HANG_GUARD, config, "notes", emulator.client(), BUDGETS)
+    assert not ctl.errors and isinstance(report, str), report
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
+        "clusters": [{"name": "emu", "cluster": {"server": emulator.url}}],
+        "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    outputs = {}
+    for command in sorted(commands, key=lambda c: c[1] == "delete"):  # delete last
+        result = CliRunner().invoke(main, command[1:])
+        assert result.exit_code == 0, (command, result.output)
+        outputs[command[1]] = result.output
+    assert "compare        done      complete" in outputs["status"]
+    assert "[train] running" in outputs["logs"]
+    assert "deleted Lease/trackb-notes-lease" in outputs["delete"]
