@@ -26,6 +26,19 @@ def wait_until(condition: Callable[[], bool], what: str, guard: float = HANG_GUA
         stop.wait(every)
 
 
+def write_kubeconfig(path, server: str):
+    """A kubeconfig at ``path`` whose current context is the API server at ``server``
+    (what ``trackb`` commands and launcher processes read, as a user's would be)."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
+        "clusters": [{"name": "emu", "cluster": {"server": server}}],
+        "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u"}}]}))
+    return path
+
+
 def launch_within(limit: float, config, run_id, client, budgets, **kwargs):
     """``(report URI or exception, seconds)``; fails the test if the launcher hangs
     (runs past ``limit``, an outer guard, not a speed requirement). ``kwargs`` go to

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import yaml
-from k8s_launch import HANG_GUARD, launch_within, wait_until
+from k8s_launch import HANG_GUARD, launch_within, wait_until, write_kubeconfig
 
 from trackb_core.config import build_config
 from trackb_core.k8s.launcher import LauncherConfig, StageFailed, delete, logs, status
@@ -231,12 +231,7 @@ def test_failed_stage_stops_the_run_via_cli_and_a_rerun_resumes_there(
 
     from trackb_core.cli import main
 
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
-        "clusters": [{"name": "emu", "cluster": {"server": emulator.url}}],
-        "users": [{"name": "u", "user": {}}],
-        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u"}}]}))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     config = pipeline(stdlib_corpus, bucket, "resume")
     config_file = tmp_path / "pipeline.yaml"

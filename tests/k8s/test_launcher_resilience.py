@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fault_proxy import FaultProxy
-from k8s_launch import HANG_GUARD, launch_within, wait_until
+from k8s_launch import HANG_GUARD, launch_within, wait_until, write_kubeconfig
 from test_launcher import BUDGETS, NAMESPACE, pipeline
 
 from trackb_core.k8s.launcher import Detached
@@ -127,12 +127,7 @@ def test_retries_back_off_with_jitter_honour_retry_after_and_give_up_after_the_b
 def _launcher_process(tmp_path, emulator, config, run_id: str) -> subprocess.Popen:
     """``python -m jobs.run_all --backend k8s`` as the in-cluster launcher runs it: no
     terminal, the cluster from a kubeconfig."""
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
-        "clusters": [{"name": "emu", "cluster": {"server": emulator.url}}],
-        "users": [{"name": "u", "user": {}}],
-        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u"}}]}))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
     config_file = tmp_path / f"{run_id}.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(ROOT)}
@@ -272,12 +267,7 @@ def test_the_trackb_commands_in_the_charts_notes_run_as_printed(
     with controller(config, "notes", fake=lambda stage: True) as ctl:
         report, _ = launch_within(HANG_GUARD, config, "notes", emulator.client(), BUDGETS)
     assert not ctl.errors and isinstance(report, str), report
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
-        "clusters": [{"name": "emu", "cluster": {"server": emulator.url}}],
-        "users": [{"name": "u", "user": {}}],
-        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u"}}]}))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     outputs = {}
     for command in sorted(commands, key=lambda c: c[1] == "delete"):  # delete last
