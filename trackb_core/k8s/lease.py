@@ -167,8 +167,8 @@ class RunLease:
         lease = self.client.get("Lease", self.namespace, self.name)
         current = ((lease or {}).get("spec") or {}).get("holderIdentity")
         if current != self.holder:
-            raise LeaseLost(f"launcher {current or '(none)'} took over run {self.run_id}: "
-                            "this launcher stops and deletes nothing")
+            raise LeaseLost(f"launcher {current or '(none)'} took over run {self.run_id} "
+                            "(this one did not renew its lease in time)")
         meta = lease.get("metadata") or {}
         body = {"metadata": {"resourceVersion": meta.get("resourceVersion")},
                 "spec": {"renewTime": _timestamp()}}
