@@ -55,7 +55,12 @@ clean: ## Remove the venv and local runs
 # ---- container images (images/*/Dockerfile; see images/README.md) ----------------------
 REGISTRY ?= ghcr.io/trackb
 IMAGES := cpu trainer vllm
-IMAGE_TAG ?= $(shell git describe --tags --always --dirty)
+# One version everywhere: trackb_core.__version__ is pyproject's version, the chart's
+# appVersion and the images' default tag (kubernetes.images.tag), and CI pushes release
+# tag v<version> as <version> (tests/images/test_image_tags.py keeps them equal). Set
+# IMAGE_TAG (and kubernetes.images.tag) for any other build.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' trackb_core/__init__.py)
+IMAGE_TAG ?= $(VERSION)
 IMAGE_REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 IMAGE_SOURCE ?= $(shell git config --get remote.origin.url)
 PLATFORM ?= linux/amd64
@@ -68,12 +73,19 @@ BUILDX = docker buildx build --platform $(PLATFORM) \
 	--cache-from type=registry,ref=$(REGISTRY)/trackb-$(1):buildcache \
 	-t $(REGISTRY)/trackb-$(1):$(IMAGE_TAG)
 
-.PHONY: images push images-lint
+.PHONY: images push images-lint image-tag
 
-images: ## Build the cpu, trainer and vllm images into the local docker (tag: git describe)
+image-tag: ## Print the tag `make images` and `make push` give (default: trackb's version)
+	@echo $(IMAGE_TAG)
+
+images: ## Build the cpu, trainer and vllm images into the local docker (tag: trackb's version)
 	$(foreach img,$(IMAGES),$(call BUILDX,$(img)) --load . &&) true
 
 push: ## Build and push the three images to $(REGISTRY), with a registry build cache
+	@# The version's tag is what the chart runs by default: only its release commit may
+	@# push it (CI does, from tag v$(VERSION)); other builds name their own IMAGE_TAG.
+	@if [ "$(IMAGE_TAG)" = "$(VERSION)" ] && [ "$$(git describe --tags --exact-match --dirty 2>/dev/null)" != "v$(VERSION)" ]; then \
+		echo "push: this tree is not the clean release commit v$(VERSION): set IMAGE_TAG (and kubernetes.images.tag) for this build" >&2; exit 2; fi
 	$(foreach img,$(IMAGES),$(call BUILDX,$(img)) \
 		--cache-to type=registry,ref=$(REGISTRY)/trackb-$(img):buildcache,mode=max \
 		--push . &&) true
@@ -89,6 +101,10 @@ tools: install ## Fetch the real helm v4 and kubectl v1.35 into .cache/tools/bin
 
 values-schema: install ## Regenerate helm/trackb/values.schema.json and values.yaml's generated blocks
 	$(PY) scripts/gen_values_schema.py
+
+.PHONY: presets
+presets: install ## Write the platform presets (helm/trackb/ci/*-values.yaml, jobs/configs/cluster-*.yaml) from trackb_core/k8s/presets.py
+	$(PY) scripts/gen_presets.py
 
 .PHONY: render checkov
 

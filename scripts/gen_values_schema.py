@@ -77,6 +77,31 @@ CHART_ONLY: dict[str, Any] = {
         "annotations": {**_MAP, "description": "ServiceAccount annotations (IRSA, "
                         "workload identity)."},
     }),
+    "stageServiceAccount": _obj("The stage pods' ServiceAccount (named "
+                                "kubernetes.job_service_account).", {
+        "create": {"type": "boolean", "description": "Create the ServiceAccount."},
+        "annotations": {**_MAP, "description": "ServiceAccount annotations (IRSA, "
+                        "workload identity)."},
+    }),
+    "priorityClass": _obj("A PriorityClass named kubernetes.scheduling.priority_class_name.", {
+        "create": {"type": "boolean", "description": "Create the PriorityClass."},
+        "value": {"type": "integer", "minimum": -2147483648, "maximum": 1000000000,
+                  "description": "Its priority (user classes stop at 1000000000)."},
+        "preemptionPolicy": {"enum": ["PreemptLowerPriority", "Never"],
+                             "description": "Whether its pods may preempt lower ones."},
+        "description": _str("What it is for."),
+    }),
+    "cacheVolume": _obj("A PersistentVolumeClaim named kubernetes.cache.pvc (the model "
+                        "cache).", {
+        "create": {"type": "boolean", "description": "Create the PersistentVolumeClaim."},
+        "storageClassName": _str("StorageClass; empty: the cluster's default."),
+        "size": _str("Requested storage, e.g. 50Gi.",
+                     pattern=r"^[0-9]+(\.[0-9]+)?[EPTGMK]i?$"),
+        "accessModes": {"type": "array", "minItems": 1, "uniqueItems": True,
+                        "items": {"enum": ["ReadWriteMany", "ReadWriteOnce",
+                                           "ReadWriteOncePod", "ReadOnlyMany"]},
+                        "description": "Access modes (ReadWriteMany recommended)."},
+    }),
     "rbac": _obj("RBAC for the launcher.", {
         "create": {"type": "boolean", "description": "Create the Role and RoleBinding."},
     }),
@@ -87,6 +112,14 @@ CHART_ONLY: dict[str, Any] = {
         "extraArgs": {"type": "array", "items": {"type": "string"},
                       "description": "Extra run-all arguments, e.g. --set train.epochs=1."},
         "podAnnotations": {**_MAP, "description": "Launcher pod annotations."},
+    }),
+    "cleanup": _obj("The pre-delete hook running `trackb delete <run id>` (launcher.enabled "
+                    "only).", {
+        "enabled": {"type": "boolean", "description": "Run the pre-delete hook."},
+        "backoffLimit": {"type": "integer", "minimum": 0,
+                         "description": "Retries of the hook pod."},
+        "activeDeadlineSeconds": {"type": "integer", "minimum": 60,
+                                  "description": "Seconds the hook may run."},
     }),
     "minio": _obj("DEV ONLY in-cluster MinIO (no persistence, no TLS).", {
         "enabled": {"type": "boolean", "description": "Install the dev-only MinIO."},

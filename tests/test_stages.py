@@ -16,6 +16,9 @@ from trackb_core.store import LocalStore
 ROOT = Path(__file__).parents[1]
 SCHEMA = json.loads((ROOT / "helm" / "trackb" / "values.schema.json").read_text())
 RENDERED = ROOT / "k8s" / "rendered"
+# A hub model and a cache PVC: the runs that start with warm-cache.
+WARMED = PipelineConfig.model_validate({"model": "Qwen/Qwen2.5-Coder-1.5B", "kubernetes": {
+    "cache": {"pvc": "model-cache"}}})
 
 
 def resolve(ref: dict) -> dict:
@@ -39,10 +42,18 @@ def test_every_command_has_its_job_entry_running_that_command(cmd):
 def test_every_step_has_a_job_entry_manifest_resources_and_values_schema_entry(row):
     cmd = command(row.command)
     assert importlib.util.find_spec(cmd.job_module) is not None
-    # The checked-in manifests (trackb render) hold the step's Job.
-    rendered = RENDERED / "demo" / f"{row.folder}.yaml"
-    assert rendered.is_file(), rendered
-    assert f"name: trackb-demo-{row.folder}\n" in rendered.read_text()
+    if row.when == "model_cache":
+        # No checked-in config has a hub model and a cache PVC: the builder makes its Job.
+        from trackb_core.k8s.jobspec import build_stage
+
+        objects = build_stage(row.folder, WARMED, "demo")
+        assert [o["metadata"]["name"] for o in objects if o["kind"] == "Job"] == [
+            f"trackb-demo-{row.folder}"]
+    else:
+        # The checked-in manifests (trackb render) hold the step's Job.
+        rendered = RENDERED / "demo" / f"{row.folder}.yaml"
+        assert rendered.is_file(), rendered
+        assert f"name: trackb-demo-{row.folder}\n" in rendered.read_text()
     # Its resources and deadline keys exist in the cluster settings...
     k8s = KubernetesConfig()
     assert row.resources in type(k8s.resources).model_fields
@@ -68,10 +79,14 @@ def test_the_tables_steps_are_the_folders_plan_produces(tmp_path):
     run = LocalStore(tmp_path).child("runs/x")
     tiny = PipelineConfig(model="tiny")
     real = PipelineConfig(model="Qwen/Qwen2.5-Coder-1.5B")
-    assert [row.folder for row, _ in plan(tiny, run)] == [row.folder for row in STEPS]
+    assert [row.folder for row, _ in plan(tiny, run)] == \
+        [row.folder for row in STEPS if row.when in ("always", "tiny_model")]
     assert [row.folder for row, _ in plan(real, run)] == \
         [row.folder for row in STEPS if row.when == "always"]
-    assert [row.folder for row in steps_for(real)] == list(dependencies(real))
+    assert [row.folder for row, _ in plan(WARMED, run)] == \
+        [row.folder for row in STEPS if row.when in ("always", "model_cache")]
+    for config in (tiny, real, WARMED):
+        assert [row.folder for row in steps_for(config)] == list(dependencies(config))
     for row, config in plan(tiny, run):
         assert type(config) is row.cli.load()[1]
         for field, value in row.fixed.items():
@@ -102,3 +117,23 @@ def test_sections_resources_and_folders_are_consistent():
     assert {row.command for row in STEPS} <= set(names)
     with pytest.raises(KeyError):
         command("nope")
+
+
+@pytest.mark.parametrize(("model", "pvc", "warms"), [
+    ("Qwen/Qwen2.5-Coder-1.5B", "model-cache", True),
+    ("Qwen/Qwen2.5-Coder-1.5B", None, False),  # an emptyDir cache ends with the pod
+    ("s3://bucket/models/qwen", "model-cache", False),  # read from the store
+    ("/cache/models/qwen", "model-cache", False),  # already a folder on the cache
+    ("tiny", "model-cache", False),  # built in the run
+])
+def test_a_run_warms_the_cache_only_for_a_hub_model_and_a_cache_pvc(model, pvc, warms):
+    config = PipelineConfig.model_validate({"model": model, "kubernetes": {"cache": {
+        "pvc": pvc}}})
+    assert ("warm-cache" in [row.folder for row in steps_for(config)]) is warms
+
+
+def test_the_steps_that_load_the_model_wait_for_the_cache_to_be_warm():
+    needs = dependencies(WARMED)
+    assert needs["warm-cache"] == []  # it starts with the run
+    for row in steps_for(WARMED):
+        assert ("warm-cache" in needs[row.folder]) is row.loads_model, row.folder

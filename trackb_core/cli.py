@@ -214,7 +214,9 @@ def render_command(config_file: str, out: str, run_id: str | None,
     """Write every Kubernetes object of a run (ConfigMaps, Jobs, Services,
     NetworkPolicies) as YAML files into DIR, from the same builder the k8s launcher
     uses. Apply them with `kubectl apply -f DIR` after k8s/namespace.yaml and
-    k8s/rbac.yaml, or read them to review what a run will create.
+    k8s/rbac.yaml, or read them to review what a run will create. They carry no
+    ownerReferences (a uid exists only once created): delete them with
+    `kubectl delete -f DIR`, not by deleting a Job.
     """
     from trackb_core.k8s.render import render
 

@@ -78,14 +78,39 @@ PipelineConfig = create_model(
             "responses, dataset, model, adapter) itself.")
 
 
+def model_is_path(model: str) -> bool:
+    """Whether ``model`` names a folder (or a non-s3 URI) rather than a hub id "org/name"
+    or an s3:// store URI; the same reading as trackb_core.train.looks_like_path, without
+    looking at this machine's disk."""
+    if model.startswith("s3://"):
+        return False
+    return "://" in model or model.startswith(("/", ".", "~")) or model.count("/") != 1
+
+
+def is_hub_model(model: str) -> bool:
+    """Whether ``model`` is a hub id "org/name" (not 'tiny', a folder or a store URI)."""
+    return model != TINY and not model.startswith("s3://") and not model_is_path(model)
+
+
+def warms_cache(config: PipelineSettings) -> bool:
+    """Whether the run starts with the warm-cache step: the model is a hub id and the
+    cluster's model cache is a volume that outlives a pod (kubernetes.cache.pvc). Then
+    the steps that load the model wait for it and load it offline from that cache."""
+    k8s = getattr(config, "kubernetes", None)
+    return bool(k8s is not None and k8s.cache.pvc) and is_hub_model(config.model)
+
+
 def new_run_id(config: PipelineSettings) -> str:
     """``config.run_id``, or the current UTC time as ``YYYYMMDD-HHMMSS``."""
     return config.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
 def steps_for(config: PipelineSettings) -> list[Step]:
-    """The steps of ``config``'s run, in run order (tiny-model only for model 'tiny')."""
-    return [s for s in STEPS if s.when == "always" or config.model == TINY]
+    """The steps of ``config``'s run, in run order (tiny-model only for model 'tiny',
+    warm-cache only when :func:`warms_cache`)."""
+    runs = {"always": True, "tiny_model": config.model == TINY,
+            "model_cache": warms_cache(config)}
+    return [s for s in STEPS if runs[s.when]]
 
 
 def _wired(section: StageConfig, **inputs: Any) -> StageConfig:
@@ -153,6 +178,8 @@ def dependencies(config: PipelineSettings) -> dict[str, list[str]]:
                 needs.add(ref.step)
             elif isinstance(ref, BaseModelRef) and config.model == TINY:
                 needs.add(ref.builder)
+            elif isinstance(ref, BaseModelRef) and ref.warmer in order:
+                needs.add(ref.warmer)  # the model is read from the cache it fills
         found[step.folder] = sorted(needs, key=order.index)
     return found
 

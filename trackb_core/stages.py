@@ -73,6 +73,8 @@ COMMANDS: tuple[Command, ...] = (
             positional=("baseline", "post")),
     Command("tiny-model", "tinymodel", "TinyModelConfig",
             "corpus -> a tiny pretrained model for CPU runs"),
+    Command("warm-cache", "warmcache", "WarmCacheConfig",
+            "hub model -> the model cache (HF_HOME), for pods that load it offline"),
 )
 
 
@@ -104,9 +106,11 @@ class Setting:
 @dataclass(frozen=True)
 class BaseModelRef:
     """An input wired to the base model: the pipeline's ``model``, or the output of the
-    step that builds it (``builder``) when ``model`` is ``tiny``."""
+    step that builds it (``builder``) when ``model`` is ``tiny``. When the run has the
+    step that fills the model cache (``warmer``), the step waits for it."""
 
     builder: str = "tiny-model"
+    warmer: str = "warm-cache"
 
 
 BASE_MODEL = BaseModelRef()
@@ -151,7 +155,9 @@ class Step:
             its pod's egress is locked to DNS and the object store.
         asks_teacher: it calls the teacher, so a teacher server (vLLM) may run beside it.
         hub: it may download models from the hub (gets the hub token).
-        when: ``always``, or ``tiny_model``: only when the pipeline's model is ``tiny``.
+        when: ``always``; ``tiny_model``: only when the pipeline's model is ``tiny``;
+            ``model_cache``: only when the model is a hub id and the cluster's model
+            cache is a PVC (trackb_core.pipeline.warms_cache).
     """
 
     folder: str
@@ -166,7 +172,7 @@ class Step:
     runs_model_code: bool = False
     asks_teacher: bool = False
     hub: bool = False
-    when: Literal["always", "tiny_model"] = "always"
+    when: Literal["always", "tiny_model", "model_cache"] = "always"
 
     def __post_init__(self) -> None:
         # read-only views: a Step is shared by every run
@@ -214,6 +220,13 @@ STEPS: tuple[Step, ...] = (
          Sizing("tiny-model (CPU pretraining of the demo model).", "1", "2Gi", "4", "6Gi",
                 deadline=3600),
          hub=True, when="tiny_model"),
+    # Fills the cache PVC from the hub before train and predict load the model from it
+    # offline; it starts with the run (it reads no other step's output).
+    Step("warm-cache", "warm-cache", None, {"model": Setting("model")}, "warm_cache",
+         Sizing("warm-cache (downloads the base model into the cache PVC; the files go to "
+                "the PVC, not the pod's disk).", "250m", "1Gi", "2", "4Gi",
+                deadline=2 * 3600),
+         hub=True, when="model_cache"),
     Step("train", "train", "train",
          {"dataset": Output("build-dataset"), "model": BASE_MODEL}, "train",
          Sizing("train; gpus is the GPU count per node (> 1 runs torchrun).", "1", "4Gi",

@@ -10,6 +10,8 @@
 #   TRACKB_VLLM_GPU_MEMORY_UTILIZATION  share of GPU memory vLLM may take, 0 < x <= 1 (image: 0.90)
 #   TRACKB_VLLM_TENSOR_PARALLEL_SIZE    GPUs to shard over (image: 1)
 #   TRACKB_VLLM_MAX_LORA_RANK           when set, enable LoRA adapters up to this rank
+#   TRACKB_VLLM_ATTENTION_BACKEND       --attention-backend, e.g. TRITON_ATTN on T4s (compute
+#                                       7.5; FlashAttention needs 8.0); unset: vLLM chooses
 #   TRACKB_VLLM_HOST / _LISTEN_PORT     bind address and port (image: 0.0.0.0, 8000)
 #   HF_TOKEN, VLLM_API_KEY              read by huggingface_hub and vLLM themselves; never put on
 #                                       the command line, where `ps` would show them
@@ -71,6 +73,11 @@ if [[ -n "${TRACKB_VLLM_MAX_LORA_RANK:-}" ]]; then
     is_posint "$TRACKB_VLLM_MAX_LORA_RANK" \
         || die "TRACKB_VLLM_MAX_LORA_RANK=$TRACKB_VLLM_MAX_LORA_RANK: expected a positive integer"
     args+=(--enable-lora --max-lora-rank "$TRACKB_VLLM_MAX_LORA_RANK")
+fi
+if [[ -n "${TRACKB_VLLM_ATTENTION_BACKEND:-}" ]]; then
+    [[ "$TRACKB_VLLM_ATTENTION_BACKEND" =~ ^[A-Z0-9_]+$ ]] \
+        || die "TRACKB_VLLM_ATTENTION_BACKEND=$TRACKB_VLLM_ATTENTION_BACKEND: expected a backend name such as TRITON_ATTN"
+    args+=(--attention-backend "$TRACKB_VLLM_ATTENTION_BACKEND")
 fi
 
 # TRACKB_VLLM_DRY_RUN=1 prints the command instead of running it (used by the tests).

@@ -92,7 +92,8 @@ def test_every_object_is_labelled_namespaced_and_named_within_63_chars(values):
     for obj in render(values):
         meta = obj["metadata"]
         assert len(meta["name"]) <= 63, meta["name"]
-        assert meta["namespace"] == NAMESPACE
+        if obj["kind"] != "PriorityClass":  # cluster-scoped
+            assert meta["namespace"] == NAMESPACE
         labels = meta["labels"]
         assert labels["app.kubernetes.io/instance"] == "demo"
         assert labels["app.kubernetes.io/managed-by"] == "Helm"

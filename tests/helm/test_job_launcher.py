@@ -91,7 +91,7 @@ def test_s3_credentials_only_through_secret_key_refs():
 
 
 def test_without_a_secret_no_credentials_are_injected():
-    job = launcher("gpu-values")
+    job = launcher("eks-values")  # S3 through the pod's IAM role
     names = {e["name"] for e in pod_spec(job)["containers"][0]["env"]}
     assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert "secretKeyRef" not in json.dumps(job)
@@ -165,15 +165,25 @@ def test_a_failed_stage_is_not_retried_by_the_launcher_job():
 
 def test_cpu_node_placement_and_pull_secrets_come_from_the_shared_settings():
     spec = pod_spec(launcher("gpu-values"))
-    assert spec["nodeSelector"] == {"cloud.google.com/gke-nodepool": "cpu-pool"}
-    assert spec["priorityClassName"] == "batch-low"
+    assert spec["nodeSelector"] == {"pool": "cpu"}
+    assert spec["priorityClassName"] == "trackb-batch"
     assert spec["imagePullSecrets"] == [{"name": "registry-creds"}]
     assert "tolerations" not in spec  # the GPU tolerations are for GPU pods only
     assert spec["containers"][0]["image"] == (
-        "europe-docker.pkg.dev/my-project/trackb/trackb-cpu:0.1.0")
+        "registry.example.com/ml/trackb/trackb-cpu:0.1.0")
 
 
 def test_values_yaml_names_no_credentials():
     text = (CHART / "values.yaml").read_text(encoding="utf-8").lower()
     for word in ("password:", "secret_access_key:", "aws_secret_access_key:", "token:"):
         assert word not in text
+
+
+def test_the_launcher_knows_its_own_job_as_the_job_builder_tells_it():
+    # Its Job owns the vLLM server it creates: the server goes with the launcher Job.
+    from trackb_core.k8s.jobspec import LAUNCHER_JOB_ENV
+
+    env = {e["name"]: e for e in pod_spec(launcher())["containers"][0]["env"]}
+    for name, label in LAUNCHER_JOB_ENV.items():
+        assert env[name]["valueFrom"] == {"fieldRef": {
+            "fieldPath": f"metadata.labels['{label}']"}}

@@ -56,7 +56,7 @@ def test_secrets_are_readable_only_by_the_names_the_builder_checks(values, sets)
 
 def test_no_secret_names_grant_no_secret_at_all():
     # An empty resourceNames would grant every Secret of the namespace.
-    objects = render_ci("gpu-values", sets=("kubernetes.images.pull_secrets=null",))
+    objects = render_ci("eks-values", sets=("kubernetes.images.pull_secrets=null",))
     assert secret_names(settings(objects)) == []
     role = one(objects, "Role", "launcher")
     assert not any("secrets" in r["resources"] for r in role["rules"])

@@ -13,9 +13,9 @@ def test_service_account_is_named_by_the_shared_settings_and_mounts_no_token():
     assert account["automountServiceAccountToken"] is False
 
 
-def test_annotations_for_workload_identity_pass_through():
-    account = one(render_ci("gpu-values"), "ServiceAccount", "launcher")
-    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
+def test_annotations_for_a_cloud_identity_pass_through():
+    account = one(render_ci("eks-values"), "ServiceAccount", "launcher")
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
 
 
 def test_an_existing_service_account_is_used_not_created():

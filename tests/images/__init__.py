@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
 IMAGE_NAMES = sorted(p.parent.name for p in IMAGES.glob("*/Dockerfile"))
 WORKFLOW = ROOT / ".github" / "workflows" / "images.yml"
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 
 
 def tool(name: str, package: str) -> str:

@@ -340,6 +340,7 @@ def test_entrypoint_maps_env_to_vllm_serve_flags():
         "TRACKB_VLLM_GPU_MEMORY_UTILIZATION": "0.85",
         "TRACKB_VLLM_TENSOR_PARALLEL_SIZE": "4",
         "TRACKB_VLLM_MAX_LORA_RANK": "32",
+        "TRACKB_VLLM_ATTENTION_BACKEND": "TRITON_ATTN",
     }, "--seed", "7")
     assert result.returncode == 0, result.stderr
     argv = shlex.split(result.stdout)
@@ -350,6 +351,7 @@ def test_entrypoint_maps_env_to_vllm_serve_flags():
     assert flags["--gpu-memory-utilization"] == "0.85"
     assert flags["--tensor-parallel-size"] == "4"
     assert flags["--served-model-name"] == "teacher"
+    assert argv[argv.index("--attention-backend") + 1] == "TRITON_ATTN"
     assert flags["--port"] == "8000" and flags["--host"] == "0.0.0.0"
     assert "--enable-lora" in argv and argv[argv.index("--max-lora-rank") + 1] == "32"
     assert argv[-2:] == ["--seed", "7"]  # container args pass through, last
@@ -359,7 +361,8 @@ def test_entrypoint_leaves_optional_flags_out():
     result = serve_command({"TRACKB_VLLM_MODEL": "m"})
     assert result.returncode == 0, result.stderr
     argv = shlex.split(result.stdout)
-    for flag in ("--max-model-len", "--served-model-name", "--enable-lora", "--revision"):
+    for flag in ("--max-model-len", "--served-model-name", "--enable-lora", "--revision",
+                 "--attention-backend"):
         assert flag not in argv
 
 
@@ -368,6 +371,7 @@ def test_entrypoint_leaves_optional_flags_out():
     ({"TRACKB_VLLM_DTYPE": "bf16"}, "TRACKB_VLLM_DTYPE"),
     ({"TRACKB_VLLM_GPU_MEMORY_UTILIZATION": "1.5"}, "TRACKB_VLLM_GPU_MEMORY_UTILIZATION"),
     ({"TRACKB_VLLM_GPU_MEMORY_UTILIZATION": "0"}, "TRACKB_VLLM_GPU_MEMORY_UTILIZATION"),
+    ({"TRACKB_VLLM_ATTENTION_BACKEND": "flash; rm"}, "TRACKB_VLLM_ATTENTION_BACKEND"),
     ({"TRACKB_VLLM_TENSOR_PARALLEL_SIZE": "two"}, "TRACKB_VLLM_TENSOR_PARALLEL_SIZE"),
     ({"TRACKB_VLLM_MAX_MODEL_LEN": "-1"}, "TRACKB_VLLM_MAX_MODEL_LEN"),
     ({"TRACKB_VLLM_LISTEN_PORT": "70000"}, "TRACKB_VLLM_LISTEN_PORT"),

@@ -108,6 +108,11 @@ PREFLIGHT_RESOURCES = (("", "v1", "secrets"), ("", "v1", "persistentvolumeclaims
                        ("", "v1", "nodes"), ("scheduling.k8s.io", "v1", "priorityclasses"),
                        ("node.k8s.io", "v1", "runtimeclasses"))
 REVIEW_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+# Custom resources of Kueue and JobSet, served as if their CRDs were installed (the fakes
+# that play their controllers are in tests/k8s/test_kueue.py).
+CRD_RESOURCES = (("kueue.x-k8s.io", "v1beta1", "workloads"),
+                 ("kueue.x-k8s.io", "v1beta1", "localqueues"),
+                 ("jobset.x-k8s.io", "v1alpha2", "jobsets"))
 
 
 class Emulator:
@@ -128,10 +133,19 @@ class Emulator:
     def _serve(self) -> None:
         import kmock
 
+        class WithUids(kmock.KubernetesEmulator):
+            async def _handle(self, request: Any) -> Any:
+                # A real API server gives every object a uid at creation (ownerReferences
+                # name it); kmock does not, so this does, before the object is stored.
+                if (request.action == kmock.action.CREATE and isinstance(request.data, dict)
+                        and isinstance(request.data.get("metadata"), dict)):
+                    request.data["metadata"].setdefault("uid", str(uuid.uuid4()))
+                return await super()._handle(request)
+
         async def main() -> None:
-            async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as srv:
+            async with WithUids() as emulator, kmock.Server(emulator) as srv:
                 # Lists of a kind nobody created yet must be empty, not 404: declare kinds.
-                for group, version, plural in RESOURCES + PREFLIGHT_RESOURCES:
+                for group, version, plural in RESOURCES + PREFLIGHT_RESOURCES + CRD_RESOURCES:
                     emulator.resources[kmock.resource(group, version, plural)] = {}
                 # Pod logs are a subresource the emulator does not store: serve them here.
                 emulator["get", LOG_PATH] << self._serve_log
@@ -282,10 +296,12 @@ class FakeJobController(BackgroundLoop):
         jobs, _ = self.kube.list_jobs(self.namespace, {"trackb/run-id": self.run_id})
         self._collect_garbage({j["metadata"]["name"] for j in jobs})
         for job in jobs:
+            if job.get("spec", {}).get("suspend"):
+                continue  # queued in Kueue: no pod until it is admitted (unsuspended)
             if "startTime" not in job.get("status", {}):
                 if not job["metadata"].get("uid"):
-                    # A real API server gives every object a uid at creation; the
-                    # emulator does not, so the controller does, before anyone looks.
+                    # A real API server gives every object a uid at creation, as the
+                    # emulator does for creates; a Job stored by Emulator.put gets one here.
                     self.batch.patch_namespaced_job(
                         job["metadata"]["name"], self.namespace,
                         {"metadata": {"uid": str(uuid.uuid4())}}, _preload_content=False)

@@ -108,9 +108,10 @@ def test_permanent_exit_codes_default_to_trackbs():
         KubernetesConfig.model_validate({"job": {"permanent_exit_codes": [0]}})
 
 
-def test_t4_defaults():
+def test_t4_defaults_assume_no_platform_labels():
     k8s = KubernetesConfig()
-    assert k8s.scheduling.node_selector == {"nvidia.com/gpu.product": "Tesla-T4"}
+    # nvidia.com/gpu.product exists only with GPU feature discovery: no default selector.
+    assert k8s.scheduling.node_selector == {} and k8s.scheduling.gpu_types == []
     assert k8s.scheduling.tolerations == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert k8s.vllm.dtype == "half" and k8s.vllm.serve == "sidecar"
@@ -156,7 +157,8 @@ def test_builder_imports_nothing_from_kubernetes():
 
 # -- stages and their arguments --------------------------------------------------------------
 def test_stage_lists_follow_the_model():
-    assert stage_names(config(DEMO)) == [row.folder for row in STEPS]
+    assert stage_names(config(DEMO)) == [row.folder for row in STEPS
+                                         if row.when != "model_cache"]
     assert "tiny-model" not in stage_names(config(GPU))
     with pytest.raises(ConfigError, match="unknown stage"):
         build_stage("tiny-model", config(GPU), RUN)
@@ -361,7 +363,7 @@ def test_train_and_eval_are_scheduled_on_t4s_from_config(stage):
     assert "/dev/shm" in mounts
 
 
-@pytest.mark.parametrize("stage", [row.folder for row in STEPS])
+@pytest.mark.parametrize("stage", [row.folder for row in STEPS if row.when != "model_cache"])
 def test_job_policy(stage):
     cfg = config(DEMO, "kubernetes.job.backoff_limit=3",
                  "kubernetes.job.ttl_seconds_after_finished=600",
@@ -619,6 +621,29 @@ def test_launcher_runs_run_all_on_the_k8s_backend():
     assert "trackb-s3" in str(env(main)["AWS_ACCESS_KEY_ID"])
 
 
+def test_the_launcher_pod_knows_its_own_job_from_the_job_controllers_pod_labels():
+    # The launcher's Job owns the vLLM server it creates (launcher._server_owner).
+    variables = env(main_container(build_launcher_job(config(DEMO), "demo")))
+    assert variables["TRACKB_LAUNCHER_JOB"] == {"fieldRef": {
+        "fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}
+    assert variables["TRACKB_LAUNCHER_JOB_UID"] == {"fieldRef": {
+        "fieldPath": "metadata.labels['batch.kubernetes.io/controller-uid']"}}
+
+
+def test_an_owner_reference_never_blocks_the_owners_deletion():
+    from trackb_core.k8s.jobspec import owner_reference
+
+    assert owner_reference("batch/v1", "Job", "j", "u-1") == {
+        "apiVersion": "batch/v1", "kind": "Job", "name": "j", "uid": "u-1",
+        "controller": True, "blockOwnerDeletion": False}
+
+
+def test_rendered_objects_carry_no_owner_references():
+    # Uids exist only on a cluster: the launcher adds ownerReferences as it creates.
+    for objects in build_all(config(GPU), RUN).values():
+        assert all("ownerReferences" not in o["metadata"] for o in objects)
+
+
 def test_checkov_suppressions_appear_only_where_they_apply():
     annotations = job(build_stage("extract", config(DEMO), RUN))["metadata"]["annotations"]
     reasons = dict(v.split("=", 1) for v in annotations.values())
@@ -653,9 +678,13 @@ def test_rbac_is_least_privilege():
     for rule in role["rules"]:
         assert "*" not in str(rule)
         assert not {"deletecollection", "escalate", "bind"} & set(rule["verbs"])
-        # Changing objects in place is granted only on the run's own Lease (renewals).
+        # Changing objects in place: the run's own Lease (renewals), and the ownerReferences
+        # of what the launcher created (a stage's objects owned by its Job, the vLLM
+        # server by its launcher). Never a Job, a pod or a Secret; never a full update.
         if {"update", "patch"} & set(rule["verbs"]):
-            assert rule["resources"] == ["leases"] and "update" not in rule["verbs"], rule
+            assert rule["resources"][0] in ("leases", "configmaps", "services",
+                                            "networkpolicies", "deployments"), rule
+            assert "update" not in rule["verbs"], rule
     created = {o["kind"] for o in every_object(config(GPU, "kubernetes.distributed.nodes=2",
                                                       "kubernetes.resources.train.gpus=2"))}
     created |= {o["kind"] for o in build_vllm_service(config(GPU), RUN)}
@@ -699,3 +728,31 @@ def test_a_model_is_found_only_in_the_store_the_hub_or_on_the_cache_pvc(model, p
     with pytest.raises(ConfigError, match="train pods do not see this machine's files, so "
                                           "the model must be in the store or on a cache PVC"):
         build_stage("train", cfg, RUN)
+
+
+# -- warm-cache: a hub model downloaded once into the cache PVC ----------------------------
+def warmed() -> PipelineConfig:
+    return config(GPU, "model=Qwen/Qwen2.5-Coder-1.5B", "kubernetes.cache.pvc=model-cache")
+
+
+def test_warm_cache_downloads_the_hub_model_onto_the_cache_pvc_with_the_hub_token():
+    objects = build_stage("warm-cache", warmed(), RUN)
+    main = main_container(objects)
+    assert main["command"] == ["python", "-m", "jobs.warm_cache"]
+    stage_config = yaml.safe_load(kind(objects, "ConfigMap")[0]["data"]["config.yaml"])
+    assert stage_config["model"] == "Qwen/Qwen2.5-Coder-1.5B"
+    variables = env(main)
+    assert variables["HF_HOME"] == "/cache/huggingface"
+    assert "HF_TOKEN" in variables and "HF_HUB_OFFLINE" not in variables
+    assert "nvidia.com/gpu" not in str(main["resources"])  # the cpu image, no GPU
+    volumes = {v["name"]: v for v in pod(objects)["volumes"]}
+    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "model-cache"
+    policy = kind(objects, "NetworkPolicy")
+    assert policy and policy[0]["spec"]["egress"] == [{}]  # it reaches the hub
+
+
+@pytest.mark.parametrize("stage", ["train", "predict-baseline", "predict-post"])
+def test_steps_loading_a_warmed_model_read_it_offline_from_the_cache(stage):
+    assert env(main_container(build_stage(stage, warmed(), RUN)))["HF_HUB_OFFLINE"] == "1"
+    unwarmed = config(GPU, "model=Qwen/Qwen2.5-Coder-1.5B")
+    assert "HF_HUB_OFFLINE" not in env(main_container(build_stage(stage, unwarmed, RUN)))

@@ -17,8 +17,7 @@ from k8s_launch import HANG_GUARD, launch_within, wait_until, write_kubeconfig
 
 from trackb_core.config import build_config
 from trackb_core.k8s.launcher import LauncherConfig, StageFailed, delete, logs, status
-from trackb_core.pipeline import PipelineConfig
-from trackb_core.stages import STEPS
+from trackb_core.pipeline import PipelineConfig, steps_for
 from trackb_core.store import open_store
 
 pytest.importorskip("kmock", reason="kmock (the Kubernetes API emulator) is not installed")
@@ -71,7 +70,7 @@ def test_happy_path_runs_every_stage_in_order_and_a_rerun_is_all_cached(
         store = run_store(bucket, "happy")
         assert report == store.child("compare").child("report.md").uri
         assert store.child("compare").get_text("report.md") == "fake compare result\n"
-        assert sorted(ctl.started) == sorted(row.folder for row in STEPS)
+        assert sorted(ctl.started) == sorted(row.folder for row in steps_for(config))
         order_ok(ctl.started)
         # Real stage outputs passed through the store, and every stage's logs and
         # termination state were copied next to its outputs.
@@ -89,7 +88,7 @@ def test_happy_path_runs_every_stage_in_order_and_a_rerun_is_all_cached(
         report2, _ = launch(config, "happy", emulator.client())
         assert report2 == report
         assert ctl.started == before
-        assert capsys.readouterr().err.count("cached:") == len(STEPS)
+        assert capsys.readouterr().err.count("cached:") == len(steps_for(config))
 
         # Everything the launcher called over HTTP is granted by RBAC_RULES (the Role).
         from trackb_core.k8s.client import OUTSIDE_ROLE, RBAC_RULES

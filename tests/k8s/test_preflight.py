@@ -100,7 +100,7 @@ def test_preflight_refuses_before_creating_anything_a_missing_secret_pvc_priorit
         f"Secret trackb-s3 (kubernetes.s3.credentials_secret) does not exist in namespace "
         f"{NAMESPACE}",
         f"PersistentVolumeClaim model-cache (kubernetes.cache.pvc) does not exist in "
-        f"namespace {NAMESPACE}",
+        f"namespace {NAMESPACE} (the chart creates it with cacheVolume.create)",
         "PriorityClass batch-low (kubernetes.scheduling.priority_class_name) does not exist "
         "in the cluster"]
     warning = capsys.readouterr().err
@@ -278,3 +278,37 @@ def test_the_cli_exits_64_with_one_line_per_problem_and_0_otherwise(emulator, tm
     assert refused.stderr.strip() == \
         "trackb: error: preflight found 2 error(s); fix them before run-all"
     created_nothing(emulator)
+
+
+# -- the model cache: a hub model is downloaded once by warm-cache into the cache PVC ------
+HUB = "model=Qwen/Qwen2.5-Coder-1.5B"
+
+
+def test_a_hub_model_with_a_cache_pvc_passes_since_warm_cache_fills_it(emulator):
+    warmed = config(HUB, "kubernetes.cache.pvc=model-cache")
+    emulator.provide(warmed)  # a ReadWriteMany PVC, empty: nothing holds the model yet
+    assert preflight(warmed, RUN, emulator.client()) == []
+    assert "warm-cache" in jobspec.stage_names(warmed)
+
+
+def test_a_hub_model_without_a_cache_pvc_warns_that_each_pod_downloads_it(emulator):
+    hub = config(HUB)
+    emulator.provide(hub)
+    assert levels(preflight(hub, RUN, emulator.client()), "warning") == [
+        "train, predict-baseline, predict-post each download Qwen/Qwen2.5-Coder-1.5B into a "
+        "cache that ends with the pod: set kubernetes.cache.pvc (ReadWriteMany; the chart's "
+        "cacheVolume creates one) and the run's warm-cache step downloads it once"]
+
+
+def test_a_read_only_cache_pvc_is_refused_when_warm_cache_must_write_the_model(emulator):
+    warmed = config(HUB, "kubernetes.cache.pvc=model-cache")
+    emulator.provide(warmed)
+    emulator.put("", "persistentvolumeclaims", {
+        "metadata": {"name": "model-cache", "namespace": NAMESPACE},
+        "spec": {"accessModes": ["ReadOnlyMany"]}})
+    assert levels(preflight(warmed, RUN, emulator.client()), "error") == [
+        "PersistentVolumeClaim model-cache is ReadOnlyMany, but the warm-cache step writes "
+        "Qwen/Qwen2.5-Coder-1.5B into it; use a ReadWriteMany volume"]
+    # A model already in the store needs no write: the same claim is fine.
+    assert levels(preflight(config("kubernetes.cache.pvc=model-cache"), RUN,
+                            emulator.client()), "error") == []

@@ -30,15 +30,23 @@ RBAC_RULES: dict[tuple[str, str], frozenset[str]] = {
     ("", "pods"): frozenset({"list"}),
     ("", "pods/log"): frozenset({"get"}),
     ("", "events"): frozenset({"list"}),
-    ("", "services"): frozenset({"create", "get", "delete"}),
-    ("apps", "deployments"): frozenset({"create", "get", "delete"}),
-    ("networking.k8s.io", "networkpolicies"): frozenset({"create", "get", "delete"}),
-    ("", "configmaps"): frozenset({"create", "get", "delete"}),
+    # patch: ownerReferences. A stage's ConfigMap, Service and NetworkPolicy are created
+    # before its Job and then owned by it; the vLLM server is owned by its launcher.
+    ("", "services"): frozenset({"create", "get", "patch", "delete"}),
+    ("apps", "deployments"): frozenset({"create", "get", "patch", "delete"}),
+    ("networking.k8s.io", "networkpolicies"): frozenset({"create", "get", "patch", "delete"}),
+    ("", "configmaps"): frozenset({"create", "get", "patch", "delete"}),
     # One Lease per run id: a second launcher of the run waits instead of fighting.
     ("coordination.k8s.io", "leases"): frozenset({"create", "get", "patch", "delete"}),
     # Preflight (trackb_core/k8s/preflight.py): the objects a run's pods need exist.
     ("", "persistentvolumeclaims"): frozenset({"get"}),
     ("", "secrets"): frozenset({"get"}),
+    # A multi-node training as a JobSet (kubernetes.distributed.gang 'jobset').
+    ("jobset.x-k8s.io", "jobsets"): frozenset({"create", "get", "delete"}),
+    # Kueue: why a queued Job stays suspended (its Workload), and preflight's check that
+    # the LocalQueue exists.
+    ("kueue.x-k8s.io", "workloads"): frozenset({"list"}),
+    ("kueue.x-k8s.io", "localqueues"): frozenset({"get"}),
 }
 # Only the configured Secrets (jobspec.secret_names), so that the Role never reads others.
 NAMED_ONLY: frozenset[tuple[str, str]] = frozenset({("", "secrets")})
@@ -64,6 +72,14 @@ _KINDS = {
     "Deployment": ("AppsV1Api", "deployment"),
     "NetworkPolicy": ("NetworkingV1Api", "network_policy"),
     "Lease": ("CoordinationV1Api", "lease"),
+}
+
+
+# Custom resources: kind -> (API group, version, plural), served by CustomObjectsApi.
+_CUSTOM = {
+    "JobSet": ("jobset.x-k8s.io", "v1alpha2", "jobsets"),
+    "LocalQueue": ("kueue.x-k8s.io", "v1beta1", "localqueues"),
+    "Workload": ("kueue.x-k8s.io", "v1beta1", "workloads"),
 }
 
 
@@ -172,13 +188,27 @@ class KubeClient:
 
     # -- generic objects --------------------------------------------------------------
     def _method(self, verb: str, kind: str):
+        if kind in _CUSTOM:
+            return self._custom_method(verb, kind)
         if kind not in _KINDS:
             raise ValueError(f"the launcher does not manage {kind} objects")
         api, suffix = _KINDS[kind]
         return getattr(self._apis[api], f"{verb}_namespaced_{suffix}")
 
+    def _custom_method(self, verb: str, kind: str):
+        """A custom resource's ``verb`` with the typed APIs' argument order: ``(namespace,
+        body)`` to create, ``(name, namespace, ...)`` otherwise."""
+        group, version, plural = _CUSTOM[kind]
+        api = self._api("CustomObjectsApi")
+        if verb == "create":
+            return lambda namespace, body, **kw: api.create_namespaced_custom_object(
+                group, version, namespace, plural, body, **kw)
+        method = getattr(api, {"read": "get"}.get(verb, verb) + "_namespaced_custom_object")
+        return lambda name, namespace, *args, **kw: method(group, version, namespace, plural,
+                                                            name, *args, **kw)
+
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Create ``obj`` (Job, ConfigMap, Service, Deployment, NetworkPolicy)."""
+        """Create ``obj`` (Job, JobSet, ConfigMap, Service, Deployment, NetworkPolicy)."""
         namespace = obj["metadata"]["namespace"]
         return self._call(self._method("create", obj["kind"]), namespace, obj)
 
@@ -193,9 +223,14 @@ class KubeClient:
 
     def patch(self, kind: str, namespace: str, name: str,
               body: dict[str, Any]) -> dict[str, Any]:
-        """Merge ``body`` into the object; a ``metadata.resourceVersion`` in it is a
-        precondition (409 Conflict when the object changed since)."""
-        return self._call(self._method("patch", kind), name, namespace, body)
+        """Merge ``body`` into the object (a JSON merge patch: a list in ``body``
+        replaces the object's list whole, None removes a field); a
+        ``metadata.resourceVersion`` in it is a precondition (409 Conflict when the object
+        changed since)."""
+        # Said explicitly: the SDK would otherwise send a dict as a JSON Patch, which an
+        # API server refuses (a JSON Patch is a list of operations).
+        return self._call(self._method("patch", kind), name, namespace, body,
+                          _content_type="application/merge-patch+json")
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete with propagationPolicy Background (a Job's pods go too). False if absent."""
@@ -325,6 +360,24 @@ class KubeClient:
             raise
         return response.data.decode("utf-8", "replace")
 
+    def list_workloads(self, namespace: str, owner_kind: str, owner: str,
+                       owner_uid: str | None = None) -> list[dict[str, Any]] | None:
+        """Kueue's Workloads owned by the ``owner_kind`` ``owner`` (its uid, when given,
+        tells it from an earlier object of the same name); None when the API server does
+        not serve Workloads (Kueue is not installed)."""
+        group, version, plural = _CUSTOM["Workload"]
+        try:
+            data = self._call(self._api("CustomObjectsApi").list_namespaced_custom_object,
+                              group, version, namespace, plural)
+        except self.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return [w for w in data.get("items", [])
+                if any(ref.get("kind") == owner_kind and ref.get("name") == owner
+                       and (not owner_uid or not ref.get("uid") or ref["uid"] == owner_uid)
+                       for ref in (w.get("metadata") or {}).get("ownerReferences") or [])]
+
     # -- preflight: reads that check a run can start, creating nothing -----------------
     # kind -> (SDK API class, read method, namespaced)
     _READS = {
@@ -335,15 +388,20 @@ class KubeClient:
     }
 
     def read(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
-        """A Secret or PersistentVolumeClaim in ``namespace``, or a cluster-scoped
-        PriorityClass or RuntimeClass; None if it does not exist.
+        """A Secret, PersistentVolumeClaim or Kueue LocalQueue in ``namespace``, or a
+        cluster-scoped PriorityClass or RuntimeClass; None if it does not exist (for a
+        LocalQueue also when Kueue is not installed: both answer 404).
 
         Raises Forbidden on 403 (this identity may not read it).
         """
-        api, method, namespaced = self._READS[kind]
-        args = (name, namespace) if namespaced else (name,)
+        if kind in _CUSTOM:
+            call, args = self._custom_method("read", kind), (name, namespace)
+        else:
+            api, method, namespaced = self._READS[kind]
+            call = getattr(self._api(api), method)
+            args = (name, namespace) if namespaced else (name,)
         try:
-            return self._call(getattr(self._api(api), method), *args)
+            return self._call(call, *args)
         except self.ApiException as exc:
             if exc.status == 404:
                 return None

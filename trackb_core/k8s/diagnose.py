@@ -8,6 +8,9 @@ themselves: the stage would wait for its activeDeadlineSeconds, hours. The launc
 these functions ask for (:func:`wants_events`, :func:`crashed`) and times each state on
 its own clock; this module only reads what it is given, so every rule is a test on dicts.
 
+A Job that Kueue keeps suspended has no pod either: its Workload's conditions say why
+(:func:`queued_job`).
+
 Each stuck state is a :class:`Finding`: what is stuck, a one-line cause that starts with
 the state's name (and says the fix where one is known), and how long it may last: a
 budget in seconds from :class:`~trackb_core.k8s.settings.LauncherConfig`, :data:`NOW`
@@ -288,6 +291,54 @@ def job_without_pods(job: str, uid: str | None, events: list[dict[str, Any]],
     # Anything else may pass (a webhook that cannot be reached, an API server timeout).
     return [Finding(where, "FailedCreate", f"FailedCreate: {text}",
                     budgets.pod_creation_seconds)]
+
+
+# -- Jobs Kueue holds suspended ---------------------------------------------------------------
+# Kueue's word for a queue that is not there: the LocalQueue the Job names, or the
+# ClusterQueue behind it ("LocalQueue trackb doesn't exist"). Nothing here will make one.
+MISSING_QUEUE = ("doesn't exist", "does not exist", "not found")
+
+
+def queued_job(where: str, workloads: list[dict[str, Any]] | None,
+               budgets: LauncherConfig) -> list[Finding]:
+    """Why a Job (or JobSet) ``where`` that Kueue holds suspended has not started, from
+    the Workloads Kueue made for it (None: the cluster serves no Workloads at all).
+
+    A Workload waiting for quota (QuotaReserved False: "couldn't assign flavors to pod
+    set main: insufficient unused quota ...") may wait ``admission_seconds``: other
+    workloads ending free the quota. A queue that does not exist, or no Kueue at all,
+    fails at once: the Job would stay suspended for ever.
+    """
+    if workloads is None:
+        return [Finding(where, "Kueue", "suspended for Kueue (kubernetes.kueue.enabled), but "
+                        "this cluster serves no Kueue Workloads: install Kueue or set "
+                        "kubernetes.kueue.enabled to false", NOW)]
+    if not workloads:
+        return [Finding(where, "no Workload", "suspended for Kueue, which made no Workload "
+                        "for it yet (is Kueue running, and managing this namespace's Jobs?)",
+                        budgets.admission_seconds)]
+    workload = _latest_created(workloads)
+    name = f"Workload {workload['metadata']['name']}"
+    conditions = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions")
+                  or []}
+    if (conditions.get("Admitted") or {}).get("status") == "True":
+        return []  # Kueue unsuspends the Job next
+    pending = next((conditions[t] for t in ("QuotaReserved", "Admitted")
+                    if (conditions.get(t) or {}).get("status") == "False"), None)
+    if pending is None:
+        return [Finding(name, "queued", "queued in Kueue, not yet considered for admission",
+                        budgets.admission_seconds)]
+    text = one_line(pending.get("message") or "")
+    reason = pending.get("reason") or "Pending"
+    if reason == "Inadmissible" and any(m in text.lower() for m in MISSING_QUEUE):
+        return [Finding(name, "Inadmissible", f"Inadmissible: {text}; create the queue or "
+                        "set kubernetes.kueue.queue_name to an existing LocalQueue", NOW)]
+    return [Finding(name, reason, f"not admitted by Kueue ({pending.get('type')} {reason}): "
+                    f"{text}", budgets.admission_seconds)]
+
+
+def _latest_created(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(objects, key=lambda o: (o.get("metadata") or {}).get("creationTimestamp") or "")
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -12,22 +12,36 @@ What differs between stages comes from their row of the step table
 Every stage gets a NetworkPolicy that refuses ingress; the stages that execute
 model-written code (``runs_model_code``: build-dataset runs teacher tests, eval runs
 model answers) may reach only DNS and the object store (the corpus comes from extract's
-snapshot there). Multi-node training adds a headless Service. The one change to
+snapshot there). Multi-node training adds a headless Service, or is a JobSet
+(``distributed.gang``). On a shared cluster each stage's Job and pods carry what its
+policies ask (``pod_metadata``), and with Kueue the Job starts suspended in its queue
+(``kueue``). The one change to
 plan()'s configs: with a vLLM server that the builder creates, the teacher client's
 ``base_url`` points at that server.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import ipaddress
 import math
+import re
 from typing import Any
 
 from trackb_core import __version__
 from trackb_core.config import StageConfig
 from trackb_core.errors import EXIT_STAGE_FAILED, ConfigError
 from trackb_core.k8s.settings import KubernetesConfig, Resources
-from trackb_core.pipeline import RUN_ID, TINY, PipelineConfig, plan, steps_for
+from trackb_core.pipeline import (
+    RUN_ID,
+    TINY,
+    PipelineConfig,
+    model_is_path,
+    plan,
+    steps_for,
+    warms_cache,
+)
 from trackb_core.sandbox import RUNTIME_ENV as SANDBOX_RUNTIME_ENV
 from trackb_core.stages import STEPS, Step, step
 from trackb_core.store import open_store
@@ -40,6 +54,22 @@ CONFIG_DIR = "/etc/trackb"
 CONFIG_FILE = "config.yaml"
 CACHE_DIR = "/cache"
 NAME_MAX = 52  # Job names: pods append "-<index>-<5 chars>"; hostnames stay under 63.
+# The launcher pod's own Job (name, uid), from the labels the Job controller puts on its
+# pods (downward API): the owner of the vLLM server the launcher creates.
+LAUNCHER_JOB_ENV = {"TRACKB_LAUNCHER_JOB": "batch.kubernetes.io/job-name",
+                    "TRACKB_LAUNCHER_JOB_UID": "batch.kubernetes.io/controller-uid"}
+# Kueue: the LocalQueue a Job is submitted to, and the WorkloadPriorityClass it is queued by.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+# Pods a cluster autoscaler (scale-down) or Karpenter (consolidation) must leave alone.
+NO_DISRUPTION = {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+                 "karpenter.sh/do-not-disrupt": "true"}
+JOBSET_API = "jobset.x-k8s.io/v1alpha2"
+# The one replicated Job of a multi-node training's JobSet; its pods are named
+# <jobset>-node-<job index>-<pod index>, so a 52-character JobSet name keeps them under 63.
+JOBSET_REPLICA = "node"
+# Kinds whose object runs a stage (the launcher creates, watches and deletes it).
+RUNNER_KINDS = ("Job", "JobSet")
 
 # Waits in the generate pod until the teacher lists its models; exit 75 (EX_TEMPFAIL)
 # is retryable, so the Job's backoffLimit decides what happens next.
@@ -86,6 +116,37 @@ def labels(run_id: str, stage: str) -> dict[str, str]:
         "trackb/run-id": run_id,
         "trackb/stage": stage,
     }
+
+
+def step_metadata(k8s: KubernetesConfig, stage: str
+                  ) -> tuple[dict[str, str], dict[str, str], list[dict[str, Any]]]:
+    """``(labels, annotations, tolerations)`` the cluster's own policies ask of ``stage``'s
+    Job and pods: ``pod_metadata.all``, then the step's own (winning on the same key);
+    the launcher's Job gets none. trackb's own labels win over both in the objects."""
+    if stage == LAUNCHER:
+        return {}, {}, []
+    meta = k8s.pod_metadata
+    own = meta.steps.get(stage)
+    parts = [meta.all, *([own] if own else [])]
+    found_labels = {k: v for part in parts for k, v in part.labels.items()}
+    annotations = {k: v for part in parts for k, v in part.annotations.items()}
+    tolerations = [dict(t) for part in parts for t in part.tolerations]
+    return found_labels, annotations, tolerations
+
+
+def pod_annotations(k8s: KubernetesConfig, stage: str) -> dict[str, str]:
+    """The annotations of ``stage``'s pods: :func:`step_metadata`'s and, for the steps in
+    ``pod_metadata.no_disruption``, :data:`NO_DISRUPTION`."""
+    annotations = dict(step_metadata(k8s, stage)[1])
+    if stage in k8s.pod_metadata.no_disruption:
+        annotations.update(NO_DISRUPTION)
+    return annotations
+
+
+def queued(k8s: KubernetesConfig, stage: str) -> bool:
+    """Whether ``stage``'s Job goes through Kueue (every stage's when enabled, never the
+    launcher's: it holds no GPU and must run to submit the stages)."""
+    return k8s.kueue.enabled and stage != LAUNCHER
 
 
 def selector(run_id: str, stage: str) -> dict[str, str]:
@@ -277,6 +338,18 @@ def _metadata(k8s: KubernetesConfig, name: str, run_id: str, stage: str) -> dict
     return {"name": name, "namespace": k8s.namespace, "labels": labels(run_id, stage)}
 
 
+def owner_reference(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
+    """An ownerReference to the object ``kind``/``name``: deleting it deletes the owned
+    object (the garbage collector). Uids exist only on a cluster, so the launcher adds
+    these when it creates objects; rendered manifests carry none.
+
+    ``blockOwnerDeletion`` is false: true would need update on the owner's finalizers
+    (OwnerReferencesPermissionEnforcement), a grant the launcher does not need.
+    """
+    return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": False}
+
+
 def _config_map(k8s: KubernetesConfig, name: str, run_id: str, stage: str, key: str,
                 text: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap",
@@ -311,12 +384,41 @@ def _resources_for(k8s: KubernetesConfig, row: Step) -> Resources:
     return getattr(k8s.resources, row.resources)
 
 
+def placement(k8s: KubernetesConfig, *, gpu: bool, teacher: bool = False) -> dict[str, Any]:
+    """nodeSelector, affinity and tolerations of a pod: a GPU pod's from
+    kubernetes.scheduling (the teacher's pool for the vLLM server's pod, when
+    ``teacher`` and scheduling.teacher.own_pool), a CPU pod's cpu_node_selector only."""
+    if not gpu:
+        selector_ = k8s.scheduling.cpu_node_selector
+        return {"nodeSelector": dict(selector_)} if selector_ else {}
+    pool = k8s.scheduling.for_pods(teacher=teacher)
+    spec: dict[str, Any] = {}
+    if pool.node_selector:
+        spec["nodeSelector"] = dict(pool.node_selector)
+    affinity = copy.deepcopy(pool.node_affinity)
+    if pool.gpu_types:
+        # Terms of a required nodeAffinity are ORed and their expressions ANDed: the GPU
+        # type must hold in every term.
+        expression = {"key": pool.gpu_type_label, "operator": "In",
+                      "values": list(pool.gpu_types)}
+        required = affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+        terms = required.get("nodeSelectorTerms") or [{}]
+        for term in terms:
+            term["matchExpressions"] = [*term.get("matchExpressions", []), expression]
+        required["nodeSelectorTerms"] = terms
+    if affinity:
+        spec["affinity"] = {"nodeAffinity": affinity}
+    if pool.tolerations:
+        spec["tolerations"] = [dict(t) for t in pool.tolerations]
+    return spec
+
+
 def _pod_spec(k8s: KubernetesConfig, *, containers: list[dict[str, Any]],
               volumes: list[dict[str, Any]], gpu: bool, restart: str = "Never",
               init_containers: list[dict[str, Any]] | None = None,
               service_account: str | None = None, mount_token: bool = False,
-              subdomain: str | None = None, runtime_class: str | None = None
-              ) -> dict[str, Any]:
+              subdomain: str | None = None, runtime_class: str | None = None,
+              teacher: bool = False) -> dict[str, Any]:
     spec: dict[str, Any] = {"restartPolicy": restart}
     if runtime_class:
         spec["runtimeClassName"] = runtime_class
@@ -329,11 +431,7 @@ def _pod_spec(k8s: KubernetesConfig, *, containers: list[dict[str, Any]],
     if subdomain:
         spec["subdomain"] = subdomain
     spec["securityContext"] = _pod_security(k8s)
-    selector_ = k8s.scheduling.node_selector if gpu else k8s.scheduling.cpu_node_selector
-    if selector_:
-        spec["nodeSelector"] = dict(selector_)
-    if gpu and k8s.scheduling.tolerations:
-        spec["tolerations"] = [dict(t) for t in k8s.scheduling.tolerations]
+    spec.update(placement(k8s, gpu=gpu, teacher=teacher))
     if k8s.scheduling.priority_class_name:
         spec["priorityClassName"] = k8s.scheduling.priority_class_name
     if k8s.images.pull_secrets:
@@ -347,7 +445,11 @@ def _pod_spec(k8s: KubernetesConfig, *, containers: list[dict[str, Any]],
 
 def _job(k8s: KubernetesConfig, name: str, run_id: str, stage: str, pod: dict[str, Any],
          deadline: int, *, indexed: int = 0) -> dict[str, Any]:
+    extra_labels, extra_annotations, _ = step_metadata(k8s, stage)
     spec: dict[str, Any] = {}
+    if queued(k8s, stage):
+        # Kueue unsuspends the Job when its Workload is admitted (quota reserved).
+        spec["suspend"] = True
     if indexed:
         spec.update({"completionMode": "Indexed", "completions": indexed,
                      "parallelism": indexed})
@@ -356,13 +458,99 @@ def _job(k8s: KubernetesConfig, name: str, run_id: str, stage: str, pod: dict[st
         "activeDeadlineSeconds": deadline,
         "ttlSecondsAfterFinished": k8s.job.ttl_seconds_after_finished,
         "podFailurePolicy": _pod_failure_policy(k8s, launcher=stage == LAUNCHER),
-        "template": {"metadata": {"labels": labels(run_id, stage)}, "spec": pod},
+        "template": {"metadata": _pod_metadata(k8s, run_id, stage), "spec": pod},
     })
     metadata = _metadata(k8s, name, run_id, stage)
-    skips = _checkov_skips(k8s, pod)
-    if skips:
-        metadata["annotations"] = skips
+    metadata["labels"] = {**extra_labels, **metadata["labels"]}
+    if queued(k8s, stage):
+        metadata["labels"][KUEUE_QUEUE_LABEL] = k8s.kueue.queue_name
+        if k8s.kueue.priority_class:
+            metadata["labels"][KUEUE_PRIORITY_LABEL] = k8s.kueue.priority_class
+    annotations = {**extra_annotations, **_checkov_skips(k8s, pod)}
+    if annotations:
+        metadata["annotations"] = annotations
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
+
+
+def _pod_metadata(k8s: KubernetesConfig, run_id: str, stage: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"labels": {**step_metadata(k8s, stage)[0], **labels(run_id, stage)}}
+    annotations = pod_annotations(k8s, stage)
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def _jobset(job: dict[str, Any], k8s: KubernetesConfig) -> dict[str, Any]:
+    """A multi-node training's Indexed Job as a JobSet (distributed.gang 'jobset').
+
+    The JobSet controller creates the Job and the headless Service of the rendezvous
+    (network.enableDNSHostnames), and treats the nodes as one: a node that fails
+    restarts all of them (failurePolicy.maxRestarts, the gang's retries in place of the
+    Job's backoffLimit), a permanent error (the Job's podFailurePolicy FailJob) fails
+    the whole JobSet at once. Kueue, when enabled, queues the JobSet as one Workload:
+    the queue label and suspend move from the Job to it.
+    """
+    metadata = job["metadata"]
+    child = {k: v for k, v in job["spec"].items()
+             if k not in ("suspend", "ttlSecondsAfterFinished")}
+    # One pod failure fails this Job: the JobSet then restarts every node together.
+    child["backoffLimit"] = 0
+    spec: dict[str, Any] = {}
+    if "suspend" in job["spec"]:
+        spec["suspend"] = job["spec"]["suspend"]
+    spec.update({
+        # Ranks resolve <jobset>-node-0-0.<jobset> before any of them is Ready.
+        "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+        "successPolicy": {"operator": "All", "targetReplicatedJobs": [JOBSET_REPLICA]},
+        "failurePolicy": {"maxRestarts": k8s.job.backoff_limit, "rules": [
+            {"name": "permanent-error", "action": "FailJobSet",
+             "onJobFailureReasons": ["PodFailurePolicy"]}]},
+        "ttlSecondsAfterFinished": k8s.job.ttl_seconds_after_finished,
+        "replicatedJobs": [{"name": JOBSET_REPLICA, "replicas": 1, "template": {
+            "metadata": {"labels": dict(job["spec"]["template"]["metadata"]["labels"])},
+            "spec": child}}],
+    })
+    return {"apiVersion": JOBSET_API, "kind": "JobSet", "metadata": metadata, "spec": spec}
+
+
+def runner(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The object among a stage's ``objects`` that runs it: its Job or JobSet."""
+    return next(o for o in objects if o.get("kind") in RUNNER_KINDS)
+
+
+# Node label values that mean an NVIDIA T4: GPU feature discovery's Tesla-T4, GKE's
+# nvidia-tesla-t4, Karpenter's t4, and EKS's g4dn instance types (one to eight T4s).
+T4_LABEL_VALUE = re.compile(r"(?i)(^|[^a-z0-9])t4($|[^a-z0-9])|^g4dn\.")
+
+
+def teacher_on_t4(k8s: KubernetesConfig) -> bool:
+    """Whether the vLLM server's pool is T4s: one of its GPU types or selector values
+    names a T4, or it names no GPU type at all (trackb's default cluster is T4s)."""
+    pool = k8s.scheduling.for_pods(teacher=True)
+    values = [*pool.gpu_types, *pool.node_selector.values()]
+    for term in pool.node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution",
+                                       {}).get("nodeSelectorTerms", []):
+        for expression in term.get("matchExpressions", []):
+            if expression.get("operator") == "In":
+                values += expression.get("values", [])
+    return not values or any(T4_LABEL_VALUE.search(str(value)) for value in values)
+
+
+def attention_backend(k8s: KubernetesConfig) -> str | None:
+    """The vLLM attention backend to force (vllm.attention_backend), or None for vLLM's
+    own choice: auto is TRITON_ATTN on T4s (:func:`teacher_on_t4`), since FlashAttention
+    needs compute capability 8.0 and a T4 is 7.5."""
+    chosen = k8s.vllm.attention_backend
+    if chosen == "auto":
+        return "TRITON_ATTN" if teacher_on_t4(k8s) else None
+    return None if chosen == "default" else chosen
+
+
+def _attention_env(k8s: KubernetesConfig) -> list[dict[str, Any]]:
+    backend = attention_backend(k8s)
+    # The entrypoint turns it into `vllm serve --attention-backend` (vLLM's documented
+    # way since the attention config moved to the CLI).
+    return [{"name": "TRACKB_VLLM_ATTENTION_BACKEND", "value": backend}] if backend else []
 
 
 def _vllm_container(k8s: KubernetesConfig, *, sidecar: bool) -> dict[str, Any]:
@@ -392,6 +580,7 @@ def _vllm_container(k8s: KubernetesConfig, *, sidecar: bool) -> dict[str, Any]:
                  "value": str(vllm.tensor_parallel_size)},
                 {"name": "TRACKB_VLLM_HOST", "value": "0.0.0.0"},
                 {"name": "TRACKB_VLLM_LISTEN_PORT", "value": str(port)},
+                *_attention_env(k8s),
                 *_hf_env(k8s), *_cache_env(),
                 {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_DIR}/vllm"},
                 {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
@@ -435,15 +624,6 @@ def _check_locked_network(config: PipelineConfig, row: Step) -> None:
                           f"{row.folder} pods cannot reach the object store")
 
 
-def model_is_path(model: str) -> bool:
-    """Whether ``model`` names a folder (or a non-s3 URI) rather than a hub id "org/name"
-    or an s3:// store URI; the same reading as trackb_core.train.looks_like_path, without
-    looking at this machine's disk."""
-    if model.startswith("s3://"):
-        return False
-    return "://" in model or model.startswith(("/", ".", "~")) or model.count("/") != 1
-
-
 def check_model_source(config: PipelineConfig, row: Step, *, offline: bool) -> None:
     """The one home of the rule for where a pod finds the base model.
 
@@ -463,7 +643,8 @@ def check_model_source(config: PipelineConfig, row: Step, *, offline: bool) -> N
             raise ConfigError(f"{row.folder} pods are offline, so the model must be in the "
                               f"store or on a cache PVC: hub model {model!r} cannot be "
                               "downloaded there; put it in the store (model: s3://...) or set "
-                              "kubernetes.cache.pvc to a cache that holds it")
+                              "kubernetes.cache.pvc (the run's warm-cache step then fills it "
+                              "from the hub)")
         return
     in_cache = model.startswith(f"{CACHE_DIR}/")
     if not model.startswith("/") or (in_cache and not pvc):
@@ -471,6 +652,24 @@ def check_model_source(config: PipelineConfig, row: Step, *, offline: bool) -> N
                           f"must be in the store or on a cache PVC: put {model!r} in the "
                           f"store (model: s3://...) or on kubernetes.cache.pvc (model: "
                           f"{CACHE_DIR}/...)")
+
+
+# The EKS Pod Identity agent's addresses on every node (IPv4 and IPv6).
+POD_IDENTITY_AGENT = ("169.254.170.23/32", "fd00:ec2::23/128")
+
+
+def _host_cidr(address: str) -> str:
+    return str(ipaddress.ip_network(address))  # a bare IP becomes its /32 (or /128)
+
+
+def _ip_block(cidr: str, excepted: list[str]) -> dict[str, Any]:
+    """An ipBlock of ``cidr`` less the ``excepted`` ranges strictly inside it (the API
+    refuses an except entry outside its cidr or of the other IP family)."""
+    network = ipaddress.ip_network(cidr)
+    inside = [str(sub) for sub in map(ipaddress.ip_network, excepted)
+              if sub.version == network.version and sub != network
+              and sub.subnet_of(network)]  # type: ignore[arg-type]
+    return {"ipBlock": {"cidr": cidr, **({"except": inside} if inside else {})}}
 
 
 def _network_policy(k8s: KubernetesConfig, run_id: str, stage: str, *, locked_egress: bool,
@@ -489,9 +688,17 @@ def _network_policy(k8s: KubernetesConfig, run_id: str, stage: str, *, locked_eg
             peers.append({"namespaceSelector": {"matchLabels": {
                               "kubernetes.io/metadata.name": net.store_namespace}},
                           "podSelector": {"matchLabels": dict(net.store_pod_labels)}})
-        peers += [{"ipBlock": {"cidr": cidr}} for cidr in net.store_cidrs]
+        peers += [_ip_block(cidr, net.store_cidrs_except) for cidr in net.store_cidrs]
         egress = [dns, {"to": peers,
                         "ports": [{"protocol": "TCP", "port": p} for p in net.store_ports]}]
+        if net.node_local_dns:
+            egress.append({"to": [{"ipBlock": {"cidr": _host_cidr(net.node_local_dns)}}],
+                           "ports": dns["ports"]})
+        if net.pod_identity_agent:
+            # EKS Pod Identity hands out AWS credentials from a link-local agent on each
+            # node: without it boto3 in a locked pod has no credentials for S3.
+            egress.append({"to": [{"ipBlock": {"cidr": cidr}} for cidr in POD_IDENTITY_AGENT],
+                           "ports": [{"protocol": "TCP", "port": 80}]})
     spec: dict[str, Any] = {"podSelector": {"matchLabels": selector(run_id, stage)},
                             "policyTypes": ["Ingress", "Egress"]}
     if ingress:
@@ -545,7 +752,8 @@ def stage_names(config: PipelineConfig) -> list[str]:
 
 def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[str, Any]]:
     """Every object one stage needs, in creation order: ConfigMap, [headless Service,]
-    [NetworkPolicy,] Job.
+    [NetworkPolicy,] Job (a JobSet for a multi-node training with distributed.gang
+    'jobset').
 
     Raises ConfigError for an unknown stage (or tiny-model without model 'tiny'), an
     invalid run id, or settings that cannot work on a cluster.
@@ -565,10 +773,13 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
     objects: list[dict[str, Any]] = [
         _config_map(k8s, cm_name, run_id, stage, CONFIG_FILE, _dump_config(stage_config))]
 
-    headless = object_name(run_id, f"{stage}-nodes") if nodes > 1 else None
+    jobset = nodes > 1 and k8s.distributed.gang == "jobset"
+    # A JobSet makes its own headless Service, named after it.
+    headless = object_name(run_id, f"{stage}-nodes") if nodes > 1 and not jobset else None
+    master = f"{name}-{JOBSET_REPLICA}-0-0.{name}" if jobset else f"{name}-0.{headless}"
     command, args = _stage_command(
         row, stage_config, stage_uri(config, run_id, stage), gpus=gpus, nodes=nodes,
-        master=f"{name}-0.{headless}", port=k8s.distributed.master_port)
+        master=master, port=k8s.distributed.master_port)
 
     env = [*_s3_env(k8s), *_cache_env()]
     # The hub token goes where models may be downloaded; a GPU step in the CPU profile
@@ -579,7 +790,9 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
     check_model_source(config, row, offline=locked)
     if locked:
         _check_locked_network(config, row)
-        # Egress is locked to the object store: never try the hub.
+    if locked or (row.loads_model and warms_cache(config)):
+        # Egress is locked to the object store, or the warm-cache step filled the cache
+        # PVC with the model: never try the hub (no second download, no hub outage).
         env += [{"name": "HF_HUB_OFFLINE", "value": "1"}]
     if row.runs_model_code and k8s.sandbox.gvisor:
         # trackb's sandbox counts gVisor as meeting its minimum isolation.
@@ -607,11 +820,13 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
 
     init: list[dict[str, Any]] = []
     pod_gpu = on_gpu
+    sidecar = False
     if row.asks_teacher and stage_config.kind.needs_server:
         url = teacher_url(config, run_id)
         if serves_vllm(config) and k8s.vllm.serve == "sidecar":
             init.append(_vllm_container(k8s, sidecar=True))
-            pod_gpu = True
+            # The sidecar shares the pod's node: the whole pod goes to the teacher's pool.
+            pod_gpu = sidecar = True
             shm = k8s.resources.vllm.shm_size
         init.append(_wait_container(k8s, url))
     volumes = _volumes(k8s, res.ephemeral_storage, cm_name, shm)
@@ -630,15 +845,19 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
     if k8s.network.enabled:
         # Ranks of a multi-node training talk to each other (NCCL picks its ports).
         peers = ([{"from": [{"podSelector": {"matchLabels": selector(run_id, stage)}}]}]
-                 if headless else None)
+                 if nodes > 1 else None)
         objects.append(_network_policy(k8s, run_id, stage, locked_egress=locked,
                                        ingress=peers))
-    pod = _pod_spec(k8s, containers=[main], volumes=volumes, gpu=pod_gpu,
+    pod = _pod_spec(k8s, containers=[main], volumes=volumes, gpu=pod_gpu, teacher=sidecar,
                     init_containers=init, subdomain=headless,
                     runtime_class=k8s.sandbox.runtime_class_name if row.runs_model_code
                     else None)
-    objects.append(_job(k8s, name, run_id, stage, pod, _deadline(k8s, row), indexed=nodes
-                        if nodes > 1 else 0))
+    extra_tolerations = step_metadata(k8s, stage)[2]
+    if extra_tolerations:
+        pod["tolerations"] = [*pod.get("tolerations", []), *extra_tolerations]
+    job = _job(k8s, name, run_id, stage, pod, _deadline(k8s, row),
+               indexed=nodes if nodes > 1 else 0)
+    objects.append(_jobset(job, k8s) if jobset else job)
     return objects
 
 
@@ -657,7 +876,7 @@ def build_vllm_service(config: PipelineConfig, run_id: str) -> list[dict[str, An
     pod = _pod_spec(k8s, containers=[_vllm_container(k8s, sidecar=False)],
                     volumes=_volumes(k8s, k8s.resources.vllm.ephemeral_storage, None,
                                      k8s.resources.vllm.shm_size),
-                    gpu=True, restart="Always")
+                    gpu=True, teacher=True, restart="Always")
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _metadata(k8s, name, run_id, stage),
@@ -689,6 +908,14 @@ def build_vllm_service(config: PipelineConfig, run_id: str) -> list[dict[str, An
     return objects
 
 
+def _launcher_job_env() -> list[dict[str, Any]]:
+    """The launcher's own Job, which owns the vLLM server it creates: the server goes
+    when the launcher Job does (its TTL, ``helm uninstall``), and a retried launcher pod of
+    the same Job reuses it."""
+    return [{"name": env, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{label}']"}}}
+            for env, label in LAUNCHER_JOB_ENV.items()]
+
+
 def build_launcher_job(config: PipelineConfig, run_id: str) -> list[dict[str, Any]]:
     """The in-cluster ``run-all --backend k8s``: a ConfigMap with the pipeline and a Job.
 
@@ -713,7 +940,7 @@ def build_launcher_job(config: PipelineConfig, run_id: str) -> list[dict[str, An
         "command": ["python", "-m", "jobs.run_all"],
         "args": ["--config", f"{CONFIG_DIR}/pipeline.yaml", "--run-id", run_id,
                  "--backend", "k8s"],
-        "env": [*_s3_env(k8s), *_cache_env()],
+        "env": [*_s3_env(k8s), *_cache_env(), *_launcher_job_env()],
         "resources": _resources(res, gpu=False),
         "securityContext": _container_security(k8s),
         "terminationMessagePolicy": "FallbackToLogsOnError",

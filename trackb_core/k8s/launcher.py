@@ -15,7 +15,9 @@ refuses, before anything is created, what would fail later:
    (:mod:`trackb_core.k8s.diagnose`), so a stuck state fails the run with its name and
    likely cause (Unschedulable, ImagePullBackOff, a crash-looping vLLM sidecar, a quota,
    a Multi-Attach volume past its budget; a missing PriorityClass, an admission denial,
-   a driver too old for the image at once) instead of hanging: a Job's backoffLimit
+   a driver too old for the image at once; a Job Kueue keeps suspended, from its
+   Workload: waiting for quota past its budget, a missing queue at once) instead of
+   hanging: a Job's backoffLimit
    never fires for a pod that never starts, nor for a sidecar the kubelet restarts;
 4. when a Job ends, its pods' logs and termination reasons are copied to
    ``runs/<id>/<stage>/_k8s/`` in the store before TTL deletes them; a failure stops
@@ -36,12 +38,20 @@ Staying alive (nothing here ever throws GPU hours away by accident):
   ``trackb delete`` is the explicit cancel;
 - a failed stage exits 80, which the launcher Job's podFailurePolicy does not retry; its
   running siblings are left to finish, for a rerun to adopt.
+
+Ownership (what goes away by itself): a stage's ConfigMap, Service and NetworkPolicy are
+owned by its Job (created before it, owned once it exists), so the Job's deletion or TTL
+removes them. The vLLM server (deployment mode) is owned by the in-cluster launcher's
+Job, so a launcher Job that is deleted (TTL, ``helm uninstall``) takes it along; a laptop
+launcher has no Job, so the server is owned by the run's Lease, which outlives a dead
+launcher: such a server stays until ``trackb delete`` (or a rerun, which reuses it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -80,6 +90,9 @@ from trackb_core.stage import MANIFEST, cached_manifest, say
 from trackb_core.store import Store, open_store
 
 K8S_FOLDER = "_k8s"
+# Conditions of an ended Job (Complete, Failed) or JobSet (Completed, Failed).
+COMPLETE = ("Complete", "Completed")
+ENDED = (*COMPLETE, "Failed")
 # A stage Job's annotation: the hash of its objects and inputs (see _config_hash).
 CONFIG_HASH = "trackb/config-hash"
 
@@ -117,6 +130,8 @@ class _Active:
     job: str
     objects: list[dict[str, Any]]
     uid: str | None = None  # tells this Job from an earlier attempt's of the same name
+    kind: str = "Job"  # or JobSet (a multi-node training, distributed.gang 'jobset')
+    queued: bool = False  # created suspended, for Kueue to admit (kubernetes.kueue)
     started: float = field(default_factory=time.monotonic)
     first_seen: dict[tuple[str, str], float] = field(default_factory=dict)
     told: set[str] = field(default_factory=set)
@@ -260,27 +275,73 @@ def _start(run: _Run, stage: str, upstream: list[Store]) -> None:
     """Create the stage's objects, or adopt its Job when an earlier launcher of this run
     left it running with the same objects and the same inputs."""
     objects = jobspec.build_stage(stage, run.config, run.run_id)
-    job = next(o for o in objects if o.get("kind") == "Job")
+    job = jobspec.runner(objects)
+    kind, queued = job["kind"], jobspec.queued(run.config.kubernetes, stage)
     digest = _config_hash(objects, upstream)
     job["metadata"].setdefault("annotations", {})[CONFIG_HASH] = digest
-    live = _adoptable(run, job["metadata"]["name"], digest)
+    live = _adoptable(run, job["metadata"]["name"], digest, kind)
     serves = (stage == jobspec.teacher_step().folder and jobspec.serves_vllm(run.config)
               and run.config.kubernetes.vllm.serve == "deployment")
     if serves:
         _start_vllm(run, reuse=live is not None)
     if live is not None:
         uid = live["metadata"].get("uid")
-        run.active[stage] = _Active(stage, job["metadata"]["name"], objects, uid=uid)
-        say(stage, f"adopted the running Job {job['metadata']['name']} (uid {uid}) of an "
+        run.active[stage] = _Active(stage, job["metadata"]["name"], objects, uid=uid,
+                                    kind=kind, queued=queued)
+        say(stage, f"adopted the running {kind} {job['metadata']['name']} (uid {uid}) of an "
             "earlier launcher: same objects, same inputs")
+        # The earlier launcher may have died between creating the Job and owning the rest.
+        _own_by_job(run, stage, objects, live)
         return
     # An old manifest must not outlive a new attempt that fails before the stage starts.
     run.store.child(stage).delete(MANIFEST)
+    # The builder lists the Job last, and it is created last: its pod mounts the ConfigMap
+    # (created after the Job, it could be missing when the pod starts: a FailedMount that
+    # diagnosis takes as permanent), and a code-running pod must not run a moment before
+    # its NetworkPolicy exists. So the others are owned only once the Job exists, by a
+    # patch of their ownerReferences (a Job created suspended, then resumed, would avoid
+    # the patch, but with Kueue spec.suspend is Kueue's to flip).
     created = [_create_or_replace(run, obj, digest) for obj in objects]
-    job = next(o for o in created if o.get("kind") == "Job")
+    job = jobspec.runner(created)
     run.active[stage] = _Active(stage, job["metadata"]["name"], objects,
-                                uid=job["metadata"].get("uid"))
-    say(stage, f"Job {job['metadata']['name']} created")
+                                uid=job["metadata"].get("uid"), kind=kind, queued=queued)
+    say(stage, f"{kind} {job['metadata']['name']} created" + (
+        f" (queued in Kueue's LocalQueue {run.config.kubernetes.kueue.queue_name})"
+        if queued else ""))
+    _own_by_job(run, stage, objects, job)
+
+
+def _own_by_job(run: _Run, stage: str, objects: list[dict[str, Any]],
+                job: dict[str, Any]) -> None:
+    """Make the stage's Job the owner of its other objects (ConfigMap, Service,
+    NetworkPolicy), so that deleting the Job, or its TTL after it finished, removes them
+    too. Best effort: an object left unowned is still removed by ``trackb delete``."""
+    meta = job["metadata"]
+    if not meta.get("uid"):
+        # A real API server returns the uid with the created object; read it back anyway.
+        meta = (run.client.get(job["kind"], run.namespace, meta["name"]) or {}).get(
+            "metadata") or {}
+    if not meta.get("uid"):
+        say(stage, f"Job {job['metadata']['name']} has no uid yet: its other objects stay "
+            f"unowned (`trackb delete {run.run_id}` removes them)")
+        return
+    owner = jobspec.owner_reference(job["apiVersion"], job["kind"], meta["name"], meta["uid"])
+    for obj in objects:
+        if obj["kind"] != job["kind"]:
+            _set_owner(run, stage, obj, owner)
+
+
+def _set_owner(run: _Run, stage: str, obj: dict[str, Any], owner: dict[str, Any]) -> None:
+    """Replace ``obj``'s ownerReferences with ``owner`` (a merge patch replaces the list
+    whole, so a former owner, e.g. an earlier launcher, is dropped)."""
+    name = obj["metadata"]["name"]
+    try:
+        run.client.patch(obj["kind"], run.namespace, name,
+                         {"metadata": {"ownerReferences": [owner]}})
+    except run.client.ApiException as exc:
+        say(stage, f"could not make {owner['kind']} {owner['name']} the owner of "
+            f"{obj['kind']} {name}: {_api_message(exc)}; `trackb delete {run.run_id}` "
+            "removes it")
 
 
 def _config_hash(objects: list[dict[str, Any]], upstream: list[Store]) -> str:
@@ -293,14 +354,15 @@ def _config_hash(objects: list[dict[str, Any]], upstream: list[Store]) -> str:
     return digest.hexdigest()
 
 
-def _adoptable(run: _Run, name: str, digest: str) -> dict[str, Any] | None:
-    """The live Job ``name`` if it carries ``digest`` (not finished, not being deleted)."""
-    job = run.client.get("Job", run.namespace, name)
+def _adoptable(run: _Run, name: str, digest: str, kind: str = "Job") -> dict[str, Any] | None:
+    """The live Job (or JobSet) ``name`` if it carries ``digest`` (not finished, not being
+    deleted)."""
+    job = run.client.get(kind, run.namespace, name)
     if job is None or job["metadata"].get("deletionTimestamp"):
         return None
     if (job["metadata"].get("annotations") or {}).get(CONFIG_HASH) != digest:
         return None
-    ended = any(c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
+    ended = any(c.get("status") == "True" and c.get("type") in ENDED
                 for c in (job.get("status") or {}).get("conditions", []))
     return None if ended else job
 
@@ -316,9 +378,9 @@ def _create_or_replace(run: _Run, obj: dict[str, Any],
                               f"cannot create {obj['kind']} {obj['metadata']['name']}: "
                               f"{_api_message(exc)}") from exc
         name = obj["metadata"]["name"]
-        if obj["kind"] == "Job" and digest is not None:
+        if obj["kind"] in jobspec.RUNNER_KINDS and digest is not None:
             # A create that timed out after the server made the Job, retried: it is ours.
-            live = _adoptable(run, name, digest)
+            live = _adoptable(run, name, digest, obj["kind"])
             if live is not None:
                 return live
         # A leftover of an earlier attempt (a failed Job, its ConfigMap): replace it, so
@@ -332,9 +394,16 @@ def _start_vllm(run: _Run, reuse: bool = False) -> None:
     """Deployment mode: create the teacher server and wait until it is ready. ``reuse``:
     the generate Job was adopted, so the server it talks to is kept if it exists."""
     objects = jobspec.build_vllm_service(run.config, run.run_id)
+    owner = _server_owner(run)
     for obj in objects:
+        if owner is not None:
+            obj["metadata"]["ownerReferences"] = [owner]
         if not (reuse and run.client.get(obj["kind"], run.namespace, obj["metadata"]["name"])):
             _create_or_replace(run, obj)
+        elif owner is not None:
+            # Kept for the adopted generate Job: this launcher is its owner now, or the
+            # server would go with the earlier launcher's Job.
+            _set_owner(run, jobspec.teacher_step().folder, obj, owner)
     name = objects[0]["metadata"]["name"]
     budget = run.config.kubernetes.vllm.startup_seconds
     say(jobspec.teacher_step().folder,
@@ -348,6 +417,28 @@ def _start_vllm(run: _Run, reuse: bool = False) -> None:
             raise StageFailed(_one_line(f"{jobspec.teacher_step().folder}: the vLLM Deployment {name} was not ready "
                                         f"after {budget}s: {_vllm_pod_state(run)}"))
         time.sleep(run.budgets.poll_seconds)
+
+
+def _server_owner(run: _Run) -> dict[str, Any] | None:
+    """What the vLLM server dies with when its launcher is gone without deleting it.
+
+    In a cluster: the launcher's own Job (its pod's labels, jobspec.LAUNCHER_JOB_ENV), not
+    its pod: a retried launcher pod of the same Job reuses the server, and the Job goes
+    (TTL, ``helm uninstall``, ``trackb delete``) only when no launcher of it is left. From
+    a laptop there is no pod: the run's Lease, which outlives a dead launcher (it records
+    the run), so the server stays until ``trackb delete`` deletes the Lease; a launcher of
+    the same run started later reuses it meanwhile. None: the Lease has no uid (never on
+    a real cluster).
+    """
+    job, uid = (os.environ.get(env) for env in jobspec.LAUNCHER_JOB_ENV)
+    if job and uid:
+        return jobspec.owner_reference("batch/v1", "Job", job, uid)
+    lease = run.client.get("Lease", run.namespace, lease_name(run.run_id)) or {}
+    uid = (lease.get("metadata") or {}).get("uid")
+    if not uid:
+        return None
+    return jobspec.owner_reference(lease.get("apiVersion") or "coordination.k8s.io/v1",
+                                   "Lease", lease_name(run.run_id), uid)
 
 
 def _vllm_pod_state(run: _Run) -> str:
@@ -400,8 +491,9 @@ def _wait_for_finish(run: _Run) -> list[tuple[str, str | None]]:
         jobs, run.resource_version = run.client.list_jobs(run.namespace, selector)
         listed = {job.get("metadata", {}).get("name") for job in jobs}
         gone = [{"metadata": {"name": active.job}} for active in run.active.values()
-                if active.job not in listed]
-        finished = _finished(run, jobs) + _finished(run, gone, deleted=True)
+                if active.kind == "Job" and active.job not in listed]
+        finished = (_finished(run, jobs) + _finished(run, gone, deleted=True)
+                    + _finished_jobsets(run))
         if finished:
             return finished
         for stage in list(run.active):
@@ -466,12 +558,26 @@ def _finished(run: _Run, jobs: list[dict[str, Any]],
             continue
         conditions = {c.get("type"): c for c in job.get("status", {}).get("conditions", [])
                       if c.get("status") == "True"}
-        if "Complete" in conditions:
+        if any(kind in conditions for kind in COMPLETE):
             finished.append((active.stage, None))
         elif "Failed" in conditions:
             failed = conditions["Failed"]
             finished.append((active.stage, _failure_cause(run, active, failed)))
     return finished
+
+
+def _finished_jobsets(run: _Run) -> list[tuple[str, str | None]]:
+    """The active JobSets that ended (status conditions Completed or Failed) or are gone.
+
+    The watch sees Jobs only (a JobSet's child Jobs are not the stage's), so a JobSet is
+    read once a round: it ends at most poll_seconds after its last Job.
+    """
+    jobsets = [a for a in run.active.values() if a.kind == "JobSet"]
+    found = [run.client.get("JobSet", run.namespace, a.job) for a in jobsets]
+    return (_finished(run, [j for j in found if j is not None])
+            + _finished(run, [{"metadata": {"name": a.job}}
+                              for a, j in zip(jobsets, found, strict=True) if j is None],
+                        deleted=True))
 
 
 def _inspect_pods(run: _Run, active: _Active) -> None:
@@ -485,8 +591,14 @@ def _inspect_pods(run: _Run, active: _Active) -> None:
         found += diagnose.pod_findings(pod, run.budgets, *_evidence(run, pod))
     if not pods:
         # Only the Job's events say why it made no pod (quota, PriorityClass, admission).
-        events = run.client.object_events(run.namespace, "Job", active.job)
+        events = run.client.object_events(run.namespace, active.kind, active.job)
         found += diagnose.job_without_pods(active.job, active.uid, events, run.budgets)
+        if active.queued:
+            # Suspended until Kueue admits it: waiting, unless its Workload says otherwise.
+            workloads = run.client.list_workloads(run.namespace, active.kind, active.job,
+                                                  active.uid)
+            found += diagnose.queued_job(f"{active.kind} {active.job}", workloads,
+                                         run.budgets)
     for finding in found:
         if finding.budget is diagnose.NOW:
             raise _stuck(run, active, finding.where, finding.cause)
@@ -605,7 +717,7 @@ def _save_k8s(run: _Run, active: _Active, cause: str | None,
             if cause is not None:
                 events += run.client.pod_events(run.namespace, name)
         if cause is not None and not pods:
-            events += run.client.object_events(run.namespace, "Job", active.job)
+            events += run.client.object_events(run.namespace, active.kind, active.job)
         if cause is not None:
             # Why a stuck pod or a Job without pods is stuck is often only in its events.
             summary["events"] = [
@@ -650,11 +762,11 @@ def _cancel(run: _Run) -> list[str]:
 
 def _delete_job(run: _Run, active: _Active) -> bool:
     try:
-        run.client.delete("Job", run.namespace, active.job)
-        say(active.stage, f"Job {active.job} deleted")
+        run.client.delete(active.kind, run.namespace, active.job)
+        say(active.stage, f"{active.kind} {active.job} deleted")
         return True
     except Exception as exc:
-        say(active.stage, f"could not delete Job {active.job}: {exc}")
+        say(active.stage, f"could not delete {active.kind} {active.job}: {exc}")
         return False
 
 
@@ -754,14 +866,30 @@ def logs(config: PipelineConfig, run_id: str, stage: str,
 
 def delete(config: PipelineConfig, run_id: str, api: KubeClient | None = None) -> list[str]:
     """Delete every object of the run (Jobs with their pods, ConfigMaps, Services,
-    NetworkPolicies, the vLLM server); the store is left alone. Returns 'Kind/name'
-    of what was deleted. Raises ConfigError, UnavailableError."""
+    NetworkPolicies, the vLLM server); the store is left alone. An in-cluster launcher
+    goes first, and its pod is waited for (up to 2 minutes), so that it starts no Job
+    after the others were listed. Returns 'Kind/name' of what was deleted. Raises
+    ConfigError, UnavailableError."""
 
     client = api or connect()
     namespace = config.kubernetes.namespace
     deleted = []
     jobs, _ = client.list_jobs(namespace, {"trackb/run-id": run_id})
+    # An in-cluster launcher first, and until its pod is gone: between this list and its
+    # SIGTERM it could still create the next stage's Job (helm uninstall's pre-delete
+    # hook relies on no GPU Job being left).
+    launchers = [j for j in jobs
+                 if j["metadata"].get("labels", {}).get("trackb/stage") == jobspec.LAUNCHER]
+    for job in launchers:
+        if client.delete("Job", namespace, job["metadata"]["name"]):
+            deleted.append(f"Job/{job['metadata']['name']}")
+    if launchers:
+        _wait_pods_gone(client, namespace, {"trackb/run-id": run_id,
+                                            "trackb/stage": jobspec.LAUNCHER})
+        jobs, _ = client.list_jobs(namespace, {"trackb/run-id": run_id})
     for job in jobs:
+        if job["metadata"]["name"] in {j["metadata"]["name"] for j in launchers}:
+            continue
         if client.delete("Job", namespace, job["metadata"]["name"]):
             deleted.append(f"Job/{job['metadata']['name']}")
     # The other objects have fixed names: build them instead of listing (the Role then
@@ -774,3 +902,17 @@ def delete(config: PipelineConfig, run_id: str, api: KubeClient | None = None) -
     if client.delete("Lease", namespace, lease_name(run_id)):
         deleted.append(f"Lease/{lease_name(run_id)}")
     return deleted
+
+
+def _wait_pods_gone(client: KubeClient, namespace: str, selector: dict[str, str],
+                    seconds: float = 120.0) -> None:
+    """Block until no pod matches ``selector`` (a deleted Job's pods end after their
+    grace period; the launcher's exits at once on SIGTERM). Past ``seconds`` it says so
+    and returns: deleting the rest is still worth doing."""
+    deadline = time.monotonic() + seconds
+    while client.list_pods(namespace, selector):
+        if time.monotonic() > deadline:
+            say("delete", f"the launcher pod is still there after {seconds:.0f}s; deleting "
+                "the run's Jobs anyway (run `trackb delete` again if one appears)")
+            return
+        time.sleep(0.5)

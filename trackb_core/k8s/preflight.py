@@ -13,7 +13,7 @@ The checks, in order: every stage's objects build (the builder's rules, such as 
 pod finds the model); the launcher may make each call it makes (client.RBAC_RULES); the
 Secrets and the cache PVC the pods mount exist; the cluster-scoped PriorityClass and
 RuntimeClass exist (best-effort: the launcher's Role is namespaced); a node matches the
-GPU node selector.
+GPU node selector; with Kueue, the LocalQueue the Jobs go to exists.
 
 ``trackb preflight`` prints the findings; ``run-all --backend k8s`` calls :func:`check`
 before its first Job.
@@ -24,13 +24,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 from trackb_core.errors import ConfigError
 from trackb_core.k8s import jobspec
 from trackb_core.k8s.client import Forbidden, KubeClient
-from trackb_core.pipeline import PipelineConfig, dependencies, steps_for
+from trackb_core.pipeline import (
+    PipelineConfig,
+    dependencies,
+    is_hub_model,
+    steps_for,
+    warms_cache,
+)
 from trackb_core.stage import say
+from trackb_core.stages import step
 
 Level = Literal["error", "warning", "skipped"]
 
@@ -63,7 +70,8 @@ def preflight(config: PipelineConfig, run_id: str, client: KubeClient) -> list[F
     """
     return [*_builds(config, run_id), *_permissions(config, client),
             *_secrets(config, client), *_cache_volume(config, client),
-            *_cluster_objects(config, client), *_gpu_nodes(config, client)]
+            *_cluster_objects(config, client), *_gpu_nodes(config, client),
+            *_kueue_queue(config, client)]
 
 
 def check(config: PipelineConfig, run_id: str, client: KubeClient) -> list[Finding]:
@@ -163,9 +171,17 @@ def _secrets(config: PipelineConfig, client: KubeClient) -> list[Finding]:
 
 
 def _cache_volume(config: PipelineConfig, client: KubeClient) -> list[Finding]:
-    """The cache PVC exists, and is not single-node while pods on several nodes mount it."""
+    """The cache PVC exists, the warm-cache step can write the model into it, and it is
+    not single-node while pods on several nodes mount it. A hub model without it is
+    downloaded by every pod that loads it."""
     k8s = config.kubernetes
     if not k8s.cache.pvc:
+        loaders = [s for s in jobspec.stage_names(config) if step(s).loads_model]
+        if is_hub_model(config.model) and jobspec.uses_gpu(config) and len(loaders) > 1:
+            return [Finding("warning", f"{', '.join(loaders)} each download {config.model} "
+                            "into a cache that ends with the pod: set kubernetes.cache.pvc "
+                            "(ReadWriteMany; the chart's cacheVolume creates one) and the "
+                            "run's warm-cache step downloads it once")]
         return []
     try:
         pvc = client.read("PersistentVolumeClaim", k8s.cache.pvc, k8s.namespace)
@@ -174,8 +190,14 @@ def _cache_volume(config: PipelineConfig, client: KubeClient) -> list[Finding]:
                         "(forbidden)")]
     if pvc is None:
         return [Finding("error", f"PersistentVolumeClaim {k8s.cache.pvc} (kubernetes.cache.pvc) "
-                        f"does not exist in namespace {k8s.namespace}")]
+                        f"does not exist in namespace {k8s.namespace} (the chart creates it "
+                        "with cacheVolume.create)")]
     modes = (pvc.get("spec") or {}).get("accessModes") or []
+    if warms_cache(config) and modes and set(modes) == {"ReadOnlyMany"}:
+        # The hub model is not in the store: the warm-cache step must write it there.
+        return [Finding("error", f"PersistentVolumeClaim {k8s.cache.pvc} is ReadOnlyMany, "
+                        f"but the warm-cache step writes {config.model} into it; use a "
+                        "ReadWriteMany volume")]
     if not modes or not set(modes) <= set(SINGLE_NODE_MODES):
         return []
     together = _concurrent_gpu_pods(config)
@@ -234,22 +256,57 @@ def _cluster_objects(config: PipelineConfig, client: KubeClient) -> list[Finding
     return findings
 
 
+def _kueue_queue(config: PipelineConfig, client: KubeClient) -> list[Finding]:
+    """With Kueue, the LocalQueue of kubernetes.kueue.queue_name exists in the namespace:
+    a Job queued to a missing one stays suspended for ever."""
+    k8s = config.kubernetes
+    if not k8s.kueue.enabled:
+        return []
+    name = k8s.kueue.queue_name
+    try:
+        found = client.read("LocalQueue", name, k8s.namespace)
+    except Forbidden:
+        return [Finding("skipped", f"cannot check LocalQueue {name} (forbidden)")]
+    if found is None:
+        return [Finding("error", f"LocalQueue {name} (kubernetes.kueue.queue_name) does not "
+                        f"exist in namespace {k8s.namespace}, or Kueue is not installed: "
+                        "create it (pointing at a ClusterQueue with GPU quota) or set "
+                        "kubernetes.kueue.enabled to false")]
+    return []
+
+
 def _gpu_nodes(config: PipelineConfig, client: KubeClient) -> list[Finding]:
-    """A node matches the GPU node selector; none is only a warning (a pool that
-    autoscales from zero has no node until a pod asks for one)."""
+    """A node matches the GPU pods' placement (selector and GPU types), and the teacher
+    pool's when it has its own; none is only a warning (a pool that autoscales from zero
+    has no node until a pod asks for one)."""
     if not (jobspec.uses_gpu(config) and any(row.gpu for row in steps_for(config))):
         return []
-    selector = config.kubernetes.scheduling.node_selector
-    try:
-        nodes = client.list_nodes(selector)
-    except Forbidden:
-        return [Finding("skipped", "cannot list nodes (forbidden): the launcher's namespaced "
-                        "Role cannot read cluster-scoped objects; a ClusterRole with list on "
-                        "nodes lets it")]
-    if nodes:
-        return []
-    labels = ", ".join(f"{k}={v}" for k, v in sorted(selector.items())) or "any labels"
-    return [Finding("warning", f"no node matches kubernetes.scheduling.node_selector "
-                    f"({labels}): GPU pods stay Pending until one joins (fine for a pool that "
-                    "autoscales from zero; the launcher waits "
-                    "kubernetes.budgets.unschedulable_seconds)")]
+    scheduling = config.kubernetes.scheduling
+    pools: list[tuple[str, Any]] = [("kubernetes.scheduling", scheduling)]
+    if scheduling.teacher.own_pool and jobspec.serves_vllm(config):
+        pools.append(("kubernetes.scheduling.teacher", scheduling.teacher))
+    findings = []
+    for setting, pool in pools:
+        try:
+            nodes = client.list_nodes(pool.node_selector)
+        except Forbidden:
+            return [Finding("skipped", "cannot list nodes (forbidden): the launcher's "
+                            "namespaced Role cannot read cluster-scoped objects; a ClusterRole "
+                            "with list on nodes lets it")]
+        if pool.gpu_types:
+            nodes = [node for node in nodes if node.get("metadata", {}).get("labels", {}).get(
+                pool.gpu_type_label) in pool.gpu_types]
+        if nodes:
+            continue
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(pool.node_selector.items()))
+        if pool.gpu_types:
+            labels = ", ".join(filter(None, [labels, f"{pool.gpu_type_label} in "
+                                             f"{'|'.join(pool.gpu_types)}"]))
+            what = f"{setting}.node_selector and gpu_types"
+        else:
+            what = f"{setting}.node_selector"
+        findings.append(Finding("warning", f"no node matches {what} ({labels or 'any labels'}): "
+                                "GPU pods stay Pending until one joins (fine for a pool that "
+                                "autoscales from zero; the launcher waits "
+                                "kubernetes.budgets.unschedulable_seconds)"))
+    return findings

@@ -3,6 +3,12 @@
 One file per stage (``<stage>.yaml``), plus ``launcher.yaml`` and, in deployment mode,
 ``vllm-server.yaml``. Keys keep the builder's order and multi-line strings are block
 literals, so the output is stable byte for byte and reads well in a diff.
+
+The files carry no ownerReferences: those name the owner's uid, which exists only once
+the API server has created it. The launcher adds them as it creates objects (a stage's
+ConfigMap, Service and NetworkPolicy owned by its Job; the vLLM server by its launcher);
+objects applied from these files are removed by ``kubectl delete -f`` (or
+``trackb delete RUN_ID --config FILE``), not by deleting a Job.
 """
 
 from __future__ import annotations

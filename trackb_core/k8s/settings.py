@@ -10,6 +10,7 @@ same settings minus the GPUs.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from pydantic import Field, create_model, field_validator, model_validator
 from trackb_core import __version__
 from trackb_core.config import StageConfig
 from trackb_core.errors import PERMANENT_EXIT_CODES
-from trackb_core.stages import deadline_doc, resource_keys
+from trackb_core.stages import STEPS, deadline_doc, resource_keys
 
 # Kubernetes quantities such as 500m, 2, 1.5, 4Gi, 512Mi.
 QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
@@ -30,6 +31,15 @@ TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 def _check_quantity(value: str | None) -> str | None:
     if value is not None and not QUANTITY.match(value):
         raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 2, 4Gi)")
+    return value
+
+
+def _check_tolerations(value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for item in value:
+        unknown = set(item) - TOLERATION_KEYS
+        if unknown:
+            raise ValueError(f"unknown toleration keys {sorted(unknown)}; allowed: "
+                             f"{sorted(TOLERATION_KEYS)}")
     return value
 
 
@@ -46,8 +56,8 @@ class ImagesConfig(StageConfig):
 
     registry: str = Field("ghcr.io/trackb", description="Registry and path prefix of the "
                           "three images; empty for images loaded into the nodes (kind load).")
-    tag: str = Field(__version__, description="Tag of all three images (make images tags "
-                     "them from git describe).")
+    tag: str = Field(__version__, description="Tag of all three images; default: trackb's "
+                     "version, the tag `make push` and CI's release give them.")
     cpu: str = Field("trackb-cpu", description="Image of extract, the generate client, "
                      "build-dataset, tiny-model, compare and the launcher; also train and "
                      "eval in the CPU profile. No CUDA.")
@@ -101,8 +111,10 @@ def _sized(name: str, doc: str, cpu: str, memory: str, cpu_limit: str, memory_li
 
 # The pipeline steps' containers are sized in the step table (trackb_core.stages), one
 # field per resources key; these two are not steps.
+# 8Gi of host memory: the usual T4 machines (GKE n1-standard-4: about 12 GiB allocatable;
+# EKS g4dn.xlarge: about 14 GiB) must hold it beside the generate client and DaemonSets.
 VLLMResources = _sized("VLLMResources", "The vLLM teacher server of generate.",
-                       "2", "12Gi", "4", "14Gi", disk="4Gi", shm="2Gi", gpus=1)
+                       "2", "8Gi", "4", "12Gi", disk="4Gi", shm="2Gi", gpus=1)
 LauncherResources = _sized("LauncherResources", "The in-cluster launcher (run-all).",
                            "100m", "256Mi", "1", "1Gi", disk="1Gi")
 
@@ -129,30 +141,79 @@ ResourcesConfig = create_model(
 )
 
 
-class SchedulingConfig(StageConfig):
-    """Where GPU pods run. Labels and taints differ by platform, so both are settings:
-    NVIDIA GPU feature discovery labels nvidia.com/gpu.product; GKE uses
-    cloud.google.com/gke-accelerator: nvidia-tesla-t4."""
+NODE_AFFINITY_KEYS = {"requiredDuringSchedulingIgnoredDuringExecution",
+                      "preferredDuringSchedulingIgnoredDuringExecution"}
+
+
+class GPUPlacement(StageConfig):
+    """Which nodes a group of GPU pods may run on. Labels and taints differ by platform
+    (see the presets in trackb_core.k8s.presets): GPU feature discovery (the NVIDIA GPU
+    Operator) labels nvidia.com/gpu.product: Tesla-T4; GKE cloud.google.com/gke-accelerator:
+    nvidia-tesla-t4; EKS node.kubernetes.io/instance-type: g4dn.xlarge (Karpenter also
+    karpenter.k8s.aws/instance-gpu-name: t4). Nothing is assumed by default: an empty
+    selector lets the nvidia.com/gpu request alone pick a node with a free GPU."""
 
     node_selector: dict[str, str] = Field(
-        {"nvidia.com/gpu.product": "Tesla-T4"},
-        description="nodeSelector of GPU pods (train, eval, vLLM).")
+        {}, description="nodeSelector: labels every node must carry (one value per label).")
+    gpu_types: list[str] = Field(
+        [], description="Acceptable GPU types, any of them: a required nodeAffinity "
+        "'<gpu_type_label> In [...]' (e.g. [nvidia-tesla-t4, nvidia-l4] on GKE, [g4dn.xlarge, "
+        "g4dn.2xlarge] on EKS); empty: any GPU.")
+    gpu_type_label: str = Field(
+        "nvidia.com/gpu.product", description="The node label gpu_types are values of "
+        "(cloud.google.com/gke-accelerator on GKE, node.kubernetes.io/instance-type or "
+        "karpenter.k8s.aws/instance-gpu-name on EKS).")
+    node_affinity: dict[str, Any] = Field(
+        {}, description="A raw Kubernetes nodeAffinity object (required and/or preferred "
+        "terms), for what the fields above cannot say; gpu_types' expression is added to "
+        "each of its required terms.")
     tolerations: list[dict[str, Any]] = Field(
         [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        description="Tolerations of GPU pods (Kubernetes toleration objects).")
+        description="Tolerations (Kubernetes toleration objects); the default tolerates the "
+        "nvidia.com/gpu taint that GKE, EKS GPU AMIs and the GPU Operator put on GPU nodes.")
+
+    _t = field_validator("tolerations")(_check_tolerations)
+
+    @field_validator("node_affinity")
+    @classmethod
+    def _affinity(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(value) - NODE_AFFINITY_KEYS
+        if unknown:
+            raise ValueError(f"unknown nodeAffinity keys {sorted(unknown)}; allowed: "
+                             f"{sorted(NODE_AFFINITY_KEYS)}")
+        return value
+
+
+class TeacherPlacement(GPUPlacement):
+    """Where the vLLM teacher server runs, when that is not where train and eval run
+    (e.g. Qwen3-Coder-30B-A3B on two L4s or A100s, training on T4s). Its GPU count is
+    resources.vllm.gpus, equal to vllm.tensor_parallel_size. A native sidecar shares its
+    pod's node, so with vllm.serve 'sidecar' the whole generate pod goes to this pool;
+    with 'deployment' only the server does (the generate client runs on a CPU node)."""
+
+    own_pool: bool = Field(False, description="Place the vLLM server by these fields; "
+                           "false: where the GPU pods go (scheduling.node_selector and the "
+                           "rest), these fields unused.")
+
+
+class SchedulingConfig(GPUPlacement):
+    """Where pods run: GPU pods (train, eval, the vLLM server) by the fields below,
+    CPU-only pods by cpu_node_selector, the vLLM server on a pool of its own if
+    teacher.own_pool."""
+
     cpu_node_selector: dict[str, str] = Field({}, description="nodeSelector of CPU-only pods.")
     priority_class_name: str | None = Field(None, description="priorityClassName of every "
                                             "pod; empty for the cluster default.")
+    teacher: TeacherPlacement = Field(
+        default_factory=TeacherPlacement, description="The vLLM teacher server's own GPU "
+        "pool (own_pool), with its own selector, GPU types, affinity and tolerations; its "
+        "GPU count is resources.vllm.gpus (= vllm.tensor_parallel_size). A native sidecar "
+        "shares its pod's node: with vllm.serve 'sidecar' the whole generate pod goes to "
+        "this pool; with 'deployment' only the server does.")
 
-    @field_validator("tolerations")
-    @classmethod
-    def _tolerations(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for item in value:
-            unknown = set(item) - TOLERATION_KEYS
-            if unknown:
-                raise ValueError(f"unknown toleration keys {sorted(unknown)}; allowed: "
-                                 f"{sorted(TOLERATION_KEYS)}")
-        return value
+    def for_pods(self, *, teacher: bool) -> GPUPlacement:
+        """The placement of GPU pods, or of the teacher's pod when ``teacher``."""
+        return self.teacher if teacher and self.teacher.own_pool else self
 
 
 class S3Config(StageConfig):
@@ -164,11 +225,13 @@ class S3Config(StageConfig):
                        "is an s3:// URI; a local path means nothing inside a pod.")
     endpoint_url: str | None = Field(
         "http://minio.minio.svc.cluster.local:9000",
-        description="S3 endpoint as seen from pods (TRACKB_S3_ENDPOINT_URL); empty for AWS S3.")
+        description="S3 endpoint as seen from pods (TRACKB_S3_ENDPOINT_URL); empty for AWS S3; "
+        "https://storage.googleapis.com for GCS (with HMAC keys).")
     region: str = Field("us-east-1", description="AWS_DEFAULT_REGION of the pods.")
     credentials_secret: str | None = Field(
-        "trackb-s3", description="Secret holding the access keys; empty to rely on the "
-        "pod's identity (IRSA, workload identity) instead.")
+        "trackb-s3", description="Secret holding the access keys (for GCS: HMAC keys); "
+        "empty to rely on the pod's identity instead (AWS S3 through IRSA or EKS Pod "
+        "Identity; boto3 cannot reach GCS with workload identity).")
     access_key_id_key: str = Field("AWS_ACCESS_KEY_ID",
                                    description="Key of the access key id in that Secret.")
     secret_access_key_key: str = Field("AWS_SECRET_ACCESS_KEY",
@@ -218,14 +281,24 @@ class VLLMConfig(StageConfig):
         "(the only choice in the CPU profile).")
     extra_args: list[str] = Field([], description="More vllm serve flags (container args, "
                                   "appended by the image's entrypoint).")
+    attention_backend: str = Field(
+        "auto", pattern=r"^(auto|default|[A-Z0-9_]+)$",
+        description="vllm serve --attention-backend (through TRACKB_VLLM_ATTENTION_BACKEND). "
+        "auto: TRITON_ATTN when the server's pool is T4s or names no GPU type (trackb's "
+        "default cluster): FlashAttention needs compute capability 8.0 and a T4 is 7.5, so "
+        "vLLM must not pick it; on other GPUs vLLM chooses. default: always let vLLM "
+        "choose. Otherwise a backend name, e.g. TRITON_ATTN, FLASH_ATTN, FLASHINFER.")
 
 
 class CacheConfig(StageConfig):
     """The model cache volume at /cache (HF_HOME, pip and trackb caches)."""
 
-    pvc: str | None = Field(None, description="An existing PersistentVolumeClaim for the "
-                            "cache (ReadWriteMany when train and eval-baseline share it); "
-                            "empty: an emptyDir per pod, weights downloaded each time.")
+    pvc: str | None = Field(None, description="A PersistentVolumeClaim for the cache "
+                            "(ReadWriteMany: train and predict-baseline run at once; the "
+                            "chart's cacheVolume creates one). With a hub model the run "
+                            "starts with warm-cache, which downloads it there once, and the "
+                            "steps loading it read it offline. Empty: an emptyDir per pod, "
+                            "weights downloaded each time.")
     size_limit: str = Field("50Gi", description="sizeLimit of the emptyDir cache.")
 
     _n = field_validator("pvc")(_check_name)
@@ -279,8 +352,75 @@ class DistributedConfig(StageConfig):
     """Training on several GPUs. GPUs per node: resources.train.gpus (torchrun when > 1)."""
 
     nodes: int = Field(1, ge=1, description="Nodes training runs on; > 1 makes train an "
-                       "Indexed Job with a headless Service for the rendezvous.")
+                       "Indexed Job with a headless Service for the rendezvous (or a JobSet, "
+                       "see gang).")
     master_port: int = Field(29500, ge=1024, le=65535, description="torchrun rendezvous port.")
+    gang: Literal["none", "kueue", "jobset"] = Field(
+        "none", description="How the nodes of a multi-node training start together. A bare "
+        "Indexed Job whose pods are half scheduled holds its GPUs waiting for the rest, "
+        "possibly for ever. none: that bare Indexed Job (a cluster with room for all of "
+        "them); kueue: the same Job under Kueue (kueue.enabled), which admits a Job's "
+        "pods as one Workload, all or nothing on quota (with Kueue's waitForPodsReady also "
+        "all or nothing on scheduling); jobset: a JobSet (jobset.x-k8s.io/v1alpha2, the "
+        "JobSet controller installed) that restarts every node together when one fails "
+        "and makes the rendezvous Service itself; under Kueue too when kueue.enabled.")
+
+
+class KueueConfig(StageConfig):
+    """Kueue (kueue.sigs.k8s.io): quota and fair sharing of a shared GPU cluster. Each
+    stage Job (or JobSet) is created suspended with the queue label; Kueue admits it
+    when its LocalQueue's ClusterQueue has quota, and unsuspends it. The launcher's own
+    Job is not queued: it holds no accelerator, and it must run to submit the stages."""
+
+    enabled: bool = Field(False, description="Submit every stage Job to Kueue: label "
+                          "kueue.x-k8s.io/queue-name and spec.suspend true.")
+    queue_name: str = Field("trackb", description="The LocalQueue (in kubernetes.namespace) "
+                            "the Jobs go to; preflight checks that it exists.")
+    priority_class: str | None = Field(
+        None, description="A Kueue WorkloadPriorityClass (label kueue.x-k8s.io/priority-"
+        "class): the order of admission and preemption among queued Workloads, apart from "
+        "the pods' own priorityClassName; empty: none.")
+
+    _n = field_validator("queue_name", "priority_class")(_check_name)
+
+
+class StepMetadata(StageConfig):
+    """Labels, annotations and tolerations added to pods (and their Jobs)."""
+
+    labels: dict[str, str] = Field({}, description="Labels of the Job and its pods (e.g. a "
+                                   "team or cost-center label an admission policy asks for).")
+    annotations: dict[str, str] = Field({}, description="Annotations of the Job and its "
+                                        "pods.")
+    tolerations: list[dict[str, Any]] = Field([], description="Tolerations added to the "
+                                              "pods' own (Kubernetes toleration objects).")
+
+    _t = field_validator("tolerations")(_check_tolerations)
+
+
+class PodMetadataConfig(StageConfig):
+    """What a shared cluster asks of each workload: labels, annotations and tolerations
+    for every stage, and per step on top (a step's own win on the same key); and the
+    steps whose pods an autoscaler or Karpenter must not move, because they hold hours of
+    GPU state (safe-to-evict "false", karpenter.sh/do-not-disrupt "true")."""
+
+    all: StepMetadata = Field(default_factory=StepMetadata, description="For every stage "
+                              "Job and pod (not the launcher's: see the chart's launcher.*).")
+    steps: dict[str, StepMetadata] = Field({}, description="Per step (e.g. train, "
+                                           "predict-post), added to 'all'.")
+    no_disruption: list[str] = Field(
+        ["train", "predict-baseline", "predict-post"], description="Steps whose pods get "
+        "cluster-autoscaler.kubernetes.io/safe-to-evict: \"false\" and "
+        "karpenter.sh/do-not-disrupt: \"true\": a scale-down or consolidation would "
+        "throw away their GPU work (training, model-loaded predictions).")
+
+    @field_validator("steps", "no_disruption")
+    @classmethod
+    def _known_steps(cls, value: Any) -> Any:
+        known = {row.folder for row in STEPS}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown steps {unknown}; steps: {', '.join(sorted(known))}")
+        return value
 
 
 class NetworkConfig(StageConfig):
@@ -294,13 +434,37 @@ class NetworkConfig(StageConfig):
     store_pod_labels: dict[str, str] = Field({}, description="Labels of the object store pods "
                                              "in that namespace; empty: any pod there.")
     store_cidrs: list[str] = Field([], description="IP ranges of an external object store "
-                                   "(e.g. the S3 prefix list of the region).")
+                                   "(e.g. the S3 prefix list of the region); 0.0.0.0/0 with "
+                                   "store_cidrs_except for a public endpoint whose addresses "
+                                   "change (AWS S3 and STS, storage.googleapis.com).")
+    store_cidrs_except: list[str] = Field(
+        [], description="Ranges cut out of every store_cidrs entry that contains them "
+        "(ipBlock except): e.g. the private ranges and 169.254.0.0/16, so 0.0.0.0/0 on the "
+        "store ports reaches public endpoints but not the cluster, the VPC or the node's "
+        "metadata server.")
     store_ports: list[int] = Field([9000], description="TCP ports of the object store.")
     dns_namespace: str = Field("kube-system", description="Namespace of the cluster DNS.")
     dns_pod_labels: dict[str, str] = Field({"k8s-app": "kube-dns"},
                                            description="Labels of the cluster DNS pods.")
+    node_local_dns: str | None = Field(
+        None, description="IP of a NodeLocal DNSCache on each node (169.254.20.10), which "
+        "pods query instead of the cluster DNS pods; empty: none.")
+    pod_identity_agent: bool = Field(
+        False, description="Allow the EKS Pod Identity agent (169.254.170.23 and "
+        "fd00:ec2::23, TCP 80) to pods with egress locked, which get their AWS credentials "
+        "there under EKS Pod Identity.")
 
     _n = field_validator("store_namespace", "dns_namespace")(_check_name)
+
+    @field_validator("store_cidrs", "store_cidrs_except", "node_local_dns")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        for item in [value] if isinstance(value, str) else value or []:
+            try:
+                ipaddress.ip_network(item)
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not an IP address or CIDR range: {exc}") from None
+        return value
 
 
 class SandboxConfig(StageConfig):
@@ -368,6 +532,12 @@ class LauncherConfig(StageConfig):
                                      "5xx) is retried, with exponential backoff and jitter, "
                                      "before the launcher exits 75 (deleting nothing: a "
                                      "later launcher adopts the run's Jobs).")
+    admission_seconds: float = Field(1800.0, ge=0, description="Budget for a stage Job "
+                                     "that Kueue keeps suspended (its Workload not admitted: "
+                                     "no quota free in the ClusterQueue) before the stage "
+                                     "fails, naming the Workload and Kueue's reason. A "
+                                     "LocalQueue or ClusterQueue that does not exist fails "
+                                     "at once.")
     lease_seconds: int = Field(60, ge=1, description="Duration of the run's Lease: a second "
                                "launcher of the same run id waits, and takes over only after "
                                "the holder has not renewed it for this long (it died); a "
@@ -384,8 +554,10 @@ class KubernetesConfig(StageConfig):
     service_account: str = Field("trackb-launcher", description="ServiceAccount of the "
                                  "launcher (bound to the Role in k8s/rbac.yaml).")
     job_service_account: str | None = Field(
-        None, description="ServiceAccount of stage pods (e.g. one bound to an IAM role for "
-        "S3); empty: the namespace default. Its API token is never mounted.")
+        None, description="ServiceAccount of stage pods, e.g. one annotated for IRSA or GKE "
+        "workload identity, or associated with an EKS Pod Identity role, to reach the store "
+        "without keys (the chart creates it with stageServiceAccount.create); empty: the "
+        "namespace default. Its API token is never mounted.")
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="GPU or CPU profile. auto: cpu when model is 'tiny' (the CPU "
         "demo), gpu otherwise. The cpu profile runs every stage on the cpu image without "
@@ -411,6 +583,11 @@ class KubernetesConfig(StageConfig):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig,
                                    description="Pods that run model-written code: runtime "
                                    "class (gVisor) and seccomp profile.")
+    kueue: KueueConfig = Field(default_factory=KueueConfig, description="Kueue queueing "
+                               "(shared GPU quota).")
+    pod_metadata: PodMetadataConfig = Field(default_factory=PodMetadataConfig,
+                                            description="Labels, annotations and tolerations "
+                                            "per step; no-disruption annotations.")
     budgets: LauncherConfig = Field(default_factory=LauncherConfig,
                                     description="The launcher's waits for stuck pods.")
 
@@ -418,6 +595,9 @@ class KubernetesConfig(StageConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> KubernetesConfig:
+        if self.distributed.gang == "kueue" and not self.kueue.enabled:
+            raise ValueError("distributed.gang 'kueue' needs kueue.enabled (and a LocalQueue "
+                             "in kueue.queue_name)")
         if self.vllm.tensor_parallel_size != self.resources.vllm.gpus:
             raise ValueError(f"vllm.tensor_parallel_size ({self.vllm.tensor_parallel_size}) "
                              f"must equal resources.vllm.gpus ({self.resources.vllm.gpus})")

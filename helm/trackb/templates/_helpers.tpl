@@ -162,3 +162,30 @@ nothing secret is ever rendered into a value. Call with the resolved settings di
       key: {{ $.s3.secret_access_key_key }}
 {{- end }}
 {{- end }}
+
+{{/*
+checkov suppressions of a chart-rendered Job, each with its reason, exactly as the Job
+builder writes them for the same pod (trackb_core/k8s/jobspec.py _checkov_skips; a test
+compares the two). Call with (dict "k" <settings> "images" <list of refs>
+"secretEnv" <bool> "token" <bool>); renders annotation lines, or nothing.
+*/}}
+{{- define "trackb.checkovSkips" -}}
+{{- $reasons := list }}
+{{- $pinned := true }}
+{{- range .images }}{{- if not (contains "@sha256:" .) }}{{- $pinned = false }}{{- end }}{{- end }}
+{{- if not $pinned }}
+{{- $reasons = append $reasons "CKV_K8S_43=images are pinned by release tag from make images; set kubernetes.images.* to name@sha256:... to pin digests" }}
+{{- end }}
+{{- if ne .k.images.pull_policy "Always" }}
+{{- $reasons = append $reasons "CKV_K8S_15=release tags are immutable; IfNotPresent also runs images loaded into kind nodes (kubernetes.images.pull_policy)" }}
+{{- end }}
+{{- if .secretEnv }}
+{{- $reasons = append $reasons "CKV_K8S_35=boto3 and huggingface_hub read credentials from the environment; they come only from secretKeyRef, never the manifest" }}
+{{- end }}
+{{- if .token }}
+{{- $reasons = append $reasons "CKV_K8S_38=the launcher creates and watches the run's Jobs through the API, with the least-privilege Role of k8s/rbac.yaml" }}
+{{- end }}
+{{- range $i, $reason := $reasons }}
+checkov.io/skip{{ add1 $i }}: {{ $reason | quote }}
+{{- end }}
+{{- end }}
