@@ -467,6 +467,8 @@ def test_every_pod_and_container_is_locked_down(path):
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert spec["securityContext"]["runAsUser"] > 0
+        # No recursive chown of a big cache PVC at every start.
+        assert spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
         mounts_tmp = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
         assert "tmp" in mounts_tmp
         for c in containers(spec):

@@ -269,6 +269,9 @@ def _pod_security(k8s: KubernetesConfig) -> dict[str, Any]:
         "runAsUser": k8s.security.run_as_user,
         "runAsGroup": k8s.security.run_as_group,
         "fsGroup": k8s.security.fs_group,
+        # Without it the kubelet chowns every file of a volume at each start: minutes on
+        # a cache PVC holding model weights. Only a root of another group is fixed.
+        "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
