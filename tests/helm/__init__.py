@@ -81,6 +81,19 @@ def render_ci(name: str, sets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     return render(CHART / "ci" / f"{name}.yaml", sets=sets)
 
 
+def validate_for_kubernetes(objects: list[dict[str, Any]]) -> None:
+    """Fail the test naming the first object invalid for a pinned Kubernetes version."""
+    import kubernetes_validate  # a dev dependency: missing is a failure, not a skip
+
+    for obj in objects:
+        for version in KUBERNETES_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} is invalid for "
+                            f"Kubernetes {version}: {exc.message} at {list(exc.path)}")
+
+
 def find(objects: list[dict[str, Any]], kind: str, component: str | None = None) -> list[dict]:
     """Objects of ``kind`` (and app.kubernetes.io/component ``component``, if given)."""
     return [o for o in objects if o["kind"] == kind and (

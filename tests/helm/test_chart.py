@@ -14,13 +14,13 @@ import yaml
 from . import (
     CHART,
     CI_VALUES,
-    KUBERNETES_VERSIONS,
     NAMESPACE,
     ROOT,
     find,
     helm_binary,
     render,
     run_helm,
+    validate_for_kubernetes,
 )
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -74,17 +74,9 @@ def test_helm_lint_strict(values):
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=CI_IDS)
 def test_every_rendered_object_validates_against_pinned_kubernetes_schemas(values):
-    import kubernetes_validate
-
     objects = render(values)
     assert objects, "helm template rendered nothing"
-    for obj in objects:
-        for version in KUBERNETES_VERSIONS:
-            try:
-                kubernetes_validate.validate(obj, version, strict=True)
-            except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} is invalid for "
-                            f"Kubernetes {version}: {exc.message} at {list(exc.path)}")
+    validate_for_kubernetes(objects)
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=CI_IDS)

@@ -23,7 +23,7 @@ from trackb_core.k8s import presets
 from trackb_core.k8s.jobspec import T4_LABEL_VALUE, build_all
 from trackb_core.pipeline import PipelineConfig
 
-from . import CI_VALUES, KUBERNETES_VERSIONS, NAMESPACE, ROOT, find, one, render
+from . import CI_VALUES, NAMESPACE, ROOT, find, one, render, validate_for_kubernetes
 
 PRESETS = list(presets.PRESETS.values())
 IDS = [p.name for p in PRESETS]
@@ -266,14 +266,7 @@ def test_eks_code_running_pods_reach_s3_sts_the_pod_identity_agent_and_node_loca
 
 @pytest.mark.parametrize("preset", PRESETS, ids=IDS)
 def test_stage_objects_validate_against_kubernetes_130_and_135(preset):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    for obj in stage_objects(preset):
-        for version in KUBERNETES_VERSIONS:
-            try:
-                kubernetes_validate.validate(obj, version, strict=True)
-            except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} is invalid for "
-                            f"Kubernetes {version}: {exc.message} at {list(exc.path)}")
+    validate_for_kubernetes(stage_objects(preset))
 
 
 def _checkov() -> str | None:
