@@ -66,7 +66,7 @@ class BackgroundLoop:
     """A fake Kubernetes controller: ``step()`` runs every ``interval`` seconds in a thread
     between ``__enter__`` and ``__exit__``; errors are kept in ``errors``, never swallowed."""
 
-    interval = 0.05
+    interval = 0.2
 
     def __init__(self, name: str):
         self.errors: list[str] = []
