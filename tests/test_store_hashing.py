@@ -12,12 +12,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_stage import RemoteLike
 
 from trackb_core import store as store_module
 from trackb_core.config import StageConfig, input_field
 from trackb_core.errors import MissingInputError
 from trackb_core.stage import MANIFEST, cached_manifest, fingerprint, stage_run, tree_sha256
-from trackb_core.store import DIGEST_CACHE, LocalStore, S3Store, Store, open_store
+from trackb_core.store import DIGEST_CACHE, S3Store, Store, open_store
 
 
 @pytest.fixture(autouse=True)
@@ -239,36 +240,12 @@ def test_sha256_of_a_missing_key_is_a_missing_input_error(store):
         store.sha256("absent.bin")
 
 
-class DownloadOnly(Store):
-    """A store that offers only the abstract methods: sha256 falls back to get_file."""
-
-    def __init__(self, root):
-        self._local = LocalStore(root)
-        self.uri = "remote:" + self._local.uri
-
-    def put_bytes(self, key, data):
-        self._local.put_bytes(key, data)
+class DownloadOnly(RemoteLike):
+    """A store that offers only the abstract methods (test_stage's RemoteLike, which
+    does not read files whole here): sha256 falls back to get_file."""
 
     def get_bytes(self, key):
         raise AssertionError("sha256 must not read a file whole")
-
-    def exists(self, key):
-        return self._local.exists(key)
-
-    def size(self, key):
-        return self._local.size(key)
-
-    def list(self, prefix=""):
-        return self._local.list(prefix)
-
-    def delete(self, prefix):
-        self._local.delete(prefix)
-
-    def put_file(self, key, path):
-        self._local.put_file(key, path)
-
-    def get_file(self, key, path):
-        self._local.get_file(key, path)
 
     def child(self, subpath):
         return DownloadOnly(self._local.child(subpath).root)
