@@ -62,6 +62,7 @@ from trackb_core.metrics import (
     index_predictions,
     score_all,
 )
+from trackb_core.partition import PartitionOptions
 from trackb_core.prompts import render_prompt
 from trackb_core.runtime import device_facts, eval_dtype, runtime_plan
 from trackb_core.sandbox import CodeRunOptions, stage_isolation
@@ -81,7 +82,7 @@ BACKENDS = ("auto", "hf", "vllm")
 SANDBOX_TIMEOUT = 10.0
 
 
-class EvalConfig(CodeRunOptions):
+class EvalConfig(CodeRunOptions, PartitionOptions):
     """Generate answers for the test split with a model (+ optional LoRA adapter) and score them.
 
     Reads test.jsonl from build-dataset (--dataset), the base model (--model: a local

@@ -33,6 +33,7 @@ from pydantic import Field
 from trackb_core.config import StageConfig, input_field
 from trackb_core.errors import InputError, StoreError
 from trackb_core.openai_teacher import OpenAITeacher
+from trackb_core.partition import PartitionOptions
 from trackb_core.stage import say, stage_run
 from trackb_core.store import LocalStore, Store
 from trackb_core.teacher import (
@@ -54,7 +55,7 @@ CACHE_ROLL_SECONDS = 60.0
 _SHARD_NAME = re.compile(r"^shard-(\d+)\.jsonl$")
 
 
-class GenerateConfig(StageConfig):
+class GenerateConfig(PartitionOptions):
     """Ask a teacher for a gold response to every task.
 
     Reads tasks.jsonl (the extract stage's output folder or the file itself). Writes

@@ -34,7 +34,10 @@ class Command:
     ``module`` is ``trackb_core.<module>``, which defines ``config_class`` and the
     function ``runner(config, out)``; ``positional`` are the config fields the command
     takes as arguments (in order) instead of options; ``summary`` is its line in
-    ``trackb --help``.
+    ``trackb --help``. A command whose config has ``partitions``
+    (:class:`trackb_core.partition.PartitionOptions`) names its ``merger``: the
+    function ``merger(config, out)`` of the same module that writes the step's output
+    and manifest from its finished parts (what the launcher calls after an Indexed Job).
     """
 
     name: str
@@ -43,6 +46,7 @@ class Command:
     summary: str
     runner: str = "run"
     positional: tuple[str, ...] = ()
+    merger: str | None = None
 
     @property
     def job_module(self) -> str:
@@ -59,13 +63,14 @@ COMMANDS: tuple[Command, ...] = (
     Command("extract", "extract", "ExtractConfig",
             "corpus -> functions.jsonl, tasks.jsonl"),
     Command("generate", "generate", "GenerateConfig",
-            "tasks -> responses.jsonl (reference or OpenAI-compatible teacher)"),
+            "tasks -> responses.jsonl (reference or OpenAI-compatible teacher)",
+            merger="merge"),
     Command("build-dataset", "dataset", "DatasetConfig",
             "responses -> train.jsonl, test.jsonl, README.md (dataset card)"),
     Command("train", "train", "TrainConfig",
             "dataset + base model -> adapter/ (LoRA), metrics.json, loss_curve.png"),
     Command("eval", "evaluate", "EvalConfig",
-            "dataset + model [+ adapter] -> predictions.jsonl, eval.json"),
+            "dataset + model [+ adapter] -> predictions.jsonl, eval.json", merger="merge"),
     Command("score", "evaluate", "ScoreConfig",
             "dataset + predictions made elsewhere -> eval.json", runner="score"),
     Command("compare", "compare", "CompareConfig",
