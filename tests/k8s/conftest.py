@@ -124,6 +124,7 @@ class Emulator:
         self.previous_logs: dict[tuple[str, str], str] = {}
         self.forbidden: set[str] = set()  # plurals whose every request answers 403
         self.denied: set[tuple[str, str, str]] = set()  # (group, resource, verb) reviews deny
+        self.served: list[Any] = []  # every request, in arrival order (see calls())
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kmock", daemon=True)
         self._thread.start()
@@ -133,6 +134,8 @@ class Emulator:
     def _serve(self) -> None:
         import kmock
 
+        served = self.served
+
         class WithUids(kmock.KubernetesEmulator):
             async def _handle(self, request: Any) -> Any:
                 # A real API server gives every object a uid at creation (ownerReferences
@@ -140,7 +143,15 @@ class Emulator:
                 if (request.action == kmock.action.CREATE and isinstance(request.data, dict)
                         and isinstance(request.data.get("metadata"), dict)):
                     request.data["metadata"].setdefault("uid", str(uuid.uuid4()))
-                return await super()._handle(request)
+                served.append(request)
+                try:
+                    return await super()._handle(request)
+                finally:
+                    # kmock matches each request against each reaction by scanning its
+                    # whole request history, so every request costs more than the last
+                    # (a launch spent most of its CPU there). Only requests in flight
+                    # stay in that history; Emulator.served keeps them all.
+                    self._requests[:] = [r for r in self._requests if r is not request]
 
         async def main() -> None:
             async with WithUids() as emulator, kmock.Server(emulator) as srv:
@@ -221,7 +232,7 @@ class Emulator:
         verbs = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create",
                  "DELETE": "delete", "PATCH": "patch", "UPDATE": "update"}
         found = set()
-        for request in list(self.handler):
+        for request in list(self.served):
             if request.resource is None or request.headers.get("User-Agent") == exclude_agent:
                 continue
             verb = verbs.get(getattr(request.action, "name", ""), str(request.method).lower())
