@@ -74,6 +74,14 @@ def test_lsh_params_keep_misses_at_the_threshold_rare(threshold):
     assert (1 - threshold ** rows) ** bands <= neardup.MAX_MISS_PROBABILITY
 
 
+def test_a_threshold_of_one_finds_exact_copies_only():
+    # DatasetConfig allows 1.0; the LSH under it needs two bands at least
+    codes = ["def f(x):\n    return x + 1 + 2 + 3 + 4", "def f(x):\n    return x + 1 + 2 + 3 + 4",
+             "def f(x):\n    return x + 1 + 2 + 3 + 5"]
+    assert neardup.lsh_params(1.0)[0] >= 2
+    assert neardup.near_duplicates(neardup.shingle_hashes(codes), 1.0) == {1: 0}
+
+
 def with_near_copies(sources: list[str]) -> list[str]:
     """``sources`` plus edited copies of a few: a renamed local, an added statement."""
     copies = []

@@ -137,7 +137,8 @@ def lsh_params(threshold: float, num_perm: int = NUM_PERM,
     ``1 - (1 - s**rows)**bands``.
     """
     best = (num_perm, 1)
-    for rows in range(1, num_perm + 1):
+    # datasketch's LSH needs two bands at least (at threshold 1.0 every width would do)
+    for rows in range(1, num_perm // 2 + 1):
         bands = num_perm // rows
         if (1 - threshold ** rows) ** bands <= max_miss:
             best = (bands, rows)
