@@ -136,18 +136,16 @@ BUDGETED = [
 @pytest.mark.parametrize("behaviour, stage, gpu, said, named", BUDGETED,
                          ids=[row[0] for row in BUDGETED])
 def test_a_stuck_state_with_a_budget_is_said_at_once_and_fails_once_the_clock_passes_it(
-        emulator, controller, bucket, stdlib_corpus, capsys, behaviour, stage, gpu, said,
-        named):
+        emulator, controller, bucket, stdlib_corpus, launcher_said, behaviour, stage, gpu,
+        said, named):
     run_id = behaviour
     config = (gpu_pipeline if gpu else pipeline)(stdlib_corpus, bucket, run_id)
     clock = ManualClock()
     client = emulator.client()
     inspected = count_inspections(client, stage)
-    heard: list[str] = []
 
     def heard_it() -> bool:
-        heard.append(capsys.readouterr().err)
-        return said in "".join(heard)
+        return any(said in line for line in list(launcher_said))
 
     with controller(config, run_id, behaviour={stage: behaviour}, fake=lambda s: True) as ctl:
         launch = Background(config, run_id, client, LONG, clock)
