@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import socket
 import struct
 import sys
@@ -51,7 +52,7 @@ class FaultServer:
                  hang_seconds: float = 30.0, answer_tokens: tuple[int, int] = (8, 8),
                  models: tuple[str, ...] = ("fault-teacher",), ready_after: float = 0.0,
                  require_key: str | None = None, script: dict[str, list] | None = None,
-                 honour_n: bool = True, port: int = 0):
+                 honour_n: bool = True, port: int = 0, max_concurrent: int | None = None):
         unknown = set(kinds) - set(FAULT_KINDS)
         unknown |= {k for ks in (script or {}).values() for k in ks if k is not None} - set(
             FAULT_KINDS + SCRIPT_ONLY_KINDS)
@@ -66,6 +67,14 @@ class FaultServer:
         self.faults: Counter[str] = Counter()  # injected faults per kind
         self.requested_models: Counter[str] = Counter()
         self.requests = self.in_flight = self.max_in_flight = 0
+        # Like a model server's batch: at most this many chat requests are served at
+        # once (each for ``latency``); the others wait in a queue. None: no limit.
+        self.max_concurrent = max_concurrent
+        self._slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
+        # Wall-clock (time.time()) of the first chat request's arrival and of the last
+        # answer, for throughput measured by the server itself.
+        self.first_arrival: float | None = None
+        self.last_answer: float | None = None
         self._lock = threading.Lock()
         self._started = threading.Event()
         self._loop = asyncio.new_event_loop()
@@ -149,8 +158,14 @@ class FaultServer:
             self.requested_models[body.get("model")] += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self.first_arrival is None:
+                self.first_arrival = time.time()
         try:
-            if self.latency:
+            if self._slots is not None:
+                async with self._slots:
+                    if self.latency:
+                        await asyncio.sleep(self.latency)
+            elif self.latency:
                 await asyncio.sleep(self.latency)
             fault = self._fault(user, attempt)
             if fault:
@@ -175,6 +190,7 @@ class FaultServer:
         finally:
             with self._lock:
                 self.in_flight -= 1
+                self.last_answer = time.time()
 
     def _fault(self, user: str, attempt: int) -> str | None:
         if user in self.script:
@@ -224,14 +240,20 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="serve at most this many chat requests at once; queue the rest")
     args = parser.parse_args()
     server = FaultServer(port=args.port, latency=args.latency, fault_rate=args.fault_rate,
-                         seed=args.seed)
+                         seed=args.seed, max_concurrent=args.max_concurrent)
     print(f"port {server.port}", flush=True)
     try:
         sys.stdin.read()  # serve until stdin closes (the parent closes it or exits)
     finally:
         server.stop()
+        # what it served, for a benchmark that measures throughput at the server
+        print(json.dumps({"requests": server.requests, "max_in_flight": server.max_in_flight,
+                          "first_arrival": server.first_arrival,
+                          "last_answer": server.last_answer}), flush=True)
 
 
 if __name__ == "__main__":

@@ -477,7 +477,8 @@ class FakeVLLM:
                 outputs = []
                 for index, options in enumerate(per_request):
                     completions = [
-                        types.SimpleNamespace(token_ids=fake.answer(index, n))
+                        types.SimpleNamespace(token_ids=fake.answer_for(requests[index],
+                                                                        index, n))
                         for n in range(options.options["n"])]
                     outputs.append(types.SimpleNamespace(outputs=completions))
                 return outputs
@@ -491,6 +492,10 @@ class FakeVLLM:
 
     def answer(self, index, n):
         return self.answer_ids[: 1 + (index + n) % len(self.answer_ids)] + [self.stop_id, 5, 6]
+
+    def answer_for(self, request, index, n):
+        """The token ids of answer ``n`` to ``request``, the ``index``-th of its call."""
+        return self.answer(index, n)
 
     def install(self, monkeypatch):
         import torch
@@ -565,6 +570,84 @@ def test_vllm_backend_drives_llm_sampling_params_and_lora_request(
     assert result["settings"]["backend"] == "vllm" and result["settings"]["device"] == "cuda"
     assert result["settings"]["dtype"] == "float16"
     assert_every_headline_has_its_ci(result)
+
+
+def record_hf_path(monkeypatch):
+    """Records what the HF backend's generate() is given: each row's prompt token ids
+    (padding dropped) and every SamplingSettings.hf spec, per phase (greedy, samples)."""
+    from trackb_core import evaluate
+    from trackb_core.generation import SamplingSettings
+
+    seen = {"prompts": [], "specs": []}
+    real_hf, real_load = SamplingSettings.hf, evaluate.load_model
+
+    def hf(self, **options):
+        spec = real_hf(self, **options)
+        seen["specs"].append(spec)
+        seen["prompts"].append([])
+        return spec
+
+    def load_model(*args, **kwargs):
+        model, tokenizer, device, dtype = real_load(*args, **kwargs)
+        real_generate = model.generate
+
+        def generate(**options):
+            for row, mask in zip(options["input_ids"].tolist(),
+                                 options["attention_mask"].tolist(), strict=True):
+                seen["prompts"][-1].append([t for t, keep in zip(row, mask, strict=True)
+                                            if keep])
+            return real_generate(**options)
+
+        model.generate = generate
+        return model, tokenizer, device, dtype
+
+    monkeypatch.setattr(SamplingSettings, "hf", hf)
+    monkeypatch.setattr(evaluate, "load_model", load_model)
+    return seen
+
+
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_vllm_path_gets_the_prompt_ids_and_sampling_the_hf_path_uses(
+        tmp_path, dataset_dir, tiny_model_dir, monkeypatch, with_adapter):
+    from transformers import AutoTokenizer
+
+    from trackb_core.generation import effective_sampling
+
+    adapter = str(make_adapter(tiny_model_dir, tmp_path / "train")) if with_adapter else None
+    options = {"adapter": adapter, "n_samples": 2, "max_new_tokens": 6, "seed": 3,
+               "temperature": 0.7, "top_p": 0.9}
+    hf_seen = record_hf_path(monkeypatch)
+    run(eval_config(dataset_dir, tiny_model_dir, backend="hf", **options),
+        LocalStore(tmp_path / "hf"))
+    monkeypatch.undo()  # the HF path ran on the CPU; now a "GPU" with the fake engine
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    answer = tokenizer("def f(x): return x", add_special_tokens=False)["input_ids"]
+    fake = FakeVLLM(answer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    fake.install(monkeypatch)
+    run(eval_config(dataset_dir, tiny_model_dir, backend="vllm", **options),
+        LocalStore(tmp_path / "vllm"))
+
+    greedy_call, sample_call = fake.calls
+    vllm_prompts = [r["prompt_token_ids"] for r in greedy_call["requests"]]
+    assert [r["prompt_token_ids"] for r in sample_call["requests"]] == vllm_prompts
+    hf_greedy, hf_samples = hf_seen["prompts"]
+    # HF batches by length (and repeats a prompt per sample): the same prompts, reordered
+    assert sorted(hf_greedy) == sorted(vllm_prompts)
+    assert sorted(hf_samples) == sorted(p for p in vllm_prompts for _ in range(2))
+    hf_greedy_spec, hf_sample_spec = hf_seen["specs"]
+    assert hf_greedy_spec["sampler"] is None and hf_sample_spec["sampler"]["n"] == 2
+    assert all(effective_sampling(p, "vllm") == effective_sampling(hf_greedy_spec, "hf")
+               for p in greedy_call["params"])
+    assert all(effective_sampling(p, "vllm") == effective_sampling(hf_sample_spec, "hf")
+               for p in sample_call["params"])
+    items = sorted(dataset_rows(), key=lambda r: r["id"])
+    assert [p["seed"] for p in sample_call["params"]] == [item_seed(3, r["id"]) for r in items]
+    expected_lora = ("adapter", 1, str(tmp_path / "train" / "adapter")) if adapter else None
+    assert greedy_call["lora"] == sample_call["lora"] == expected_lora
+    sampling = [json.loads((tmp_path / side / "generation.json").read_text())["settings"][
+        "sampling"] for side in ("hf", "vllm")]
+    assert sampling[0] == sampling[1]
 
 
 def test_vllm_backend_refuses_adapters_it_cannot_serve(tmp_path, tiny_model_dir, fake_vllm):

@@ -323,11 +323,15 @@ def _k8s_config(run_id: str, config_file: str | None, namespace: str | None,
 @reports_errors
 def status_command(run_id: str, config_file: str | None, namespace: str | None,
                    sets: tuple[str, ...]) -> None:
-    """Show each stage of RUN_ID on Kubernetes: done in the store or not, and its Job."""
+    """Show each stage of RUN_ID on Kubernetes: done in the store or not, and its Job;
+    under a partitioned step, each part: done, running (with its progress), failed
+    (with the cause) or pending."""
     from trackb_core.k8s.launcher import status
 
     for row in status(_k8s_config(run_id, config_file, namespace, sets), run_id):
         click.echo(f"{row['stage']:<14} {row['store']:<9} {row['job']}")
+        for part in row.get("partitions", []):
+            click.echo(f"  {part['part']:<22} {part['state']}")
 
 
 @main.command("logs", context_settings={"max_content_width": 100})

@@ -9,6 +9,7 @@ exactly once. Fields that name an upstream artifact are declared with
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from pathlib import Path
@@ -56,14 +57,18 @@ def missing_inputs(config: StageConfig) -> list[str]:
 
 
 def declared_inputs(config: StageConfig) -> list[tuple[str, str, str, str]]:
-    """``(field, uri, kind, filename)`` for every input field that has a value."""
+    """``(field, uri, kind, filename)`` for every input field that has a value; a value
+    that is not a string (a list of corpora) is given as its JSON."""
     found = []
     for name, info in type(config).model_fields.items():
         extra = info.json_schema_extra or {}
         if isinstance(extra, dict) and "input" in extra:
             value = getattr(config, name)
-            if value not in (None, ""):
-                found.append((name, str(value), str(extra["input"]), str(extra["filename"])))
+            if value not in (None, "", []):
+                # a structured value (a list of corpora) travels as its JSON
+                uri = value if isinstance(value, str) else json.dumps(
+                    to_jsonable_python(value), sort_keys=True)
+                found.append((name, str(uri), str(extra["input"]), str(extra["filename"])))
     return found
 
 

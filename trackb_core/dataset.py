@@ -41,7 +41,7 @@ from pydantic import Field
 
 from trackb_core import codeblocks, corpus_env, families, filters, neardup, prompts, pyast
 from trackb_core.config import declared_inputs, input_field
-from trackb_core.corpus import package_metadata
+from trackb_core.corpus import declared_license
 from trackb_core.errors import InputError
 from trackb_core.sandbox import CodeRunOptions, protect_process, stage_isolation
 from trackb_core.stage import (
@@ -591,27 +591,27 @@ def upstream_manifest(uri: str, filename: str) -> dict[str, Any] | None:
 
 
 def corpus_license(folder: Path | None) -> str | None:
-    """The corpus' license from its package metadata, or None if it does not say.
+    """The corpus' license from its package metadata, or None if it does not say
+    (:func:`trackb_core.corpus.declared_license`)."""
+    return declared_license(folder)
 
-    Looks at a wheel's ``*.dist-info/METADATA`` or an sdist's ``PKG-INFO`` (top level or
-    one folder down): ``License-Expression``, else a one-line ``License``, else the
-    ``License ::`` classifiers.
-    """
-    if folder is None:
+
+def corpora_license(corpus: dict[str, Any] | None, folder: Path | None) -> str | None:
+    """The dataset's license: the one every corpus has, or each corpus's license named
+    when they differ (a Hub license of ``other``); for one corpus, its package metadata's
+    (:func:`corpus_license`). None when no corpus says."""
+    corpora = (corpus or {}).get("corpora")
+    if not isinstance(corpora, list) or len(corpora) < 2:
+        single = corpora[0].get("license") if isinstance(corpora, list) and corpora \
+            and isinstance(corpora[0], dict) else None
+        return corpus_license(folder) or single
+    licenses = [c.get("license") if isinstance(c, dict) else None for c in corpora]
+    if all(licenses) and len(set(licenses)) == 1:
+        return str(licenses[0])
+    if not any(licenses):
         return None
-    for meta in package_metadata(folder):
-        expression = (meta.get("License-Expression") or "").strip()
-        if expression:
-            return expression
-        license_field = (meta.get("License") or "").strip()
-        if license_field and "\n" not in license_field and len(license_field) <= 80 \
-                and license_field.upper() not in ("UNKNOWN", "NONE"):
-            return license_field
-        classifiers = [c.split("::")[-1].strip() for c in meta.get_all("Classifier") or []
-                       if c.startswith("License ::")]
-        if classifiers:
-            return " / ".join(classifiers)
-    return None
+    return "; ".join(f"{c.get('key', '?')}: {lic or 'unknown'}"
+                     for c, lic in zip(corpora, licenses, strict=True))
 
 
 # -- the stage -----------------------------------------------------------------------------
@@ -694,7 +694,8 @@ def run(config: DatasetConfig, out: Store) -> dict:
             "test": _per_category([r for r in test if isinstance(r.get("hidden_tests"), dict)]),
             "tested_to_test": config.tested_to_test}
         run.counts["hidden_tests"] = counts["hidden_tests"]
-        card = dataset_card(config, counts, corpus, corpus_license(folder), teacher, columns,
+        card = dataset_card(config, counts, corpus, corpora_license(corpus, folder), teacher,
+                            columns,
                             run.sandbox)
         run.write_text("README.md", card)
         say(STAGE, f"train {len(train)} rows, test {len(test)} rows; rejected "
@@ -779,7 +780,12 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
         "## Source",
         "",
     ]
-    if corpus:
+    corpora = corpus.get("corpora") if corpus else None
+    if isinstance(corpora, list) and len(corpora) > 1:
+        lines.append(f"- Corpora ({len(corpora)}; a function's `source_file` starts with "
+                     "its corpus's name):")
+        lines += [f"  - {corpus_line(c)}" for c in corpora if isinstance(c, dict)]
+    elif corpus:
         described = ", ".join(f"{k}: {corpus[k]}" for k in ("name", "version", "filename")
                               if corpus.get(k))
         lines.append(f"- Corpus: {described or corpus.get('uri', '?')} "
@@ -887,6 +893,21 @@ def dataset_card(config: DatasetConfig, counts: dict[str, Any], corpus: dict[str
         "",
     ]
     return "\n".join(lines)
+
+
+def corpus_line(corpus: dict[str, Any]) -> str:
+    """One corpus's provenance in the card: name (its key), source, version or commit,
+    sha256, license and the globs that chose its files."""
+    parts = [f"`{corpus.get('key', '?')}`: {corpus.get('source') or corpus.get('name', '?')}"]
+    for field in ("version", "commit"):
+        if corpus.get(field):
+            parts.append(f"{field} {corpus[field]}")
+    parts.append(f"sha256 `{corpus.get('sha256', '?')}`")
+    parts.append(f"license {corpus.get('license') or 'unknown'}")
+    for field in ("include", "exclude"):
+        if corpus.get(field):
+            parts.append(f"{field} {', '.join(map(str, corpus[field]))}")
+    return "; ".join(parts)
 
 
 def _hidden_test_section(hidden: dict[str, Any]) -> list[str]:

@@ -27,7 +27,7 @@ import ast
 import hashlib
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -694,6 +694,18 @@ def _validation_file(module: str,
     return "\n\n".join(parts)
 
 
+def module_batches(files: Iterable[str]) -> list[list[str]]:
+    """The derivation runs :func:`derive_tests` makes for functions in ``files`` (source
+    files, repeats allowed): the files that are modules, sorted, :data:`MODULES_PER_RUN`
+    at a time. A module's imports and calls share a process with the others of its run
+    (its import CPU, what an earlier import left behind), so a partitioned extract
+    gives each part whole runs (:func:`trackb_core.extract.file_parts`): the union of
+    whole runs regroups into the same runs, all full but the last. Raises nothing."""
+    names = sorted({str(f) for f in files
+                    if testrun.corpus_file({"source_file": str(f)}) is not None})
+    return [names[i:i + MODULES_PER_RUN] for i in range(0, len(names), MODULES_PER_RUN)]
+
+
 def derive_tests(functions: list[dict[str, Any]], mutants: dict[str, str], corpus: Path, *,
                  seed: int = 0, workers: int = 2, require_minimum: bool = True,
                  python_path: list[Path] | None = None,
@@ -727,8 +739,7 @@ def derive_tests(functions: list[dict[str, Any]], mutants: dict[str, str], corpu
             derived.reasons[row["id"]] = why
         else:
             targets.append(row)
-    names = sorted(by_module)
-    batches = [names[i:i + MODULES_PER_RUN] for i in range(0, len(names), MODULES_PER_RUN)]
+    batches = module_batches(by_module)
     lock = threading.Lock()
     done = [0]
 

@@ -37,8 +37,9 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -62,12 +63,22 @@ from trackb_core.metrics import (
     index_predictions,
     score_all,
 )
-from trackb_core.partition import PartitionOptions
+from trackb_core.partition import (
+    PartitionOptions,
+    Progress,
+    finished_parts,
+    member,
+    merge_jsonl_by_id,
+    part_store,
+    part_summary,
+    run_parts,
+)
 from trackb_core.prompts import render_prompt
 from trackb_core.runtime import device_facts, eval_dtype, runtime_plan
 from trackb_core.sandbox import CodeRunOptions, stage_isolation
 from trackb_core.stage import (
     StageRun,
+    parse_jsonl,
     say,
     stage_run,
     upstream_corpus_dir,
@@ -149,6 +160,12 @@ class EvalConfig(CodeRunOptions, PartitionOptions):
         None, description="Tracking run to log the headline metrics to (MLflow, W&B when "
         "configured); default $TRACKB_RUN_ID, else the output URI (run-all sets the run id, "
         "so train and eval log to one run)")
+
+    # Used only by scoring, which runs after the merge (a part never scores): changing
+    # them redoes no part.
+    merge_only_fields: ClassVar[dict[str, Any]] = {
+        "tag": "eval", "score": False, "corpus": None, "run_name": None,
+        "allow_weak_sandbox": False, "fetch_upstream_corpus": False}
 
 
 class ScoreConfig(CodeRunOptions):
@@ -363,15 +380,17 @@ class SeededSampler:
 
 def generate(model, tokenizer, device, prompts: list[str], *, settings: SamplingSettings,
              stop_ids: list[int], batch_size: int, seeds: list[int] | None = None,
-             desc: str = "generate") -> list[list[Answer]]:
+             desc: str = "generate", on_answers: Callable[[int], None] | None = None
+             ) -> list[list[Answer]]:
     """Answers per prompt: one greedy answer each, or with ``seeds`` (one per prompt:
     :func:`trackb_core.generation.item_seed`) ``settings.n_samples`` samples each.
 
     Every setting is explicit (:meth:`SamplingSettings.hf`): the model's own generation
     config is replaced for the call, so nothing of it is inherited. Prompts are batched
     in order of length (sampled prompts repeated once per sample), so a batch wastes
-    little on padding; the answers come back in the order of ``prompts``. Raises nothing
-    of its own.
+    little on padding; the answers come back in the order of ``prompts``;
+    ``on_answers(n)`` is called after each batch of ``n`` answers. Raises nothing of its
+    own.
     """
     import torch
     from tqdm import tqdm
@@ -408,24 +427,28 @@ def generate(model, tokenizer, device, prompts: list[str], *, settings: Sampling
             new = out[:, enc["input_ids"].shape[1] :].tolist()
             for (index, copy), ids in zip(batch, new, strict=True):
                 answers[index][copy] = finish_answer(tokenizer, ids, stop_ids, settings)
+            if on_answers is not None:
+                on_answers(len(batch))
     finally:
         model.generation_config = own_config
     return [[a for a in row if a is not None] for row in answers]
 
 
 def generate_hf(model, tokenizer, device, prompts: list[str], item_ids: list[str], *,
-                settings: SamplingSettings, batch_size: int) -> Generations:
+                settings: SamplingSettings, batch_size: int,
+                on_answers: Callable[[int], None] | None = None) -> Generations:
     """Greedy answers, then ``settings.n_samples`` samples per prompt, each item's drawn
-    from its own seed (:func:`trackb_core.generation.item_seed`), with HF generate.
-    Raises nothing of its own."""
+    from its own seed (:func:`trackb_core.generation.item_seed`), with HF generate;
+    ``on_answers(n)`` after each batch of ``n`` answers. Raises nothing of its own."""
     stops = stop_token_ids(model, tokenizer)
     greedy = generate(model, tokenizer, device, prompts, settings=settings, stop_ids=stops,
-                      batch_size=batch_size, desc="greedy")
+                      batch_size=batch_size, desc="greedy", on_answers=on_answers)
     samples: list[list[Answer]] = [[] for _ in prompts]
     if settings.n_samples:
         samples = generate(model, tokenizer, device, prompts, settings=settings,
                            stop_ids=stops, batch_size=batch_size, desc="samples",
-                           seeds=[item_seed(settings.seed, i) for i in item_ids])
+                           seeds=[item_seed(settings.seed, i) for i in item_ids],
+                           on_answers=on_answers)
     return Generations(greedy=[g[0] for g in greedy], samples=samples, device=str(device),
                        backend="hf")
 
@@ -460,60 +483,44 @@ def run(config: EvalConfig, out: Store) -> dict[str, Any]:
     """Generate and score; writes predictions.jsonl, generation.json and (unless
     ``--no-score``) eval.json into ``out``.
 
+    With ``partition`` set: generates the answers of that part's items only, into its
+    part folder of ``out`` (never scored: the merge scores). With ``partitions`` > 1 and
+    no ``partition``: every unfinished part as a process here
+    (:func:`trackb_core.partition.run_parts`), then :func:`merge`.
+
     Raises ConfigError if --dataset is not given or --backend vllm cannot run here,
     MissingInputError if an input is absent, InputError if the dataset, model or
-    adapter is unusable, StoreError if ``out`` cannot be written.
+    adapter is unusable, StoreError if ``out`` cannot be written, PartitionsFailed
+    (naming the parts that failed; the others are kept).
     """
     if not config.dataset:
         raise ConfigError("--dataset is required: test.jsonl or the build-dataset folder")
+    if config.partition is not None:
+        return _run_one(config.part(config.partition),
+                        part_store(out, config.partition, config.partitions))
     if config.score:
         check_configured()  # a tracker configured but not installed: before any work
+    if config.partitions > 1:
+        run_parts(STAGE, config, out)
+        return merge(config, out)
+    return _run_one(config, out)
+
+
+def _run_one(config: EvalConfig, out: Store) -> dict[str, Any]:
+    """One stage run over every item, or over the items of ``config.partition``."""
     with stage_run(STAGE, config, out) as run:
         items = load_items(run, config.max_items, config.seed)
+        progress = None
+        if config.partition is not None:
+            items = [item for item in items
+                     if member(str(item["id"]), config.partitions) == config.partition]
+            progress = Progress(out, len(items) * (1 + config.n_samples), unit="answers")
         say(STAGE, f"{len(items)} test items")
-
-        model_path, hub = _model_source(config.model)
-        if not hub:
-            model_path = str(run.local_dir("model"))
-        adapter_dir = adapter_root = None
-        if config.adapter:
-            adapter_root = run.local_dir("adapter")
-            adapter_dir = find_adapter(adapter_root, config.adapter)
-        tokenizer_path = _tokenizer_source(adapter_dir, adapter_root, model_path)
-        backend = choose_backend(config.backend, adapter_dir)
-        settings = sampling_settings(config)
-        item_ids = [str(item["id"]) for item in items]
-
-        if backend == "vllm":
-            from transformers import AutoTokenizer
-
-            prompts = [render_prompt(AutoTokenizer.from_pretrained(tokenizer_path),
-                                     item["instruction"]) for item in items]
-            say(STAGE, f"model {config.model}" + (f" + adapter {adapter_dir}" if adapter_dir
-                                                  else "") + " on vllm")
-            started = time.perf_counter()
-            with run.timed("generate"):
-                generations, dtype = vllm_backend.generate_vllm(
-                    model_path, tokenizer_path, adapter_dir, prompts, item_ids,
-                    settings=settings)
-        else:
-            with run.timed("load_model"):
-                model, tokenizer, device, dtype = load_model(model_path, adapter_dir,
-                                                             tokenizer_path)
-            say(STAGE, f"model {config.model}" + (f" + adapter {adapter_dir}" if adapter_dir
-                                                  else "") + f" on {device} ({dtype}, hf)")
-            prompts = [render_prompt(tokenizer, item["instruction"]) for item in items]
-            started = time.perf_counter()
-            with run.timed("generate"):
-                generations = generate_hf(model, tokenizer, device, prompts, item_ids,
-                                          settings=settings, batch_size=config.batch_size)
-        seconds = round(time.perf_counter() - started, 3)
-
+        generations, dtype, seconds = generate_answers(run, config, items, progress)
         predictions = prediction_rows(items, generations)
-        run.write_jsonl("predictions.jsonl", predictions)
         generation_settings = {
             "dataset": _dataset_identity(run, items, config.max_items),
-            "sampling": settings.describe(),
+            "sampling": sampling_settings(config).describe(),
             "backend": generations.backend,
             "dtype": dtype,
             "device": generations.device.split(":")[0],
@@ -524,24 +531,141 @@ def run(config: EvalConfig, out: Store) -> dict[str, Any]:
                  "tokens_generated": generations.tokens,
                  "truncated_answers": sum(a.truncated for a in generations.greedy)
                  + sum(a.truncated for row in generations.samples for a in row)}
-        run.write_json(GENERATION_FILE, {"settings": generation_settings, **facts,
-                                         "tag": config.tag, "items": item_ids})
-        run.counts.update({"items": len(items), "tokens_generated": generations.tokens,
-                           "truncated_answers": facts["truncated_answers"]})
-        if facts["truncated_answers"]:
-            say(STAGE, f"{facts['truncated_answers']} answers hit --max-new-tokens "
-                       f"{config.max_new_tokens} (eval.json reports the rate per family)")
-        if config.score:
-            with run.timed("score"):
-                result = _score(run, items, {p["id"]: p for p in predictions}, config.tag,
-                                config, config.temperature if config.n_samples else None,
-                                generation_settings)
-            result["trackb"] = {**result.get("trackb", {}), **facts}
-            _finish(run, result, config.run_name)
-            say(STAGE, summary_line(result, seconds))
-        else:
-            say(STAGE, f"{len(items)} items answered in {seconds:.1f} s; scoring is left to "
-                       "`trackb score`")
+        _write_answers(run, config, items, predictions, generation_settings, facts)
+        if progress is not None:
+            progress.finish()
+        _score_or_say(run, config, items, predictions, generation_settings, facts)
+    return run.manifest
+
+
+def generate_answers(run: StageRun, config: EvalConfig, items: list[dict[str, Any]],
+                     progress: Progress | None = None) -> tuple[Generations, str, float]:
+    """``(generations, dtype name, seconds generating)`` for ``items`` on the backend
+    ``config`` chooses, the model and adapter fetched through ``run``; ``progress``
+    advances per answer batch. Raises ConfigError (--backend vllm cannot run here),
+    MissingInputError, InputError (model, adapter or tokenizer unusable)."""
+    model_path, hub = _model_source(config.model)
+    if not hub:
+        model_path = str(run.local_dir("model"))
+    adapter_dir = adapter_root = None
+    if config.adapter:
+        adapter_root = run.local_dir("adapter")
+        adapter_dir = find_adapter(adapter_root, config.adapter)
+    tokenizer_path = _tokenizer_source(adapter_dir, adapter_root, model_path)
+    backend = choose_backend(config.backend, adapter_dir)
+    settings = sampling_settings(config)
+    item_ids = [str(item["id"]) for item in items]
+    on_answers = progress.advance if progress is not None else None
+
+    if backend == "vllm":
+        from transformers import AutoTokenizer
+
+        prompts = [render_prompt(AutoTokenizer.from_pretrained(tokenizer_path),
+                                 item["instruction"]) for item in items]
+        say(STAGE, f"model {config.model}" + (f" + adapter {adapter_dir}" if adapter_dir
+                                              else "") + " on vllm")
+        started = time.perf_counter()
+        with run.timed("generate"):
+            generations, dtype = vllm_backend.generate_vllm(
+                model_path, tokenizer_path, adapter_dir, prompts, item_ids,
+                settings=settings, on_answers=on_answers)
+    else:
+        with run.timed("load_model"):
+            model, tokenizer, device, dtype = load_model(model_path, adapter_dir,
+                                                         tokenizer_path)
+        say(STAGE, f"model {config.model}" + (f" + adapter {adapter_dir}" if adapter_dir
+                                              else "") + f" on {device} ({dtype}, hf)")
+        prompts = [render_prompt(tokenizer, item["instruction"]) for item in items]
+        started = time.perf_counter()
+        with run.timed("generate"):
+            generations = generate_hf(model, tokenizer, device, prompts, item_ids,
+                                      settings=settings, batch_size=config.batch_size,
+                                      on_answers=on_answers)
+    return generations, dtype, round(time.perf_counter() - started, 3)
+
+
+def _write_answers(run: StageRun, config: EvalConfig, items: list[dict[str, Any]],
+                   predictions: list[dict[str, Any]], generation_settings: dict[str, Any],
+                   facts: dict[str, Any]) -> None:
+    """predictions.jsonl, generation.json and the manifest's counts."""
+    run.write_jsonl("predictions.jsonl", predictions)
+    run.write_json(GENERATION_FILE, {"settings": generation_settings, **facts,
+                                     "tag": config.tag,
+                                     "items": [str(item["id"]) for item in items]})
+    run.counts.update({"items": len(items), "tokens_generated": facts["tokens_generated"],
+                       "truncated_answers": facts["truncated_answers"]})
+    if facts["truncated_answers"]:
+        say(STAGE, f"{facts['truncated_answers']} answers hit --max-new-tokens "
+                   f"{config.max_new_tokens} (eval.json reports the rate per family)")
+
+
+def _score_or_say(run: StageRun, config: EvalConfig, items: list[dict[str, Any]],
+                  predictions: list[dict[str, Any]], generation_settings: dict[str, Any],
+                  facts: dict[str, Any]) -> None:
+    """Score the answers into eval.json when ``config.score``; else say who will."""
+    seconds = facts["generation_seconds"]
+    if not config.score or config.partition is not None:
+        say(STAGE, f"{len(items)} items answered in {seconds:.1f} s; scoring is left to "
+                   + ("the merge" if config.partition is not None else "`trackb score`"))
+        return
+    with run.timed("score"):
+        result = _score(run, items, {p["id"]: p for p in predictions}, config.tag,
+                        config, config.temperature if config.n_samples else None,
+                        generation_settings)
+    result["trackb"] = {**result.get("trackb", {}), **facts}
+    _finish(run, result, config.run_name)
+    say(STAGE, summary_line(result, seconds))
+
+
+def merge(config: EvalConfig, out: Store) -> dict[str, Any]:
+    """Write the step's predictions.jsonl, generation.json and manifest into ``out``
+    from its finished parts, then (``score``) score them into eval.json exactly as an
+    unpartitioned run does; returns the manifest. The predictions are byte-identical to
+    an unpartitioned run's. In generation.json and eval.json, tokens and truncated
+    answers are summed, ``generation_seconds`` is the parts' sum (generating time spent,
+    as one process would have spent it) and ``device_name`` the parts' devices; the
+    manifest's ``generate`` timing is the longest part's and ``generate_sum`` the sum.
+
+    Raises ConfigError (no --dataset), MissingInputError naming the parts that are not
+    finished, InputError if the parts were generated with different settings or for
+    other items, StoreError if a part cannot be read or ``out`` written.
+    """
+    if not config.dataset:
+        raise ConfigError("--dataset is required: test.jsonl or the build-dataset folder")
+    if config.score:
+        check_configured()
+    with stage_run(STAGE, config, out) as run:
+        parts = finished_parts(config, out, run.inputs)
+        items = load_items(run, config.max_items, config.seed)
+        generations = [json.loads(store.get_bytes(GENERATION_FILE)) for store, _ in parts]
+        first = {k: v for k, v in generations[0]["settings"].items() if k != "dataset"}
+        for index, ((store, _), generation) in enumerate(zip(parts, generations, strict=True)):
+            wanted = [str(i["id"]) for i in items
+                      if member(str(i["id"]), config.partitions) == index]
+            if generation.get("items") != wanted:
+                raise InputError(f"{store.uri}/{GENERATION_FILE} answers other items than "
+                                 f"its partition of --dataset holds")
+            own = {k: v for k, v in generation["settings"].items() if k != "dataset"}
+            if own != first:
+                differ = sorted(k for k in set(own) | set(first) if own.get(k) != first.get(k))
+                raise InputError(f"the partitions of {out.uri} were generated with different "
+                                 f"settings ({', '.join(differ)}); rerun them with one")
+        rows = parse_jsonl(merge_jsonl_by_id(store.get_bytes("predictions.jsonl")
+                                             for store, _ in parts), out.uri)
+        generation_settings = {**generations[0]["settings"],
+                               "dataset": _dataset_identity(run, items, config.max_items)}
+        devices = sorted({str(g.get("device_name")) for g in generations})
+        facts = {"device_name": ", ".join(devices),
+                 "generation_seconds": round(sum(g["generation_seconds"]
+                                                 for g in generations), 3),
+                 "tokens_generated": sum(g["tokens_generated"] for g in generations),
+                 "truncated_answers": sum(g["truncated_answers"] for g in generations)}
+        _write_answers(run, config, items, rows, generation_settings, facts)
+        seconds = [float(m.get("timings", {}).get("generate", 0.0)) for _, m in parts]
+        run.timings.update({"generate": max(seconds), "generate_sum": round(sum(seconds), 3)})
+        run.extra["partitions"] = part_summary(parts)
+        say(STAGE, f"merged {len(parts)} partitions: {len(items)} items")
+        _score_or_say(run, config, items, rows, generation_settings, facts)
     return run.manifest
 
 

@@ -12,6 +12,11 @@ on the same output, reads the shards back and asks only for what is missing;
 ``responses.jsonl`` is then byte-identical to an uninterrupted run's (nothing in it
 depends on timing, attempts or arrival order). The reference teacher is free and
 deterministic and runs without the cache.
+
+With ``partitions: N`` the tasks are answered in N parts (:mod:`trackb_core.partition`),
+each into ``partitions/part-0000I-of-0000N/`` with its own ``responses.jsonl``, cache
+shards and manifest; :func:`merge` then writes the step's ``responses.jsonl``,
+byte-identical to one part's. Each part may talk to its own server (``base_urls``).
 """
 
 from __future__ import annotations
@@ -30,10 +35,20 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from trackb_core.config import StageConfig, input_field
+from trackb_core.config import input_field
 from trackb_core.errors import InputError, StoreError
 from trackb_core.openai_teacher import OpenAITeacher
-from trackb_core.partition import PartitionOptions
+from trackb_core.partition import (
+    PartitionOptions,
+    Progress,
+    finished_parts,
+    member,
+    merge_jsonl_by_id,
+    part_store,
+    part_summary,
+    run_parts,
+    sum_counts,
+)
 from trackb_core.stage import say, stage_run
 from trackb_core.store import LocalStore, Store
 from trackb_core.teacher import (
@@ -73,9 +88,24 @@ class GenerateConfig(PartitionOptions):
         "or 'openai' (an OpenAI-compatible server at --base-url)")
     base_url: str = Field("http://localhost:8000/v1",
                           description="Base URL of the OpenAI-compatible server (openai teacher)")
+    base_urls: list[str] = Field(
+        [], description="One base URL per partition: part I asks base_urls[I % count] "
+        "(several servers on one machine); empty: every part asks --base-url (on "
+        "Kubernetes each pod has its own server there)")
     model: str | None = Field(None, description="Model name on the server; empty means the "
                               "first model the server lists at /v1/models")
-    concurrency: int = Field(32, ge=1, description="Requests in flight at once (openai teacher)")
+    # 64 saturates one vLLM replica of the default teacher on a T4 (16 GB): AWQ weights
+    # ~5.4 GiB of the 0.9 x 15 GiB vLLM may use leave ~6.5 GiB of KV cache after
+    # activations and CUDA graphs; Qwen2.5-7B keeps 28 layers x 4 KV heads x 128 dims x
+    # 2 (K, V) x 2 bytes = 56 KiB per token, so ~120k tokens, ~110 requests of a typical
+    # ~1.1k tokens (prompt ~500 + answer ~600). 64 keeps the batch full (vLLM's
+    # max_num_seqs is 256, above it) with headroom for answers that grow toward
+    # max_tokens and retries at twice the budget, so vLLM rarely preempts, and each
+    # answer's wait stays within --timeout; more would only queue in the server.
+    concurrency: int = Field(64, ge=1, description="Requests in flight at once per "
+                             "partition (openai teacher); 64 keeps one vLLM replica of a "
+                             "7B AWQ teacher on a T4 busy (KV cache for ~110 typical "
+                             "requests), more only queue in the server")
     max_tokens: int = Field(2048, ge=1, description="Tokens asked for per answer at first; a "
                             "truncated answer is asked again with twice as many")
     max_tokens_cap: int = Field(8192, ge=1, description="Most tokens per answer (at least "
@@ -96,6 +126,14 @@ class GenerateConfig(PartitionOptions):
                              "holding the server's API key (the key itself is never stored)")
 
     @property
+    def teacher_url(self) -> str:
+        """The base URL this run's teacher asks: its partition's entry of ``base_urls``
+        (part 0 for an unpartitioned run), else ``base_url``."""
+        if not self.base_urls:
+            return self.base_url
+        return self.base_urls[(self.partition or 0) % len(self.base_urls)]
+
+    @property
     def kind(self) -> TeacherKind:
         """What the chosen teacher is, for code that has no teacher object (a cluster run
         needs a server when ``kind.needs_server``)."""
@@ -107,7 +145,7 @@ def make_teacher(config: GenerateConfig) -> Teacher:
     if config.teacher == "reference":
         return ReferenceTeacher()
     return OpenAITeacher(
-        config.base_url, model=config.model or None,
+        config.teacher_url, model=config.model or None,
         api_key=os.environ.get(config.api_key_env) or None,
         concurrency=config.concurrency, max_tokens=config.max_tokens,
         max_tokens_cap=config.max_tokens_cap, temperature=config.temperature, n=config.n,
@@ -277,15 +315,38 @@ def response_row(task: dict[str, Any], entry: dict[str, Any], teacher: str) -> d
 def run(config: GenerateConfig, out: Store) -> dict:
     """Run the generate stage into ``out``; returns the manifest.
 
+    With ``partition`` set: only that part's tasks, into its part folder of ``out``.
+    With ``partitions`` > 1 and no ``partition``: every unfinished part as a process here
+    (:func:`trackb_core.partition.run_parts`), then :func:`merge`.
+
     Raises MissingInputError (no tasks file), InputError (malformed tasks),
     UnavailableError (teacher server not ready in time or gone), ConfigError
-    (credentials, model), StoreError (cache shards unreadable or unwritable).
+    (credentials, model), StoreError (cache shards unreadable or unwritable),
+    PartitionsFailed (naming the parts that failed; the others are kept).
     """
+    if config.partition is not None:
+        part = config.part(config.partition)
+        return _generate(part, part_store(out, config.partition, config.partitions))
+    if config.partitions > 1:
+        # Answering is network-bound: every part runs at once unless told otherwise.
+        run_parts(STAGE, config, out, parallel=None if config.teacher == "reference"
+                  else config.partitions)
+        return merge(config, out)
+    return _generate(config, out)
+
+
+def _generate(config: GenerateConfig, out: Store) -> dict:
+    """One stage run: every task, or the tasks of ``config.partition``; see :func:`run`."""
     from tqdm import tqdm
 
     with stage_run(STAGE, config, out) as run:
         tasks = run.read_jsonl("tasks")
         check_tasks(tasks, run.input_uri("tasks"))
+        progress = None
+        if config.partition is not None:
+            tasks = [t for t in tasks
+                     if member(str(t["id"]), config.partitions) == config.partition]
+            progress = Progress(out, len(tasks))
         by_id = {str(t["id"]): t for t in tasks}
         teacher = make_teacher(config)
         model = teacher.connect(lambda message: say(STAGE, message))
@@ -305,6 +366,8 @@ def run(config: GenerateConfig, out: Store) -> dict:
         pending = [task for task in tasks if str(task["id"]) not in outcomes]
         say(STAGE, f"{len(tasks)} tasks, teacher {teacher.name}: {len(outcomes)} from the "
                    f"cache, {len(pending)} to ask")
+        if progress is not None:
+            progress.advance(len(outcomes))
 
         failures: Counter[str] = Counter()
         try:
@@ -322,6 +385,8 @@ def run(config: GenerateConfig, out: Store) -> dict:
                         failures[str(result.reason)] += 1
                         bar.set_postfix(failed=sum(failures.values()), refresh=False)
                     bar.update(1)
+                    if progress is not None:
+                        progress.advance()
         finally:
             if cache is not None:
                 cache.close()
@@ -349,6 +414,44 @@ def run(config: GenerateConfig, out: Store) -> dict:
                    f"rejected {dict(rejected) or 0}")
         if not kept:
             say(STAGE, "warning: no task got a usable response")
+        if progress is not None:
+            progress.finish()
+    return run.manifest
+
+
+def merge(config: GenerateConfig, out: Store) -> dict:
+    """Write the step's ``responses.jsonl`` and manifest into ``out`` from its finished
+    parts; returns the manifest. The file is the parts' rows sorted by id, byte-identical
+    to an unpartitioned run's; counts are summed (tokens and retries too), timings are
+    the longest part's (``generate``: the parts ran side by side) and their sum
+    (``generate_sum``); the manifest's ``partitions`` lists each part's counts.
+
+    Raises MissingInputError naming the parts that are not finished, InputError if the
+    parts were answered by different teacher models or overlap, StoreError if a part
+    cannot be read or ``out`` written.
+    """
+    with stage_run(STAGE, config, out) as run:
+        parts = finished_parts(config, out, run.inputs)
+        teachers = [dict(manifest.get("teacher") or {}) for _, manifest in parts]
+        models = sorted({str(t.get("model")) for t in teachers})
+        if len(models) > 1:
+            raise InputError(f"the partitions of {out.uri} were answered by different "
+                             f"teacher models ({', '.join(models)}); rerun them against "
+                             "one model")
+        urls = [t.pop("base_url", None) for t in teachers]
+        run.extra["teacher"] = {**teachers[0], **({"base_url": urls[0]} if len(set(urls)) == 1
+                                                  else {"base_urls": urls})}
+        try:
+            data = merge_jsonl_by_id(store.get_bytes("responses.jsonl") for store, _ in parts)
+        except ValueError as exc:
+            raise InputError(f"the partitions of {out.uri} do not merge: {exc}") from exc
+        run.write_bytes("responses.jsonl", data)
+        run.counts.update(sum_counts(manifest.get("counts", {}) for _, manifest in parts))
+        seconds = [float(m.get("timings", {}).get("generate", 0.0)) for _, m in parts]
+        run.timings.update({"generate": max(seconds), "generate_sum": round(sum(seconds), 3)})
+        run.extra["partitions"] = part_summary(parts)
+        say(STAGE, f"merged {len(parts)} partitions: {run.counts.get('responses', 0)} "
+                   f"responses of {run.counts.get('tasks', 0)} tasks")
     return run.manifest
 
 

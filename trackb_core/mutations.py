@@ -206,7 +206,8 @@ class Assignment:
 
 
 def assign_mutations(functions: Mapping[str, ParsedFunction], seed: int, *,
-                     max_share: float = MAX_KIND_SHARE) -> Assignment:
+                     max_share: float = MAX_KIND_SHARE,
+                     kinds: Mapping[str, int] | None = None) -> Assignment:
     """One mutant per function of ``functions`` (function id -> parsed function),
     balancing kinds across the corpus.
 
@@ -216,21 +217,29 @@ def assign_mutations(functions: Mapping[str, ParsedFunction], seed: int, *,
     ``max_share`` of all mutants (functions that had no other choice), the seeded
     last of them are marked ``over_cap`` until it no longer does. Deterministic for
     the same functions and seed. Functions too deeply nested to walk get no mutant.
+    Only the number of kinds is held per function between counting and choosing, so a
+    ``functions`` mapping that parses on access keeps no AST alive; ``kinds`` (function
+    id -> its number of kinds with a site, as :func:`kinds_with_sites` counts them),
+    when the caller counted them already, saves reading ``functions`` twice.
     """
-    candidates: dict[str, dict[str, list[Site]]] = {}
-    for function_id, parsed in functions.items():
-        try:
-            sites = mutation_sites(parsed)
-        except (RecursionError, MemoryError):
-            continue
-        if sites:
-            candidates[function_id] = _group(sites)
-    order = sorted(candidates, key=lambda f: (len(candidates[f]), _rank(seed, f, "")))
+    candidates: dict[str, int] = {}
+    if kinds is not None:
+        candidates = {function_id: n for function_id, n in kinds.items() if n}
+    else:
+        for function_id, parsed in functions.items():
+            n = kinds_with_sites(parsed)
+            if n:
+                candidates[function_id] = n
+    order = sorted(candidates, key=lambda f: (candidates[f], _rank(seed, f, "")))
     counts = dict.fromkeys(KINDS, 0)
     mutants: dict[str, tuple[str, dict[str, Any]]] = {}
     for function_id in order:
-        by_kind = candidates[function_id]
-        source = functions[function_id].source
+        try:
+            parsed = functions[function_id]
+            by_kind = _group(mutation_sites(parsed))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue  # parsed on access and no longer parses: no mutant
+        source = parsed.source
         for kind in sorted(by_kind, key=lambda k: (counts[k], _rank(seed, function_id, k))):
             found = _first_valid(source, by_kind[kind], seed, function_id)
             if found is not None:
@@ -238,6 +247,15 @@ def assign_mutations(functions: Mapping[str, ParsedFunction], seed: int, *,
                 counts[kind] += 1
                 break
     return Assignment(mutants, frozenset(_over_cap(mutants, seed, max_share)))
+
+
+def kinds_with_sites(parsed: ParsedFunction) -> int:
+    """How many mutation kinds have a site in ``parsed`` (0 when it is nested too deeply
+    to walk). Raises nothing."""
+    try:
+        return len(_group(mutation_sites(parsed)))
+    except (RecursionError, MemoryError):
+        return 0
 
 
 def _over_cap(mutants: dict[str, tuple[str, dict[str, Any]]], seed: int,

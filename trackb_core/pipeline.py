@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import Field, create_model, field_validator
 
 from trackb_core.config import StageConfig
+from trackb_core.corpus import CORPUS_HELP, CorpusSetting
 from trackb_core.errors import ConfigError
 from trackb_core.k8s.settings import KubernetesConfig
 from trackb_core.stage import MANIFEST, cached_manifest, say
@@ -39,8 +40,7 @@ class PipelineSettings(StageConfig):
         "local", description="Where stages run: local = this machine, one after another; "
         "k8s = Kubernetes Jobs (settings in 'kubernetes', cluster from kubeconfig or the "
         "pod's service account).")
-    corpus: str = Field("pypi:verl==0.9.1", description="The corpus: a folder of .py files or "
-                        "pypi:NAME==VERSION.")
+    corpus: CorpusSetting = Field("pypi:verl==0.9.1", description=CORPUS_HELP)
     model: str = Field(TINY, description="Base model to fine-tune and evaluate: a hub id, a "
                        "local folder or store URI, or 'tiny' to build a tiny model from the "
                        "corpus inside the run (CPU demo).")
@@ -152,6 +152,10 @@ def step_config(step: Step, config: PipelineSettings, run: Store) -> StageConfig
         section = getattr(config, step.section)
     else:
         section = step.cli.load()[1]()
+    if getattr(section, "partition", None) is not None:
+        # One part alone would never be merged, and the step would run again each time.
+        raise ConfigError(f"{step.section}.partition is set by the run for each part of "
+                          f"the step; set {step.section}.partitions instead")
     inputs = {name: _resolve(ref, config, run) for name, ref in step.inputs.items()}
     wired = _wired(section, **inputs).model_copy(update=dict(step.fixed))
     if "run_name" in type(wired).model_fields and wired.run_name is None:

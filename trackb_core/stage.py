@@ -82,8 +82,9 @@ def upstream_corpus(uri: str, filename: str) -> dict[str, Any] | None:
     """The corpus a stage output descends from, found by following manifests upstream.
 
     E.g. responses -> generate's manifest -> its tasks input -> extract's manifest ->
-    its ``corpus`` input (``{"uri", "kind", "sha256", ...}``). Best effort: an unreadable
-    chain returns None, never raises.
+    its ``corpus`` input (``{"uri", "kind", "sha256", ...}``; for several corpora
+    ``corpora`` lists each one's provenance). Best effort: an unreadable chain returns
+    None, never raises.
     """
     for _, _, manifest in _upstream_chain(uri, filename):
         corpus = (manifest.get("inputs") or {}).get("corpus")
@@ -129,6 +130,9 @@ def upstream_corpus_dir(uri: str, filename: str, fetch: bool = False) -> Path | 
                 say("corpus", f"stored corpus snapshot unusable ({exc}); resolving "
                               f"{corpus.get('uri')} instead")
         spec = str(corpus.get("uri", ""))
+        if spec.lstrip().startswith("["):
+            say("corpus", "no usable snapshot of the run's corpora")
+            return None
         if spec.startswith(PYPI_PREFIX) and not fetch:
             say("corpus", f"no usable snapshot; {spec} is not downloaded on a manifest's "
                           "word (fetch_upstream_corpus allows it)")
@@ -164,8 +168,10 @@ def hash_input(uri: str, kind: str, filename: str = "") -> dict[str, Any]:
         store, key = resolve_file(uri, filename)
         return {"uri": uri, "file": key, "sha256": store.sha256(key)}
     if kind == "corpus":
-        from trackb_core.corpus import resolve_corpus
+        from trackb_core.corpus import corpora_input, resolve_corpus
 
+        if uri.lstrip().startswith("["):  # a list of corpora (config.declared_inputs)
+            return corpora_input(uri)
         corpus = resolve_corpus(uri)
         return {"uri": uri, "sha256": corpus.sha256, **corpus.metadata}
     if kind in ("dir", "model"):
@@ -251,18 +257,21 @@ def hash_inputs(config: StageConfig) -> dict[str, dict[str, Any]]:
     return hashed
 
 
-def cached_manifest(config: StageConfig, out: Store) -> dict[str, Any] | None:
+def cached_manifest(config: StageConfig, out: Store,
+                    inputs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """The existing manifest if ``out`` already holds this exact stage result, else None.
 
     Matching means: same fingerprint (config and input hashes) and every output the
-    manifest lists still exists with its recorded size.
+    manifest lists still exists with its recorded size. ``inputs``: the config's input
+    hashes when the caller has them (:func:`hash_inputs`; a partitioned step checks N
+    parts of the same inputs), else they are hashed here.
     """
     try:
         manifest = json.loads(out.get_bytes(MANIFEST))
     except (MissingInputError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     try:
-        wanted = fingerprint(config, hash_inputs(config))
+        wanted = fingerprint(config, hash_inputs(config) if inputs is None else inputs)
     except (MissingInputError, ConfigError):
         return None
     if manifest.get("fingerprint") != wanted:
@@ -317,6 +326,12 @@ class StageRun:
     def write_bytes(self, key: str, data: bytes) -> None:
         self.out.put_bytes(key, data)
         self.outputs[key] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Upload the local file ``path`` as output ``key``, streamed (never read whole
+        into memory). Raises StoreError."""
+        self.out.put_file(key, Path(path))
+        self.outputs[key] = {"sha256": self.out.sha256(key), "bytes": Path(path).stat().st_size}
 
     def write_text(self, key: str, text: str) -> None:
         self.write_bytes(key, text.encode("utf-8"))

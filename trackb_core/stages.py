@@ -61,7 +61,7 @@ class Command:
 
 COMMANDS: tuple[Command, ...] = (
     Command("extract", "extract", "ExtractConfig",
-            "corpus -> functions.jsonl, tasks.jsonl"),
+            "corpus -> functions.jsonl, tasks.jsonl", merger="merge"),
     Command("generate", "generate", "GenerateConfig",
             "tasks -> responses.jsonl (reference or OpenAI-compatible teacher)",
             merger="merge"),

@@ -49,6 +49,7 @@ def paused_gc() -> Iterator[None]:
 def build_tasks(
     functions: list[dict[str, Any]], categories: list[str] | tuple[str, ...], seed: int,
     *, parsed: Mapping[str, ParsedFunction] | None = None,
+    assignment: Assignment | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """``(tasks, skipped_by_reason)`` for ``functions`` (rows of ``functions.jsonl``).
 
@@ -59,15 +60,18 @@ def build_tasks(
     whose source does not parse, or is nested too deeply to walk, is skipped and counted
     per category (``{category}_unparsable`` / ``{category}_too_deep``); so is one whose
     source holds a code fence (``{category}_fence_in_source``), and each family counts
-    its own skips. Raises ValueError for an unknown category.
+    its own skips. ``assignment`` is the corpus-wide choice of mutants
+    (:func:`~trackb_core.mutations.assign_mutations`) when ``functions`` is one part of
+    a corpus built part by part; default: assigned here over ``functions``. Raises
+    ValueError for an unknown category.
     """
     wanted = families.resolve(categories)
     with paused_gc():
-        return _build_tasks(functions, wanted, seed, parsed or {})
+        return _build_tasks(functions, wanted, seed, parsed or {}, assignment)
 
 
 def _build_tasks(functions: list[dict[str, Any]], wanted: list[Family], seed: int,
-                 parsed: Mapping[str, ParsedFunction]
+                 parsed: Mapping[str, ParsedFunction], assignment: Assignment | None = None,
                  ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     skipped: dict[str, int] = {}
 
@@ -84,10 +88,10 @@ def _build_tasks(functions: list[dict[str, Any]], wanted: list[Family], seed: in
             unusable[fn["id"]] = "unparsable"
         except (RecursionError, MemoryError):
             unusable[fn["id"]] = "too_deep"
-    if any(family.needs_mutants for family in wanted):
+    if assignment is None and any(family.needs_mutants for family in wanted):
         mutable = {fid: views[fid] for fid in views if "```" not in views[fid].source}
         assignment = assign_mutations(mutable, seed)
-    else:
+    elif assignment is None:
         assignment = Assignment({}, frozenset())
 
     tasks: list[dict[str, Any]] = []

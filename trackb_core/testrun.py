@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from trackb_core.codeblocks import parses
+from trackb_core.corpus import import_root
 from trackb_core.pyast import (
     bound_function,
     dump,
@@ -422,7 +423,8 @@ def run_against(tests: str, item: dict, corpus: Path, budget: Budget, *,
     if source_file is None:
         return ("source_file is not a .py path inside the corpus: "
                 f"{str(item.get('source_file'))[:120]!r}")
-    corpus = Path(corpus).resolve()
+    # several corpora: each imports from its own folder of the snapshot
+    corpus, source_file = import_root(Path(corpus).resolve(), source_file)
     path = corpus / source_file
     if not path.is_file() or path.is_symlink():
         return f"source file not in corpus: {source_file!r}"

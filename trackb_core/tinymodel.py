@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import Field
 
 from trackb_core.config import StageConfig, input_field
+from trackb_core.corpus import CORPUS_HELP, CorpusSetting
 from trackb_core.errors import InputError
 from trackb_core.stage import say, stage_run
 from trackb_core.store import Store
@@ -60,7 +61,8 @@ MAX_FILE_BYTES = 1_000_000
 class TinyModelConfig(StageConfig):
     """Build a tiny Qwen2-architecture code model offline: corpus BPE tokenizer + brief CPU pretraining.
 
-    Reads the corpus (a folder of .py files or pypi:NAME==VERSION). Writes, directly in
+    Reads the corpus, or every corpus of a list (folders of .py files,
+    pypi:NAME==VERSION, repository archives). Writes, directly in
     --out, a Hugging Face model folder (config.json, model.safetensors,
     generation_config.json, tokenizer.json, tokenizer_config.json, chat template) that
     --model accepts, plus pretrain_metrics.json. The default size learns through LoRA on
@@ -68,9 +70,9 @@ class TinyModelConfig(StageConfig):
     --pretrain-steps for a byte-identical model).
     """
 
-    corpus: str = input_field(
+    corpus: CorpusSetting = input_field(
         "pypi:verl==0.9.1",
-        description="Corpus to train the tokenizer and pretrain on: a folder or pypi:NAME==VERSION",
+        description="Corpus (or corpora) to train the tokenizer and pretrain on. " + CORPUS_HELP,
         kind="corpus",
     )
     vocab_size: int = Field(4096, ge=300, description="BPE vocabulary size, special tokens included")
@@ -93,13 +95,15 @@ class TinyModelConfig(StageConfig):
     seed: int = Field(42, description="Seed for tokenizer order, init, chunk shuffling")
 
 
-def corpus_texts(root: Path) -> list[tuple[str, str]]:
-    """``(relative path, text)`` for every readable UTF-8 ``.py`` file under ``root``, sorted.
+def corpus_texts(root: Path, files: list[Path] | None = None, prefix: str = ""
+                 ) -> list[tuple[str, str]]:
+    """``(relative path, text)`` for every readable UTF-8 ``.py`` file under ``root`` (or
+    of ``files``, those a corpus's globs take), sorted; paths start with ``prefix``.
 
     Raises InputError if there is none.
     """
     texts = []
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(root.rglob("*.py")) if files is None else files:
         if not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
             continue
         try:
@@ -107,7 +111,7 @@ def corpus_texts(root: Path) -> list[tuple[str, str]]:
         except (UnicodeDecodeError, OSError):
             continue
         if text.strip():
-            texts.append((path.relative_to(root).as_posix(), text))
+            texts.append((prefix + path.relative_to(root).as_posix(), text))
     if not texts:
         raise InputError(f"corpus {root} holds no readable UTF-8 .py files")
     return texts
@@ -312,20 +316,26 @@ def pretrain(model, chunks, config: TinyModelConfig) -> dict[str, Any]:
 def build_tiny_model(config: TinyModelConfig, out_dir: Path) -> dict[str, Any]:
     """Build, pretrain and save the tiny model into ``out_dir``; returns pretrain metrics.
 
-    Raises InputError if the corpus has no usable .py files or too little text,
+    Every corpus of ``config.corpus`` is read (each must hold a usable file). Raises
+    InputError if a corpus has no usable .py files or there is too little text,
     ConfigError on inconsistent sizes, MissingInputError if the corpus cannot be found,
     TrackbError if pretraining diverges.
     """
     import torch
     from transformers import GenerationConfig
 
-    from trackb_core.corpus import resolve_corpus
+    from trackb_core.corpus import corpus_files, resolve_corpora
 
     check_sizes(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = resolve_corpus(config.corpus)
-    files = corpus_texts(Path(corpus.path))
+    corpora = resolve_corpora(config.corpus)
+    # globs choose a corpus's files; without them every file, in the order one corpus
+    # always had (so a single corpus gives the same model as before)
+    files = [text for corpus in corpora for text in corpus_texts(
+        Path(corpus.path), corpus_files(corpus.path, corpus.include, corpus.exclude)
+        if corpus.include or corpus.exclude else None,
+        f"{corpus.key}/" if len(corpora) > 1 else "")]
     texts = [text for _, text in files]
     say(STAGE, f"{len(files)} .py files, {sum(len(t) for t in texts):,} characters")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from trackb_core.errors import InputError
@@ -107,10 +108,12 @@ def vllm_dtype() -> str:
 
 
 def generate_vllm(model_path: str, tokenizer_path: str, adapter_dir: Path | None,
-                  prompts: list[str], item_ids: list[str], *, settings: SamplingSettings
+                  prompts: list[str], item_ids: list[str], *, settings: SamplingSettings,
+                  on_answers: Callable[[int], None] | None = None
                   ) -> tuple[Generations, str]:
     """Greedy answers and ``settings.n_samples`` samples per prompt, with vLLM; each
-    item's samples drawn with its own seed (:func:`trackb_core.generation.item_seed`).
+    item's samples drawn with its own seed (:func:`trackb_core.generation.item_seed`);
+    ``on_answers(n)`` after the greedy pass and after the samples (``n`` answers each).
 
     Returns the :class:`trackb_core.generation.Generations` and the dtype name. Raises
     InputError if the tokenizer or the adapter cannot be read or the adapter cannot be
@@ -154,6 +157,8 @@ def generate_vllm(model_path: str, tokenizer_path: str, adapter_dir: Path | None
     greedy = [finish_answer(tokenizer, list(output.outputs[0].token_ids), stops, settings)
               for output in llm.generate(requests, greedy_params, lora_request=lora_request,
                                          use_tqdm=False)]
+    if on_answers is not None:
+        on_answers(len(greedy))
     samples: list[list[Answer]] = [[] for _ in prompts]
     if settings.n_samples:
         per_item = [SamplingParams(**settings.vllm(sample=True, stop_ids=stops,
@@ -163,4 +168,6 @@ def generate_vllm(model_path: str, tokenizer_path: str, adapter_dir: Path | None
         for index, output in enumerate(outputs):
             samples[index] = [finish_answer(tokenizer, list(c.token_ids), stops, settings)
                               for c in output.outputs]
+        if on_answers is not None:
+            on_answers(sum(len(answers) for answers in samples))
     return Generations(greedy=greedy, samples=samples, device="cuda", backend="vllm"), dtype

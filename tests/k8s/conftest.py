@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -275,6 +276,14 @@ class FakeJobController(BackgroundLoop):
     (Pending on a volume another pod holds); ``hold`` (Running until ``release`` is set,
     then as ``ok``).
     ``completed`` records (stage, perf_counter time) when a Job is marked Complete.
+
+    A partitioned step's Indexed Job (:meth:`_run_indexed`) gets a pod per completion
+    index, at most ``parallelism`` at a time, each annotated with its index and running
+    its part (``--partition`` from the pod's environment, as jobs/_entry.py reads it).
+    ``behaviour`` may name one part, ``"<stage>#<part>"``, with ``ok``, ``hold`` or
+    ``fail`` (exit 1 on every try: the index fails once backoffLimitPerIndex is spent).
+    A pod deleted while it holds is replaced for its index, as the Job controller does.
+    ``part_pods`` counts the pods started per (stage, part).
     """
 
     def __init__(self, emulator: Emulator, config, run_id: str,
@@ -296,6 +305,8 @@ class FakeJobController(BackgroundLoop):
         self.kube.api_client.user_agent = CONTROLLER_AGENT
         self.completed: list[tuple[str, float]] = []
         self.started: list[str] = []
+        self.part_pods: Counter[tuple[str, int]] = Counter()
+        self._lock = threading.Lock()
         self.holding: set[str] = set()  # stages whose pod runs until release is set
         self.release = threading.Event()
         # What a prepared namespace holds (Secrets, ...): preflight checks for it.
@@ -337,9 +348,14 @@ class FakeJobController(BackgroundLoop):
                 self.errors.append(traceback.format_exc())
 
     def _run_job_inner(self, job: dict[str, Any]) -> None:
+        from trackb_core.k8s import jobspec
+
         name = job["metadata"]["name"]
         stage = job["metadata"]["labels"]["trackb/stage"]
         self.started.append(stage)
+        if jobspec.job_parts(job) is not None:
+            self._run_indexed(job)
+            return
         template = job["spec"]["template"]
         pod_name = f"{name}-{len(self.started):05d}"
         if self.behaviour.get(stage) in FAILED_CREATE:
@@ -417,11 +433,13 @@ class FakeJobController(BackgroundLoop):
         self.emulator.logs[pod_name] = f"[{stage}] running\n[{stage}] wrote manifest.json\n"
         self._end(name, pod_name, stage, exit_code=0, reason="Completed", message="")
 
-    def _run_stage(self, stage: str, job: dict[str, Any]) -> None:
-        """Run the stage as its pod would: config from the Job's ConfigMap, --out from args."""
+    def _run_stage(self, stage: str, job: dict[str, Any], partition: int | None = None) -> None:
+        """Run the stage as its pod would: config from the Job's ConfigMap, --out from
+        args; ``partition``: only that part, into its folder (as --partition does)."""
         import yaml
 
         from trackb_core.k8s import jobspec
+        from trackb_core.partition import part_store
         from trackb_core.pipeline import run_step
         from trackb_core.stage import stage_run
         from trackb_core.stages import step
@@ -434,22 +452,150 @@ class FakeJobController(BackgroundLoop):
                       if "configMap" in v)
         config_map = self.kube.get("ConfigMap", self.namespace, volume["configMap"]["name"])
         expected = jobspec.stage_configs(self.config, self.run_id)[stage]
-        stage_config = type(expected).model_validate(
-            yaml.safe_load(config_map["data"][jobspec.CONFIG_FILE]))
+        data = yaml.safe_load(config_map["data"][jobspec.CONFIG_FILE])
+        if partition is not None:
+            data["partition"] = partition
+        stage_config = type(expected).model_validate(data)
         if not self.fake(stage):
             run_step(step(stage), stage_config, out)
             return
+        if partition is not None:
+            out = part_store(out, partition, stage_config.partitions)
         with stage_run(stage, stage_config, out) as run:
             for filename in FAKE_OUTPUTS.get(stage, ["result.txt"]):
                 run.write_text(filename, f"fake {stage} result\n")
 
-    def _end(self, job: str, pod: str, stage: str, *, exit_code: int, reason: str,
-             message: str, job_reason: tuple[str, str] | None = None) -> None:
+    # -- a partitioned step's Indexed Job --------------------------------------------------
+    def _run_indexed(self, job: dict[str, Any]) -> None:
+        """Run every completion index, at most ``parallelism`` at once; the Job is Complete
+        when every index succeeded, else Failed (FailedIndexes) listing the failed ones."""
+        from trackb_core.k8s import jobspec
+
+        spec = job["spec"]
+        completions = spec["completions"]
+        parts = jobspec.job_parts(job)
+        assert parts is not None and len(parts) == completions, (parts, completions)
+        waiting = list(range(completions))
+        outcome: dict[int, bool] = {}
+
+        def worker() -> None:
+            try:
+                while True:
+                    with self._lock:
+                        if not waiting:
+                            return
+                        index = waiting.pop(0)
+                    outcome[index] = self._run_index(job, index)
+                    if outcome[index]:
+                        done = sorted(i for i, ok in outcome.items() if ok)
+                        self._patch_job(job["metadata"]["name"], {
+                            "succeeded": len(done),
+                            "completedIndexes": ",".join(map(str, done))})
+            except Exception as exc:
+                if not (self._stop.is_set() or _gone(exc)):
+                    self.errors.append(traceback.format_exc())
+
+        workers = [threading.Thread(target=worker, daemon=True)
+                   for _ in range(min(spec.get("parallelism", completions), completions))]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        if len(outcome) < completions:
+            return  # the Job went away (deleted) or the test ended
+        stage = job["metadata"]["labels"]["trackb/stage"]
+        failed = sorted(i for i, ok in outcome.items() if not ok)
+        if failed:
+            self._patch_job(job["metadata"]["name"], {
+                "failed": len(failed), "failedIndexes": ",".join(map(str, failed)),
+                "conditions": [{"type": "Failed", "status": "True", "reason": "FailedIndexes",
+                                "message": "Job has failed indexes",
+                                "lastTransitionTime": _now()}]})
+            return
+        self._patch_job(job["metadata"]["name"], {
+            "completionTime": _now(), "conditions": [
+                {"type": "Complete", "status": "True", "lastTransitionTime": _now()}]})
+        self.completed.append((stage, time.perf_counter()))
+
+    def _run_index(self, job: dict[str, Any], index: int) -> bool:
+        """The pods of one completion index until one succeeds (True) or its retries
+        (backoffLimitPerIndex) are spent (False). A pod deleted while it runs is replaced."""
+        from trackb_core.k8s import jobspec
+
+        name = job["metadata"]["name"]
+        stage = job["metadata"]["labels"]["trackb/stage"]
+        template = job["spec"]["template"]
+        part = jobspec.job_parts(job)[index]
+        behaviour = self.behaviour.get(f"{stage}#{part}", self.behaviour.get(stage, "ok"))
+        tries = job["spec"].get("backoffLimitPerIndex", 0) + 1
+        while tries > 0 and not self._stop.is_set():
+            pod_name = f"{name}-{index}-{uuid.uuid4().hex[:5]}"
+            with self._lock:
+                self.part_pods[stage, part] += 1
+            annotations = {**(template["metadata"].get("annotations") or {}),
+                           jobspec.COMPLETION_INDEX_ANNOTATION: str(index)}
+            self.core.create_namespaced_pod(self.namespace, {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod_name, "namespace": self.namespace,
+                             "creationTimestamp": _now(), "annotations": annotations,
+                             "labels": {**template["metadata"]["labels"], "job-name": name,
+                                        jobspec.COMPLETION_INDEX_ANNOTATION: str(index)}},
+                "spec": template["spec"]}, _preload_content=False)
+            self._patch_pod(pod_name, {"phase": "Running", "startTime": _now(),
+                                       "containerStatuses": [self._state("running", {})]})
+            if behaviour == "hold":
+                self.holding.add(stage)
+                while not (self.release.is_set() or self._stop.is_set()
+                           or self._pod_gone(pod_name)):
+                    self.release.wait(0.1)
+            if self._pod_gone(pod_name):
+                continue  # deleted while running: the Job controller makes a new pod
+            # What the kubelet would give the container: the Job's env, the downward API
+            # resolved from the pod's annotations; the entry reads its part from it.
+            env = {var["name"]: var["value"] if "value" in var
+                   else annotations[re.search(r"annotations\['(.+)'\]", var["valueFrom"][
+                       "fieldRef"]["fieldPath"]).group(1)]
+                   for var in template["spec"]["containers"][0]["env"]
+                   if var["name"] in (jobspec.PARTITIONS_ENV, jobspec.COMPLETION_INDEX_ENV)}
+            partition = jobspec.pod_partition(env)
+            assert partition == part, (partition, part)
+            if behaviour == "fail":
+                tries -= 1
+                self.emulator.logs[pod_name] = f"[{stage}] part {part}\ntrackb: teacher gone\n"
+                self._end_pod(pod_name, exit_code=1, reason="Error",
+                              message="trackb: the teacher went away")
+                continue
+            try:
+                self._run_stage(stage, job, partition)
+            except TrackbError as exc:
+                self.emulator.logs[pod_name] = f"trackb: {exc}\n"
+                self._end_pod(pod_name, exit_code=exc.exit_code, reason="Error",
+                              message=f"trackb: {exc}")
+                return False
+            self.emulator.logs[pod_name] = f"[{stage}] part {part}\n[{stage}] wrote manifest.json\n"
+            self._end_pod(pod_name, exit_code=0, reason="Completed", message="")
+            return True
+        return False
+
+    def _pod_gone(self, name: str) -> bool:
+        try:
+            self.core.read_namespaced_pod(name, self.namespace, _preload_content=False)
+        except Exception as exc:
+            if _gone(exc):
+                return True
+            raise
+        return False
+
+    def _end_pod(self, pod: str, *, exit_code: int, reason: str, message: str) -> None:
         terminated = {"exitCode": exit_code, "reason": reason, "finishedAt": _now()}
         if message:
             terminated["message"] = message
         self._patch_pod(pod, {"phase": "Succeeded" if exit_code == 0 else "Failed",
                               "containerStatuses": [self._state("terminated", terminated)]})
+
+    def _end(self, job: str, pod: str, stage: str, *, exit_code: int, reason: str,
+             message: str, job_reason: tuple[str, str] | None = None) -> None:
+        self._end_pod(pod, exit_code=exit_code, reason=reason, message=message)
         if exit_code == 0:
             self._patch_job(job, {"succeeded": 1, "completionTime": _now(), "conditions": [
                 {"type": "Complete", "status": "True", "lastTransitionTime": _now()}]})
@@ -512,6 +658,24 @@ class FakeJobController(BackgroundLoop):
     def _patch_job(self, name: str, status: dict[str, Any]) -> None:
         self.batch.patch_namespaced_job(name, self.namespace, {"status": status},
                                         _preload_content=False)
+
+
+@pytest.fixture
+def launcher_said(monkeypatch) -> list[str]:
+    """Every line the launcher says, recorded as it is said. (capsys, read from the test
+    thread while the launcher's thread prints, drops a line written between its read and
+    its reset: a test that polled it failed now and then on a busy machine.)"""
+    from trackb_core.k8s import launcher
+
+    lines: list[str] = []
+    real = launcher.say
+
+    def record(stage: str, message: str) -> None:
+        lines.append(f"[{stage}] {message}")
+        real(stage, message)
+
+    monkeypatch.setattr(launcher, "say", record)
+    return lines
 
 
 @pytest.fixture

@@ -357,7 +357,9 @@ def test_train_and_eval_are_scheduled_on_t4s_from_config(stage):
     assert spec["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
     assert spec["tolerations"] == cfg.kubernetes.scheduling.tolerations
     main = main_container(objects)
-    assert main["image"].endswith("/trackb-trainer:0.1.0")
+    # eval's generation runs on vLLM's offline engine: the image holding trackb and vLLM.
+    image = "trackb-trainer" if stage == "train" else "trackb-vllm"
+    assert main["image"].endswith(f"/{image}:0.1.0")
     assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
     mounts = {m["mountPath"] for m in main["volumeMounts"]}
     assert "/dev/shm" in mounts

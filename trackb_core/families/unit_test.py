@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from trackb_core.codeblocks import first_code, parses
+from trackb_core.corpus import import_root
 from trackb_core.families.base import CheckContext, Family, FunctionSource, Metric
 from trackb_core.pyast import FunctionNode, module_path, python_block
 from trackb_core.testrun import (
@@ -153,7 +154,9 @@ def _unit_test_verdict(response: str, item: dict, corpus_dir: Path | None, budge
         return _verdict("error", str(original["failure"])[:300], passes=False,
                         isolation=isolation)
     failure = original["failure"]
-    module = module_path(str(item.get("source_file")))
+    # several corpora: the module and its names live under its corpus's own folder
+    corpus, source_file = import_root(corpus, str(item.get("source_file")))
+    module = module_path(source_file)
     if original["outcome"] == "import_module":
         return _verdict("not_executable", f"import {module} failed: {failure['error']}"
                         + (f": {failure['name']}" if failure.get("name") else
@@ -243,7 +246,9 @@ class UnitTest(Family):
         qualname = source.row["qualname"]
         if "<locals>" in qualname:
             return "unit_test_not_importable"  # a nested function has no import path
-        module = module_path(source.row["file"])
+        # in a run of several corpora the file sits under its corpus's key folder
+        module = module_path(source.row["file"].removeprefix(
+            f"{source.row['corpus']}/" if source.row.get("corpus") else ""))
         top = qualname.split(".")[0]
         where = "" if top == qualname else \
             f" (`{source.name}` is a method of class `{top}`)"

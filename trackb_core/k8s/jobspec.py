@@ -27,12 +27,14 @@ import hashlib
 import ipaddress
 import math
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trackb_core import __version__
 from trackb_core.config import StageConfig
 from trackb_core.errors import EXIT_STAGE_FAILED, ConfigError
 from trackb_core.k8s.settings import KubernetesConfig, Resources
+from trackb_core.partition import partitions_of
 from trackb_core.pipeline import (
     RUN_ID,
     TINY,
@@ -70,6 +72,13 @@ JOBSET_API = "jobset.x-k8s.io/v1alpha2"
 JOBSET_REPLICA = "node"
 # Kinds whose object runs a stage (the launcher creates, watches and deletes it).
 RUNNER_KINDS = ("Job", "JobSet")
+# A partitioned step's Indexed Job: the parts it runs, in completion-index order
+# (TRACKB_PARTITIONS="1,3": index 0 runs part 1, index 1 part 3), and the pod's own
+# completion index, from the annotation the Job controller puts on each pod. The
+# container entry (jobs/_entry.py) turns the two into --partition (pod_partition).
+PARTITIONS_ENV = "TRACKB_PARTITIONS"
+COMPLETION_INDEX_ENV = "TRACKB_COMPLETION_INDEX"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 # Waits in the generate pod until the teacher lists its models; exit 75 (EX_TEMPFAIL)
 # is retryable, so the Job's backoffLimit decides what happens next.
@@ -222,9 +231,13 @@ def stage_configs(config: PipelineConfig, run_id: str) -> dict[str, StageConfig]
     run = open_store(cluster_store_uri(config)).child(f"runs/{run_id}")
     configs = {}
     for row, stage_config in plan(config, run):
-        if row.asks_teacher and stage_config.kind.needs_server:
-            stage_config = stage_config.model_copy(
-                update={"base_url": teacher_url(config, run_id)})
+        if row.asks_teacher and stage_config.kind.needs_server and serves_vllm(config):
+            # Every pod asks its own server (a sidecar) or the one trackb creates: never
+            # a list of servers meant for parts run elsewhere.
+            update: dict[str, Any] = {"base_url": teacher_url(config, run_id)}
+            if getattr(stage_config, "base_urls", None):
+                update["base_urls"] = []
+            stage_config = stage_config.model_copy(update=update)
         configs[row.folder] = stage_config
     return configs
 
@@ -370,7 +383,10 @@ def _pod_failure_policy(k8s: KubernetesConfig, launcher: bool = False) -> dict[s
     # retry would rerun the failed stage with its own retries, GPU pods each time.
     codes = sorted({*k8s.job.permanent_exit_codes, *((EXIT_STAGE_FAILED,) if launcher else ())})
     return {"rules": [
-        # trackb's permanent errors (bad config or input): retrying cannot help.
+        # trackb's permanent errors (bad config or input): retrying cannot help. In a
+        # partitioned step's Indexed Job too (FailJob, not FailIndex): every part reads
+        # the same config and input, so the other parts would fail alike; finished
+        # parts keep their manifests for the next launch.
         {"action": "FailJob", "onExitCodes": {"containerName": MAIN_CONTAINER,
                                               "operator": "In", "values": codes}},
         # Eviction, preemption, node drain: not the stage's fault, not a retry spent.
@@ -447,7 +463,10 @@ def _pod_spec(k8s: KubernetesConfig, *, containers: list[dict[str, Any]],
 
 
 def _job(k8s: KubernetesConfig, name: str, run_id: str, stage: str, pod: dict[str, Any],
-         deadline: int, *, indexed: int = 0) -> dict[str, Any]:
+         deadline: int, *, indexed: int = 0, parts: int = 0) -> dict[str, Any]:
+    """A Job; ``indexed``: an Indexed Job of that many pods that all run at once (the
+    nodes of a training); ``parts``: an Indexed Job of that many parts of a partitioned
+    step, at most partition_parallelism at a time, each retried alone."""
     extra_labels, extra_annotations, _ = step_metadata(k8s, stage)
     spec: dict[str, Any] = {}
     if queued(k8s, stage):
@@ -455,9 +474,19 @@ def _job(k8s: KubernetesConfig, name: str, run_id: str, stage: str, pod: dict[st
         spec["suspend"] = True
     if indexed:
         spec.update({"completionMode": "Indexed", "completions": indexed,
-                     "parallelism": indexed})
+                     "parallelism": indexed, "backoffLimit": k8s.job.backoff_limit})
+    elif parts:
+        # Parts are independent: a part that fails is retried alone (backoffLimitPerIndex;
+        # no Job-wide backoffLimit, whose API default is then unlimited, so one flaky part
+        # cannot spend the others' retries), and the others run on. No maxFailedIndexes:
+        # every part runs, the Job fails at the end listing status.failedIndexes, and the
+        # next launch runs only the parts without a manifest.
+        spec.update({"completionMode": "Indexed", "completions": parts,
+                     "parallelism": min(parts, k8s.job.partition_parallelism or parts),
+                     "backoffLimitPerIndex": k8s.job.backoff_limit})
+    else:
+        spec["backoffLimit"] = k8s.job.backoff_limit
     spec.update({
-        "backoffLimit": k8s.job.backoff_limit,
         "activeDeadlineSeconds": deadline,
         "ttlSecondsAfterFinished": k8s.job.ttl_seconds_after_finished,
         "podFailurePolicy": _pod_failure_policy(k8s, launcher=stage == LAUNCHER),
@@ -620,6 +649,15 @@ def _wait_container(k8s: KubernetesConfig, url: str) -> dict[str, Any]:
     }
 
 
+def _stage_image(k8s: KubernetesConfig, row: Step, on_gpu: bool) -> str:
+    """The image of a stage's main container: cpu off the GPU; on it, the vllm image for
+    eval's generation (predict-*: trackb and vLLM together, so eval's backend auto is
+    vLLM's offline engine with LoRARequest) and the trainer for the rest (train)."""
+    if not on_gpu:
+        return k8s.images.cpu
+    return k8s.images.vllm if row.cli.name == "eval" else k8s.images.trainer
+
+
 def _check_locked_network(config: PipelineConfig, row: Step) -> None:
     net = config.kubernetes.network
     if not (net.store_namespace or net.store_cidrs):
@@ -753,13 +791,20 @@ def stage_names(config: PipelineConfig) -> list[str]:
     return [row.folder for row in steps_for(config)]
 
 
-def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[str, Any]]:
+def build_stage(stage: str, config: PipelineConfig, run_id: str,
+                parts: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Every object one stage needs, in creation order: ConfigMap, [headless Service,]
     [NetworkPolicy,] Job (a JobSet for a multi-node training with distributed.gang
     'jobset').
 
+    A partitioned step (its config's ``partitions`` > 1: generate, predict-*) is one
+    Indexed Job with a pod per part still to run: ``parts`` (default: all of them), in
+    completion-index order (:func:`pod_partition`). Each pod is the whole step's pod
+    (generate's with its own vLLM sidecar, predict's with its own GPU) running one part.
+
     Raises ConfigError for an unknown stage (or tiny-model without model 'tiny'), an
-    invalid run id, or settings that cannot work on a cluster.
+    invalid run id, settings that cannot work on a cluster, or ``parts`` that are not
+    parts of the step.
     """
     if stage not in stage_names(config):
         raise ConfigError(f"unknown stage {stage!r} for this config; stages: "
@@ -767,6 +812,7 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
     k8s = config.kubernetes
     row = step(stage)
     stage_config = stage_configs(config, run_id)[stage]
+    todo = _parts_to_run(config, row, stage_config, parts)
     on_gpu = uses_gpu(config) and row.gpu
     res = _resources_for(k8s, row)
     gpus = res.gpus if on_gpu else 0
@@ -802,12 +848,16 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
         env.append({"name": SANDBOX_RUNTIME_ENV, "value": "gvisor"})
     if nodes > 1:
         env.append({"name": "NODE_RANK", "valueFrom": {"fieldRef": {
-            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})
+            "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}})
+    if todo is not None:
+        env += [{"name": PARTITIONS_ENV, "value": ",".join(map(str, todo))},
+                {"name": COMPLETION_INDEX_ENV, "valueFrom": {"fieldRef": {
+                    "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}}]
     shm = res.shm_size if on_gpu else None
     mounts = _base_mounts(True) + ([{"name": "dshm", "mountPath": "/dev/shm"}] if shm else [])
     main = {
         "name": MAIN_CONTAINER,
-        "image": k8s.images.ref(k8s.images.trainer if on_gpu else k8s.images.cpu),
+        "image": k8s.images.ref(_stage_image(k8s, row, on_gpu)),
         "imagePullPolicy": k8s.images.pull_policy,
         "command": command,
         "args": args,
@@ -859,9 +909,72 @@ def build_stage(stage: str, config: PipelineConfig, run_id: str) -> list[dict[st
     if extra_tolerations:
         pod["tolerations"] = [*pod.get("tolerations", []), *extra_tolerations]
     job = _job(k8s, name, run_id, stage, pod, _deadline(k8s, row),
-               indexed=nodes if nodes > 1 else 0)
+               indexed=nodes if nodes > 1 else 0, parts=len(todo) if todo else 0)
     objects.append(_jobset(job, k8s) if jobset else job)
     return objects
+
+
+def _parts_to_run(config: PipelineConfig, row: Step, stage_config: StageConfig,
+                  parts: Sequence[int] | None) -> list[int] | None:
+    """The sorted parts of a partitioned step's Job (None: the step is not partitioned).
+
+    Raises ConfigError for parts out of range, none at all, or a partitioned generate
+    with the one vLLM Deployment (vllm.serve 'deployment').
+    """
+    count = partitions_of(stage_config)
+    if count <= 1:
+        return None
+    if (row.asks_teacher and serves_vllm(config)
+            and config.kubernetes.vllm.serve == "deployment"):
+        # One Deployment is one replica: N parts would queue on one server, which is
+        # what partitions are meant to avoid. A sidecar gives each part its own server.
+        raise ConfigError(f"{row.section}.partitions > 1 needs a vLLM server per part: "
+                          "set kubernetes.vllm.serve=sidecar (each pod of the Indexed Job "
+                          "gets its own), or external (generate.base_url names a server "
+                          f"with replicas), or {row.section}.partitions=1")
+    todo = sorted(set(range(count) if parts is None else parts))
+    if not todo or not all(0 <= part < count for part in todo):
+        raise ConfigError(f"{row.folder}: parts {todo} are not a non-empty subset of "
+                          f"0..{count - 1}")
+    return todo
+
+
+def stage_partitions(config: PipelineConfig, run_id: str, stage: str) -> int:
+    """How many parts ``stage`` runs in (1: not partitioned). Raises ConfigError like
+    :func:`stage_configs`, KeyError for a stage not in the run."""
+    return partitions_of(stage_configs(config, run_id)[stage])
+
+
+def pod_partition(environ: Mapping[str, str]) -> int | None:
+    """The part a pod of a partitioned step's Indexed Job runs: entry
+    ``environ[COMPLETION_INDEX_ENV]`` of the list ``environ[PARTITIONS_ENV]``; None when
+    the pod is not one (no PARTITIONS_ENV). Raises ConfigError for an index or list that
+    does not parse or an index past the list's end."""
+    listed = environ.get(PARTITIONS_ENV)
+    if not listed:
+        return None
+    try:
+        parts = [int(part) for part in listed.split(",")]
+        return parts[int(environ.get(COMPLETION_INDEX_ENV, ""))]
+    except (ValueError, IndexError) as exc:
+        raise ConfigError(f"{COMPLETION_INDEX_ENV}={environ.get(COMPLETION_INDEX_ENV)!r} "
+                          f"does not name one of {PARTITIONS_ENV}={listed!r}") from exc
+
+
+def job_parts(job: Mapping[str, Any]) -> list[int] | None:
+    """The parts a partitioned step's Job runs, in completion-index order (from its main
+    container's PARTITIONS_ENV); None for any other Job. Raises nothing."""
+    for container in job.get("spec", {}).get("template", {}).get("spec", {}).get(
+            "containers", []):
+        if container.get("name") != MAIN_CONTAINER:
+            continue
+        for var in container.get("env", []):
+            if var.get("name") == PARTITIONS_ENV:
+                try:
+                    return [int(part) for part in str(var.get("value", "")).split(",")]
+                except ValueError:
+                    return None
+    return None
 
 
 def build_vllm_service(config: PipelineConfig, run_id: str) -> list[dict[str, Any]]:

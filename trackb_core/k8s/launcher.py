@@ -85,8 +85,17 @@ from trackb_core.k8s.lease import (
     lease_name,
 )
 from trackb_core.k8s.settings import LauncherConfig
+from trackb_core.partition import (
+    describe_progress,
+    part_name,
+    part_store,
+    partitions_of,
+    read_progress,
+    unfinished_parts,
+)
 from trackb_core.pipeline import PipelineConfig, dependencies, dump_yaml, report_uri
 from trackb_core.stage import MANIFEST, cached_manifest, say
+from trackb_core.stages import step as step_row
 from trackb_core.store import Store, open_store
 
 K8S_FOLDER = "_k8s"
@@ -136,6 +145,11 @@ class _Active:
     first_seen: dict[tuple[str, str], float] = field(default_factory=dict)
     told: set[str] = field(default_factory=set)
     streaming: set[str] = field(default_factory=set)
+    # A partitioned step's Indexed Job: the parts it runs (in completion-index order) of
+    # how many; when the parts' progress was last printed (time.monotonic).
+    parts: list[int] | None = None
+    count: int = 1
+    progress_at: float | None = None
 
 
 @dataclass
@@ -151,6 +165,7 @@ class _Run:
     resource_version: str = ""
     active: dict[str, _Active] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
+    configs: dict[str, Any] = field(default_factory=dict)  # stage -> its StageConfig
     # Seconds on a monotonic clock: every budget is measured on it (tests inject one).
     clock: Callable[[], float] = time.monotonic
 
@@ -179,7 +194,7 @@ def run_on_kubernetes(config: PipelineConfig, run_id: str, api: KubeClient | Non
     store.check_writable()
     run = _Run(config, run_id, client, budgets, store, config.kubernetes.namespace,
                clock=clock)
-    configs = jobspec.stage_configs(config, run_id)
+    configs = run.configs = jobspec.stage_configs(config, run_id)
     needs = dependencies(config)
     order = jobspec.stage_names(config)
     say("run-all", f"run {run_id} on Kubernetes (namespace {run.namespace}) in {store.uri}")
@@ -202,7 +217,13 @@ def run_on_kubernetes(config: PipelineConfig, run_id: str, api: KubeClient | Non
                     say(stage, "cached: manifest matches this config and these inputs; skipped")
                     done.add(stage)
                     continue
-                _start(run, stage, [store.child(need) for need in needs[stage]])
+                todo = _parts_to_run(run, stage)
+                if todo == []:
+                    say(stage, "every part is done (manifests match): merging them")
+                    _merge(run, stage)
+                    done.add(stage)
+                    continue
+                _start(run, stage, [store.child(need) for need in needs[stage]], todo)
             if not run.active:
                 if not set(order) - done:
                     break
@@ -270,15 +291,82 @@ def _detached(run: _Run, why: str, exit_code: int = EXIT_TERMINATED) -> Detached
     return error
 
 
+# -- partitioned steps --------------------------------------------------------------------
+def _parts_to_run(run: _Run, stage: str) -> list[int] | None:
+    """The parts of a partitioned step without a matching manifest (a finished part is
+    never redone); None for a step that is not partitioned."""
+    config = run.configs[stage]
+    count = partitions_of(config)
+    if count <= 1:
+        return None
+    return unfinished_parts(config, run.store.child(stage))
+
+
+def _merge(run: _Run, stage: str) -> None:
+    """Write a partitioned step's output and manifest from its finished parts: the step
+    command's merger (generate.merge, evaluate.merge), run here in the launcher.
+
+    Here rather than in a Job of its own: the merge is cheap I/O (read the parts' files,
+    write the step's), the launcher already reads and writes the store (manifests, the
+    pods' logs), and a pod would cost a start (scheduling, an image pull, a Kueue
+    admission) for seconds of work. It is idempotent and writes the manifest last, so a
+    launcher that dies mid-merge leaves no step manifest and the next one merges again
+    (the parts' manifests still match: nothing is regenerated).
+
+    Raises StageFailed naming the stage when the merge fails (a part missing or unreadable).
+    """
+    row = step_row(stage)
+    module, _ = row.cli.load()
+    try:
+        getattr(module, row.cli.merger)(run.configs[stage], run.store.child(stage))
+    except TrackbError as exc:
+        raise StageFailed(_one_line(f"{stage}: merging its parts failed: {exc}")) from exc
+
+
+def _report_progress(run: _Run, active: _Active) -> None:
+    """Print each running part's progress (done/total, rate, ETA, from its progress.json)
+    at most every ``progress_seconds``; the first time as soon as one part reports."""
+    if active.parts is None:
+        return
+    now = time.monotonic()
+    if active.progress_at is not None and now - active.progress_at < run.budgets.progress_seconds:
+        return
+    out = run.store.child(active.stage)
+    lines = []
+    for part in active.parts:
+        progress = read_progress(part_store(out, part, active.count))
+        if progress is not None:
+            lines.append(f"{part_name(part, active.count)}: {describe_progress(progress)}")
+    if lines:
+        active.progress_at = now
+        for line in lines:
+            say(active.stage, line)
+
+
+def _index_list(text: str | None) -> list[int]:
+    """A Job's ``status.failedIndexes`` / ``completedIndexes`` ("1,3-5") as indexes."""
+    found: list[int] = []
+    for chunk in (text or "").split(","):
+        low, _, high = chunk.strip().partition("-")
+        if low.isdigit():
+            found += range(int(low), int(high if high.isdigit() else low) + 1)
+    return found
+
+
 # -- starting a stage ---------------------------------------------------------------------
-def _start(run: _Run, stage: str, upstream: list[Store]) -> None:
+def _start(run: _Run, stage: str, upstream: list[Store], todo: list[int] | None = None) -> None:
     """Create the stage's objects, or adopt its Job when an earlier launcher of this run
-    left it running with the same objects and the same inputs."""
-    objects = jobspec.build_stage(stage, run.config, run.run_id)
+    left it running with the same objects and the same inputs. ``todo``: the parts of a
+    partitioned step still to run (its Indexed Job runs only those)."""
+    objects = jobspec.build_stage(stage, run.config, run.run_id, parts=todo)
     job = jobspec.runner(objects)
     kind, queued = job["kind"], jobspec.queued(run.config.kubernetes, stage)
-    digest = _config_hash(objects, upstream)
+    # A partitioned step's hash is that of the Job for all its parts: a relaunch adopts
+    # the running Job whichever of its parts finished since (and so need no pod now).
+    digest = _config_hash(objects if todo is None else
+                          jobspec.build_stage(stage, run.config, run.run_id), upstream)
     job["metadata"].setdefault("annotations", {})[CONFIG_HASH] = digest
+    count = partitions_of(run.configs[stage]) if stage in run.configs else 1
     live = _adoptable(run, job["metadata"]["name"], digest, kind)
     serves = (stage == jobspec.teacher_step().folder and jobspec.serves_vllm(run.config)
               and run.config.kubernetes.vllm.serve == "deployment")
@@ -287,7 +375,9 @@ def _start(run: _Run, stage: str, upstream: list[Store]) -> None:
     if live is not None:
         uid = live["metadata"].get("uid")
         run.active[stage] = _Active(stage, job["metadata"]["name"], objects, uid=uid,
-                                    kind=kind, queued=queued)
+                                    kind=kind, queued=queued, count=count,
+                                    parts=jobspec.job_parts(live) if todo is not None
+                                    else None)
         say(stage, f"adopted the running {kind} {job['metadata']['name']} (uid {uid}) of an "
             "earlier launcher: same objects, same inputs")
         # The earlier launcher may have died between creating the Job and owning the rest.
@@ -304,8 +394,11 @@ def _start(run: _Run, stage: str, upstream: list[Store]) -> None:
     created = [_create_or_replace(run, obj, digest) for obj in objects]
     job = jobspec.runner(created)
     run.active[stage] = _Active(stage, job["metadata"]["name"], objects,
-                                uid=job["metadata"].get("uid"), kind=kind, queued=queued)
-    say(stage, f"{kind} {job['metadata']['name']} created" + (
+                                uid=job["metadata"].get("uid"), kind=kind, queued=queued,
+                                parts=todo, count=count)
+    parts = ("" if todo is None else f" for parts {', '.join(map(str, todo))} of {count}"
+             " (an Indexed Job)")
+    say(stage, f"{kind} {job['metadata']['name']} created{parts}" + (
         f" (queued in Kueue's LocalQueue {run.config.kubernetes.kueue.queue_name})"
         if queued else ""))
     _own_by_job(run, stage, objects, job)
@@ -498,6 +591,7 @@ def _wait_for_finish(run: _Run) -> list[tuple[str, str | None]]:
             return finished
         for stage in list(run.active):
             _inspect_pods(run, run.active[stage])
+            _report_progress(run, run.active[stage])
         # Leave the watch after poll_seconds even while events flow, so that stuck
         # pods are inspected on time.
         finished = _watch_round(run, selector)
@@ -562,7 +656,14 @@ def _finished(run: _Run, jobs: list[dict[str, Any]],
             finished.append((active.stage, None))
         elif "Failed" in conditions:
             failed = conditions["Failed"]
-            finished.append((active.stage, _failure_cause(run, active, failed)))
+            indexes = _index_list(job.get("status", {}).get("failedIndexes"))
+            cause = _failure_cause(run, active, failed, indexes)
+            if active.parts is not None and indexes:
+                names = [part_name(active.parts[i], active.count) for i in indexes
+                         if i < len(active.parts)]
+                cause = (f"{', '.join(names)} failed (a rerun runs only the parts without "
+                         f"a manifest): {cause}")
+            finished.append((active.stage, cause))
     return finished
 
 
@@ -638,10 +739,14 @@ def _stuck(run: _Run, active: _Active, where: str, cause: str) -> StageFailed:
     return StageFailed(f"{active.stage}: {where} cannot start: {cause}")
 
 
-def _failure_cause(run: _Run, active: _Active, condition: dict[str, Any]) -> str:
-    """The most specific reason a Job failed: a pod's termination, else the Job's."""
+def _failure_cause(run: _Run, active: _Active, condition: dict[str, Any],
+                   indexes: list[int] | None = None) -> str:
+    """The most specific reason a Job failed: a pod's termination (one of the failed
+    ``indexes`` of an Indexed Job, when given), else the Job's."""
     job_reason = f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}"
     pods = run.client.list_pods(run.namespace, jobspec.selector(run.run_id, active.stage))
+    if indexes:
+        pods = [pod for pod in pods if _pod_index(pod) in indexes] or pods
     for pod in reversed(pods):  # the latest attempt first
         status = pod.get("status", {})
         if status.get("reason") == "Evicted":
@@ -661,6 +766,13 @@ def _failure_cause(run: _Run, active: _Active, condition: dict[str, Any]) -> str
     return _one_line(job_reason)
 
 
+def _pod_index(pod: dict[str, Any]) -> int | None:
+    """The completion index of a pod of an Indexed Job (None for other pods)."""
+    value = (pod.get("metadata", {}).get("annotations") or {}).get(
+        jobspec.COMPLETION_INDEX_ANNOTATION)
+    return int(value) if str(value).isdigit() else None
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split()).rstrip(": ")
 
@@ -676,6 +788,8 @@ def _finish(run: _Run, stage: str, cause: str | None) -> None:
     _save_k8s(run, active, cause, pods)
     if cause is not None:
         raise StageFailed(f"{stage}: {cause}")
+    if active.parts is not None:
+        _merge(run, stage)
     say(stage, f"done in {time.monotonic() - active.started:.1f}s")
 
 
@@ -797,33 +911,102 @@ def run_config(run_id: str, namespace: str, api: KubeClient | None = None) -> Pi
 
 
 def status(config: PipelineConfig, run_id: str,
-           api: KubeClient | None = None) -> list[dict[str, str]]:
+           api: KubeClient | None = None) -> list[dict[str, Any]]:
     """One row per stage: ``{"stage", "store", "job"}`` (store: done / not done, or
     'unknown' when the store cannot be read from here; job: the Job's state on the
-    cluster, or 'none'). Raises ConfigError, UnavailableError."""
+    cluster, or 'none'); a partitioned step's row adds ``"partitions"``: one
+    ``{"part", "state"}`` per part (:func:`partition_states`). Raises ConfigError,
+    UnavailableError."""
 
     client = api or connect()
-    jobs, _ = client.list_jobs(config.kubernetes.namespace, {"trackb/run-id": run_id})
+    namespace = config.kubernetes.namespace
+    jobs, _ = client.list_jobs(namespace, {"trackb/run-id": run_id})
     by_stage = {j["metadata"].get("labels", {}).get("trackb/stage"): j for j in jobs}
     try:
         store: Store | None = open_store(jobspec.run_uri(config, run_id))
     except TrackbError as exc:
         say("status", f"cannot read the store ({exc}): its column says unknown")
         store = None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for stage in jobspec.stage_names(config):
         job = by_stage.get(stage)
-        rows.append({"stage": stage, "store": _store_state(store, stage),
-                     "job": _job_state(job) if job else "none"})
+        row: dict[str, Any] = {"stage": stage, "store": _store_state(store, stage),
+                               "job": _job_state(job) if job else "none"}
+        count = jobspec.stage_partitions(config, run_id, stage)
+        if count > 1:
+            pods = client.list_pods(namespace, jobspec.selector(run_id, stage)) if job else []
+            row["partitions"] = partition_states(
+                count, store.child(stage) if store is not None else None, job, pods)
+        rows.append(row)
     return rows
+
+
+def partition_states(count: int, out: Store | None, job: dict[str, Any] | None,
+                     pods: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """``{"part": "part-00001-of-00004", "state": ...}`` for each part of a partitioned
+    step whose output folder is ``out`` (None: the store is out of reach), Indexed Job
+    ``job`` (None: there is none) and its ``pods``. A state is ``done`` (the part's
+    manifest exists), ``failed: <cause>`` (its index is in the Job's failedIndexes; the
+    cause from its pod's termination), ``running[: <progress>]`` (its pod runs; progress
+    from its progress.json), or ``pending`` (``unknown`` when neither store nor Job
+    tells). Raises nothing for an unreadable store (its parts say unknown)."""
+    listed = jobspec.job_parts(job) if job else None
+    index_of = {part: i for i, part in enumerate(listed or [])}
+    failed = set(_index_list((job or {}).get("status", {}).get("failedIndexes")))
+    by_index: dict[int, list[dict[str, Any]]] = {}
+    for pod in pods:
+        index = _pod_index(pod)
+        if index is not None:
+            by_index.setdefault(index, []).append(pod)
+    states = []
+    for part in range(count):
+        name = part_name(part, count)
+        state = _folder_state(part_store(out, part, count)) if out is not None else "unknown"
+        if state == "done":
+            states.append({"part": name, "state": "done"})
+            continue
+        index = index_of.get(part)
+        mine = by_index.get(index, []) if index is not None else []
+        if index in failed:
+            state = "failed: " + (_pod_cause(mine) or "its pods failed past the retries")
+        elif any(p.get("status", {}).get("phase") in ("Running", "Pending") for p in mine):
+            progress = read_progress(part_store(out, part, count)) if out is not None else None
+            state = "running" + (f": {describe_progress(progress)}" if progress else "")
+        elif index is not None:
+            state = "pending"
+        elif state == "not done":
+            state = "pending" if job is None else "not in the Job"
+        states.append({"part": name, "state": state})
+    return states
+
+
+def _pod_cause(pods: list[dict[str, Any]]) -> str | None:
+    """Why the latest failed pod of ``pods`` ended: its main container's termination
+    (reason, exit code, last line of the message), or the pod's own reason."""
+    for pod in reversed(pods):
+        status_ = pod.get("status", {})
+        if status_.get("phase") != "Failed":
+            continue
+        for container in diagnose.container_statuses(status_):
+            terminated = container.get("state", {}).get("terminated") or {}
+            if terminated and terminated.get("exitCode") not in (0, None):
+                last = (terminated.get("message") or "").strip().splitlines()[-1:] or [""]
+                return _one_line(f"{terminated.get('reason') or 'Error'} (exit "
+                                 f"{terminated['exitCode']}) in pod {pod['metadata']['name']}"
+                                 + (f": {last[0]}" if last[0] else ""))
+        if status_.get("reason"):
+            return _one_line(f"{status_['reason']}: {status_.get('message', '')}")
+    return None
 
 
 def _store_state(store: Store | None, stage: str) -> str:
     # An in-cluster MinIO is out of a laptop's reach: the Jobs still tell the story.
-    if store is None:
-        return "unknown"
+    return "unknown" if store is None else _folder_state(store.child(stage))
+
+
+def _folder_state(folder: Store) -> str:
     try:
-        return "done" if store.child(stage).exists(MANIFEST) else "not done"
+        return "done" if folder.exists(MANIFEST) else "not done"
     except TrackbError:
         return "unknown"
 

@@ -49,7 +49,7 @@ PUBLIC_HTTPS_ONLY = {
 PIPELINE: dict[str, Any] = {
     "corpus": "pypi:verl==0.9.1",
     "model": f"{STORE}/models/qwen2.5-coder-1.5b",
-    "generate": {"teacher": "openai", "concurrency": 32},
+    "generate": {"teacher": "openai"},
     "train": {"precision": "fp16"},
 }
 

@@ -61,10 +61,12 @@ class ImagesConfig(StageConfig):
     cpu: str = Field("trackb-cpu", description="Image of extract, the generate client, "
                      "build-dataset, tiny-model, compare and the launcher; also train and "
                      "eval in the CPU profile. No CUDA.")
-    trainer: str = Field("trackb-trainer", description="Image of train and eval on GPUs "
-                         "(CUDA 12, torch, transformers, peft, trl).")
-    vllm: str = Field("trackb-vllm", description="Image of the vLLM teacher server "
-                      "(FROM a pinned vllm/vllm-openai).")
+    trainer: str = Field("trackb-trainer", description="Image of train on GPUs (CUDA 12, "
+                         "torch, transformers, peft, trl).")
+    vllm: str = Field("trackb-vllm", description="Image of the vLLM teacher server (FROM a "
+                      "pinned vllm/vllm-openai), with trackb installed on top: also the "
+                      "image of predict-baseline and predict-post on GPUs, where eval's "
+                      "backend auto is vLLM's offline engine (LLM + LoRARequest).")
     pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field(
         "IfNotPresent", description="imagePullPolicy of every container.")
     pull_secrets: list[str] = Field([], description="Names of docker-registry Secrets for "
@@ -325,7 +327,19 @@ class JobPolicyConfig(StageConfig):
         "copies logs to the store before.")
     permanent_exit_codes: list[int] = Field(
         list(PERMANENT_EXIT_CODES), description="Exit codes that fail the Job at once "
-        "(podFailurePolicy FailJob): trackb's permanent errors (sysexits 64, 65, 66, 73).")
+        "(podFailurePolicy FailJob): trackb's permanent errors (sysexits 64, 65, 66, 73). A "
+        "partitioned step's Job fails whole too: a bad config or input fails every part "
+        "alike, so the other parts' pods would only hold GPUs to fail the same way; "
+        "finished parts keep their manifests.")
+    partition_parallelism: int | None = Field(
+        None, ge=1, description="Pods of a partitioned step (generate.partitions or "
+        "eval.partitions > 1: one Indexed Job, a pod per part still to run) that run at "
+        "once (parallelism); the rest wait for a pod to finish. Each pod holds a GPU (its "
+        "own vLLM server for generate, the model for predict-*). With Kueue the Job is one "
+        "Workload whose pod set counts this many pods: it is admitted when quota for all "
+        "of them is free, never in part, so a lower value starts sooner on a busy "
+        "ClusterQueue. Empty: every part at once. backoff_limit counts per part "
+        "(backoffLimitPerIndex): a failed part is retried alone, the others run on.")
     deadlines: DeadlinesConfig = Field(default_factory=DeadlinesConfig,
                                        description="activeDeadlineSeconds per stage.")
 
@@ -370,7 +384,9 @@ class KueueConfig(StageConfig):
     """Kueue (kueue.sigs.k8s.io): quota and fair sharing of a shared GPU cluster. Each
     stage Job (or JobSet) is created suspended with the queue label; Kueue admits it
     when its LocalQueue's ClusterQueue has quota, and unsuspends it. The launcher's own
-    Job is not queued: it holds no accelerator, and it must run to submit the stages."""
+    Job is not queued: it holds no accelerator, and it must run to submit the stages. A
+    partitioned step's Indexed Job is one Workload whose pod set counts its parallelism
+    (job.partition_parallelism): admitted for all those pods at once or not at all."""
 
     enabled: bool = Field(False, description="Submit every stage Job to Kueue: label "
                           "kueue.x-k8s.io/queue-name and spec.suspend true.")
@@ -538,6 +554,11 @@ class LauncherConfig(StageConfig):
                                      "fails, naming the Workload and Kueue's reason. A "
                                      "LocalQueue or ClusterQueue that does not exist fails "
                                      "at once.")
+    progress_seconds: float = Field(30.0, gt=0, description="How often the launcher "
+                                    "prints each running part of a partitioned step (done/"
+                                    "total items, rate, ETA, from its progress.json in the "
+                                    "store); the first lines come as soon as a part "
+                                    "reports.")
     lease_seconds: int = Field(60, ge=1, description="Duration of the run's Lease: a second "
                                "launcher of the same run id waits, and takes over only after "
                                "the holder has not renewed it for this long (it died); a "
