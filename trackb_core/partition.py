@@ -61,7 +61,8 @@ class PartitionOptions(StageConfig):
 
     partitions: int = Field(
         1, ge=1, description="Answer the items in this many disjoint parts, each a process "
-        "here or a pod of one Indexed Job on Kubernetes (one teacher server or GPU each), "
+        "here or a pod of one Indexed Job on Kubernetes (for generate a teacher server, for "
+        "eval a GPU, for extract CPUs for the sandbox, each), "
         "merged last into the same output as one part would write. An item's part is a "
         "hash of its id, so reruns and resumes agree; a finished part is never redone.")
     partition: int | None = Field(

@@ -332,10 +332,11 @@ class JobPolicyConfig(StageConfig):
         "alike, so the other parts' pods would only hold GPUs to fail the same way; "
         "finished parts keep their manifests.")
     partition_parallelism: int | None = Field(
-        None, ge=1, description="Pods of a partitioned step (generate.partitions or "
-        "eval.partitions > 1: one Indexed Job, a pod per part still to run) that run at "
-        "once (parallelism); the rest wait for a pod to finish. Each pod holds a GPU (its "
-        "own vLLM server for generate, the model for predict-*). With Kueue the Job is one "
+        None, ge=1, description="Pods of a partitioned step (extract.partitions, "
+        "generate.partitions or eval.partitions > 1: one Indexed Job, a pod per part still "
+        "to run) that run at once (parallelism); the rest wait for a pod to finish. A "
+        "generate pod has its own vLLM server, a predict-* pod its own GPU, an extract pod "
+        "its own CPUs for the sandbox. With Kueue the Job is one "
         "Workload whose pod set counts this many pods: it is admitted when quota for all "
         "of them is free, never in part, so a lower value starts sooner on a busy "
         "ClusterQueue. Empty: every part at once. backoff_limit counts per part "
