@@ -190,7 +190,7 @@ def test_failed_partitions_exit_with_the_code_a_retry_policy_needs():
 # -- eval ---------------------------------------------------------------------------------
 
 @pytest.fixture
-def test_split(tmp_path):
+def split_folder(tmp_path):
     folder = tmp_path / "build-dataset"
     folder.mkdir()
     folder.joinpath("test.jsonl").write_text("".join(json.dumps(r) + "\n"
@@ -227,11 +227,11 @@ def assert_same_evaluation(one: LocalStore, three: LocalStore) -> None:
 EVAL_SETTINGS = {"n_samples": 2, "max_new_tokens": 8}
 
 
-def test_eval_generation_in_three_partitions_scores_exactly_as_one(tmp_path, test_split,
+def test_eval_generation_in_three_partitions_scores_exactly_as_one(tmp_path, split_folder,
                                                                    tiny_model_dir):
     one, three = LocalStore(tmp_path / "one"), LocalStore(tmp_path / "three")
-    evaluate.run(eval_config(test_split, tiny_model_dir, **EVAL_SETTINGS), one)
-    config = eval_config(test_split, tiny_model_dir, partitions=3, **EVAL_SETTINGS)
+    evaluate.run(eval_config(split_folder, tiny_model_dir, **EVAL_SETTINGS), one)
+    config = eval_config(split_folder, tiny_model_dir, partitions=3, **EVAL_SETTINGS)
     for index in range(3):  # as the pods of an Indexed Job run them, then the launcher
         evaluate.run(config.model_copy(update={"partition": index}), three)
     evaluate.merge(config, three)
@@ -240,18 +240,18 @@ def test_eval_generation_in_three_partitions_scores_exactly_as_one(tmp_path, tes
 
 @pytest.mark.slow
 def test_eval_in_three_partitions_as_local_processes_scores_exactly_as_one(
-        tmp_path, test_split, tiny_model_dir):
+        tmp_path, split_folder, tiny_model_dir):
     one, three = LocalStore(tmp_path / "one"), LocalStore(tmp_path / "three")
-    evaluate.run(eval_config(test_split, tiny_model_dir, **EVAL_SETTINGS), one)
-    evaluate.run(eval_config(test_split, tiny_model_dir, partitions=3, **EVAL_SETTINGS),
+    evaluate.run(eval_config(split_folder, tiny_model_dir, **EVAL_SETTINGS), one)
+    evaluate.run(eval_config(split_folder, tiny_model_dir, partitions=3, **EVAL_SETTINGS),
                  three)
     assert_same_evaluation(one, three)
 
 
-def test_eval_merge_refuses_parts_made_with_other_settings(tmp_path, test_split,
+def test_eval_merge_refuses_parts_made_with_other_settings(tmp_path, split_folder,
                                                            tiny_model_dir):
     out = LocalStore(tmp_path / "eval")
-    config = eval_config(test_split, tiny_model_dir, partitions=2, n_samples=0,
+    config = eval_config(split_folder, tiny_model_dir, partitions=2, n_samples=0,
                          max_new_tokens=4)
     for index in range(2):
         evaluate.run(config.model_copy(update={"partition": index}), out)
@@ -275,15 +275,15 @@ class KeyedVLLM(FakeVLLM):
 
 
 def test_eval_partitions_on_the_vllm_backend_merge_to_the_unpartitioned_run(
-        tmp_path, test_split, tiny_model_dir, monkeypatch):
+        tmp_path, split_folder, tiny_model_dir, monkeypatch):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     answer = tokenizer("def f(x): return x", add_special_tokens=False)["input_ids"]
     KeyedVLLM(answer, tokenizer.convert_tokens_to_ids("<|im_end|>")).install(monkeypatch)
     one, three = LocalStore(tmp_path / "one"), LocalStore(tmp_path / "three")
-    evaluate.run(eval_config(test_split, tiny_model_dir, backend="vllm"), one)
-    config = eval_config(test_split, tiny_model_dir, backend="vllm", partitions=3)
+    evaluate.run(eval_config(split_folder, tiny_model_dir, backend="vllm"), one)
+    config = eval_config(split_folder, tiny_model_dir, backend="vllm", partitions=3)
     for index in range(3):  # each as a pod runs it (the fake engine lives in this process)
         evaluate.run(config.model_copy(update={"partition": index}), three)
     evaluate.merge(config, three)
